@@ -1,0 +1,1 @@
+"""Reading and writing PyTorch, OpenCLIP and Hugging Face checkpoints (torch is imported lazily)."""
