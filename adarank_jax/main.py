@@ -1,0 +1,40 @@
+"""AdaRank command line.
+
+python -m adarank_jax.main --config configs/vitl14_t14.py --workdir runs/l14_t14 \
+    --config.model.pretrained=... --config.model.finetuned='.../{task}/finetuned.pt' --config.data.data_dir=...
+python -m adarank_jax.main --config configs/demo.py          # the embedded digits benchmark
+"""
+
+from pathlib import Path
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from adarank_jax import validate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "", "Output directory; default runs/<config.name>.")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last checkpoint.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete what --workdir holds and start over.")
+_EXPORT = flags.DEFINE_enum("export", "", ["", "safetensors", "pt", "hf"],
+                            "Also write each merged model: OpenCLIP state dict (clip) or HF directory.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  workdir = Path(_WORKDIR.value or Path("runs") / config.name)
+  validate.validate(config, export=_EXPORT.value)
+  continued = validate.check_workdir(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+  if config.mesh.multi_host:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
+  from adarank_jax import run  # pylint: disable=g-import-not-at-top  (heavy imports after validation)
+  run.run(config, workdir, continued=continued, overwrite=_OVERWRITE.value, export=_EXPORT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,125 @@
+"""Checks a config and its workdir before any compute; every problem is listed in one error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+from adarank_jax.data import registry
+
+FAMILIES = ("clip", "roberta", "gpt2")
+METHODS = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties", "cart",
+           "adarank_ta", "adarank_cart")
+EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",)}
+# Fields that may change when a run is resumed (they do not change what was computed so far).
+RESUMABLE = ("adarank.num_steps", "adarank.log_every", "adarank.checkpoint_every", "adarank.eval_every",
+             "data.workers")
+
+
+class ConfigError(ValueError):
+  """The config, its paths or its workdir can't be run."""
+
+
+def finetuned_path(template: str, task: str) -> Path:
+  return Path(template.replace("{task}", task))
+
+
+def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
+  """Raises ConfigError listing every problem of `config` (and of `export`, the --export flag)."""
+  problems = []
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      problems.append(message)
+
+  need(config.family in FAMILIES, f"family={config.family!r}: expected one of {FAMILIES}")
+  tasks = tuple(config.tasks)
+  need(len(tasks) > 0, "tasks: empty")
+  need(len(set(tasks)) == len(tasks), f"tasks: duplicates in {tasks}")
+  unknown = [t for t in tasks if t not in registry.names()]
+  need(not unknown, f"tasks: unknown task(s) {unknown}; known: {', '.join(registry.names())}")
+  bad_methods = [m for m in config.methods if m not in METHODS]
+  need(not bad_methods, f"methods: unknown {bad_methods}; choose from {METHODS}")
+  need(len(config.methods) > 0, "methods: empty")
+
+  for base in ("ta", "cart"):
+    hp = config.adarank[base]
+    need(0 < hp.initial_rank_ratio <= 1,
+         f"adarank.{base}.initial_rank_ratio={hp.initial_rank_ratio}: expected a value in (0, 1]")
+    need(hp.learning_rate > 0, f"adarank.{base}.learning_rate={hp.learning_rate}: expected > 0")
+  for key in ("num_steps", "batch_size_per_task", "eval_every", "log_every", "checkpoint_every"):
+    value = config.adarank[key]
+    need(isinstance(value, int) and value > 0, f"adarank.{key}={value!r}: expected a positive integer")
+  need(config.adarank.mask_temperature > 0,
+       f"adarank.mask_temperature={config.adarank.mask_temperature}: expected > 0")
+  need(config.adarank.rank >= 0, f"adarank.rank={config.adarank.rank}: expected >= 0 (0 = full rank)")
+  need(config.adarank.selection in ("final", "oracle"),
+       f"adarank.selection={config.adarank.selection!r}: expected 'final' or 'oracle'")
+  need(config.adarank.factor_dtype in ("float32", "bfloat16"),
+       f"adarank.factor_dtype={config.adarank.factor_dtype!r}: expected 'float32' or 'bfloat16'")
+  need(config.model.dtype in ("float32", "bfloat16"),
+       f"model.dtype={config.model.dtype!r}: expected 'float32' or 'bfloat16'")
+  need(0 < config.merge.cart_rank_ratio <= 1,
+       f"merge.cart_rank_ratio={config.merge.cart_rank_ratio}: expected a value in (0, 1]")
+  need(0 < config.merge.ties_top_k <= 1,
+       f"merge.ties_top_k={config.merge.ties_top_k}: expected a value in (0, 1]")
+  need(config.eval.batch_size > 0, f"eval.batch_size={config.eval.batch_size}: expected > 0")
+  need(config.eval.max_examples >= 0, f"eval.max_examples={config.eval.max_examples}: expected >= 0")
+  need(config.mesh.factor_sharding in ("replicated", "task"),
+       f"mesh.factor_sharding={config.mesh.factor_sharding!r}: expected 'replicated' or 'task'")
+  if export:
+    allowed = EXPORTS.get(config.family, ())
+    need(export in allowed, f"--export={export!r}: for family {config.family!r} expected one of {allowed}")
+
+  # Paths: every missing file at once.
+  need(bool(config.model.pretrained), "model.pretrained: empty; set --config.model.pretrained=PATH")
+  if config.model.pretrained:
+    need(Path(config.model.pretrained).exists(),
+         f"model.pretrained: {config.model.pretrained} does not exist")
+  if any(m != "zero_shot" for m in config.methods):
+    template = config.model.finetuned
+    need("{task}" in template,
+         f"model.finetuned={template!r}: expected a path with {{task}} in it, e.g. 'ckpts/{{task}}.pt'")
+    if "{task}" in template:
+      missing = [str(finetuned_path(template, t)) for t in tasks if not finetuned_path(template, t).exists()]
+      need(not missing, f"model.finetuned: {len(missing)} fine-tuned checkpoint(s) missing: "
+           + ", ".join(missing))
+  if problems:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict:
+  def walk(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+      if isinstance(value, dict):
+        out.update(walk(value, f"{prefix}{key}."))
+      else:
+        out[f"{prefix}{key}"] = value
+    return out
+  return walk(json.loads(config.to_json()))
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path, *, resume: bool,
+                  overwrite: bool) -> bool:
+  """Decides what to do with an existing workdir; returns True when a previous run is continued.
+
+  A workdir holding a run of a different config is an error unless `overwrite` (then the caller wipes
+  it). The same config continues where it stopped; `resume` demands that there is a run to continue.
+  """
+  saved = workdir / "config.json"
+  if overwrite or not saved.exists():
+    if resume and not overwrite:
+      raise ConfigError(f"--resume: {workdir} holds no run to resume (no config.json)")
+    return False
+  old = _flat_config(ml_collections.ConfigDict(json.loads(saved.read_text())))
+  new = _flat_config(config)
+  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE)
+  if changed:
+    details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:10])
+    raise ConfigError(
+        f"{workdir} holds a run with a different config ({details}). Pass --overwrite to start "
+        f"over there, or choose another --workdir.")
+  return True

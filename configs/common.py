@@ -1,0 +1,159 @@
+"""Every config field, its default and its meaning; experiment files only change values.
+
+Library code never reads a ConfigDict: only adarank_jax/main.py and adarank_jax/run.py do, and they pass
+explicit arguments on. Hyperparameters per experiment are ../shared/SPEC.md section 3's table.
+"""
+
+import ml_collections
+
+from adarank_jax.data import registry
+
+TASKS_8 = registry.TASKS_8
+TASKS_14 = registry.TASKS_14
+TASKS_20 = registry.TASKS_20
+GLUE_7 = registry.GLUE_7
+
+# The official code's SVD rule per model family: which matrices are decomposed and masked. Paths are
+# those of the merged tree (the image tower for CLIP, the whole model minus heads for the LMs).
+DECOMPOSE = {
+    "clip": (r"transformer/resblocks/\d+/attn/(in_proj|out_proj)/kernel",
+             r"transformer/resblocks/\d+/mlp/(c_fc|c_proj)/kernel"),
+    "roberta": (r"roberta/encoder/layer/\d+/attention/self/(query|key|value)/kernel",
+                r"roberta/encoder/layer/\d+/attention/output/dense/kernel",
+                r"roberta/encoder/layer/\d+/(intermediate|output)/dense/kernel"),
+    "gpt2": (r"transformer/h/\d+/attn/(c_attn|c_proj)/kernel",
+             r"transformer/h/\d+/mlp/(c_fc|c_proj)/kernel"),
+}
+# What the official code leaves unmerged: it stays at the origin (pretrained for TA, average for CART).
+UNMERGED = {
+    "clip": (),
+    "roberta": (r"roberta/embeddings/.*",),
+    "gpt2": (r"transformer/(wte|wpe)/.*",),
+}
+
+
+def parse_arg(arg, **defaults):
+  """'base=cart,quick=True' -> ConfigDict with the types of `defaults` (big_vision's parse_arg)."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0", ""):
+        raise ValueError(f"config argument {key}={value!r}: expected true or false")
+      parsed[key] = value.lower() in ("true", "1", "")
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def base():
+  """All fields with defaults. Paths are empty: set them with --config.x=... or flags."""
+  config = ml_collections.ConfigDict()
+  config.name = ""                          # experiment name, shown in reports
+  config.family = "clip"                    # 'clip' | 'roberta' | 'gpt2'
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "ViT-B-32"            # clip: an open_clip model-config name or a JSON file path
+  config.model.pretrained = ""              # pretrained checkpoint: file (.pt/.bin/.safetensors) or HF dir
+  config.model.finetuned = ""               # fine-tuned checkpoints, with {task} in the path
+  config.model.run_pickled_code = False     # allow checkpoints that pickle whole modules (runs their code)
+  config.model.dtype = "float32"            # compute dtype: 'float32' | 'bfloat16'
+
+  config.tasks = TASKS_8                    # task names, as in adarank_jax.data.registry
+  config.data = ml_collections.ConfigDict()
+  config.data.data_dir = ""                 # tfds data_dir that holds the prepared data sets
+  config.data.tokenizer = ""                # LMs: local tokenizer directory ('' = the pretrained dir)
+  config.data.max_length = 128              # LMs: tokens per example
+  config.data.workers = 2                   # preprocessing threads
+  config.cache_dir = ""                     # zero-shot heads and other caches ('' = <workdir>/cache)
+
+  # Methods run in this order, each evaluated on every task. Choices: zero_shot, individual,
+  # weight_averaging, task_arithmetic, ties, cart, adarank_ta, adarank_cart.
+  config.methods = ("individual", "adarank_ta")
+
+  config.merge = ml_collections.ConfigDict()
+  config.merge.decompose = DECOMPOSE["clip"]  # regexes of the SVD-decomposed, masked matrices
+  config.merge.unmerged = UNMERGED["clip"]    # regexes of tensors kept at the origin
+  config.merge.task_arithmetic_lambda = 0.3   # static TA
+  config.merge.ties_lambda = 1.0              # static TIES (mean of agreeing entries, as the TIES paper)
+  config.merge.ties_top_k = 0.2               # fraction of entries each task keeps in TIES
+  config.merge.cart_lambda = 2.0              # static CART (SPEC section 2 table)
+  config.merge.cart_rank_ratio = 0.12
+
+  config.adarank = ml_collections.ConfigDict()
+  config.adarank.ta = ml_collections.ConfigDict(
+      dict(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3))
+  config.adarank.cart = ml_collections.ConfigDict(
+      dict(prior=2.3, initial_rank_ratio=0.16, learning_rate=1e-3))
+  config.adarank.mask_temperature = 10.0
+  config.adarank.num_steps = 10_000
+  config.adarank.batch_size_per_task = 16
+  config.adarank.eval_every = 500           # evaluation points (all reported in the log)
+  config.adarank.selection = "final"        # 'final' | 'oracle' (best average TEST accuracy; labelled so)
+  config.adarank.factor_dtype = "float32"   # 'float32' | 'bfloat16' storage of U, s, V
+  config.adarank.rank = 0                   # keep the top-k components only (0 = full rank, as the paper)
+  config.adarank.log_every = 50
+  config.adarank.checkpoint_every = 500
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 128
+  config.eval.max_examples = 0              # 0 = the whole test split
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.factor_sharding = "replicated"  # 'replicated' | 'task': shard the factor stacks by task
+  config.mesh.multi_host = False            # call jax.distributed.initialize() first
+  return config
+
+
+def quick(config):
+  """Shrinks a config to a smoke run of seconds (same code path)."""
+  config.adarank.num_steps = 4
+  config.adarank.eval_every = 2
+  config.adarank.log_every = 1
+  config.adarank.checkpoint_every = 2
+  config.adarank.batch_size_per_task = 2
+  config.eval.batch_size = 8
+  config.eval.max_examples = 16
+  return config
+
+
+def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, ta, cart,
+               cart_static=None, eval_batch_size=128):
+  """A paper experiment from its numbers (SPEC section 3 table).
+
+  Config args: base=ta|cart picks the AdaRank base merge; baselines=true adds the static baselines;
+  quick=true shrinks the run to a smoke test.
+
+  Args:
+    ta, cart: (prior, initial_rank_ratio, learning_rate) of AdaRank on TA / on CART.
+    cart_static: (lambda, rank_ratio) of static CART, where the CART repo has a config for it.
+  """
+  arg = parse_arg(arg, base="ta", baselines=False, quick=False)
+  if arg.base not in ("ta", "cart"):
+    raise ValueError(f"config argument base={arg.base!r}: expected 'ta' or 'cart'")
+  config = base()
+  config.family = family
+  config.model.name = model
+  config.tasks = tasks
+  config.merge.decompose = DECOMPOSE[family]
+  config.merge.unmerged = UNMERGED[family]
+  for name, (prior, rho, lr) in (("ta", ta), ("cart", cart)):
+    config.adarank[name].update(prior=prior, initial_rank_ratio=rho, learning_rate=lr)
+  config.adarank.batch_size_per_task = batch_size
+  config.adarank.num_steps = num_steps
+  config.adarank.eval_every = eval_every
+  config.eval.batch_size = eval_batch_size
+  if cart_static is not None:
+    config.merge.cart_lambda, config.merge.cart_rank_ratio = cart_static
+  config.methods = ("individual", f"adarank_{arg.base}")
+  if arg.baselines:
+    config.methods = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties",
+                      "cart", f"adarank_{arg.base}")
+  config.name = f"{model}_{len(tasks)}tasks_adarank_{arg.base}"
+  if arg.quick:
+    quick(config)
+  return config

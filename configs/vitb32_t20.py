@@ -1,0 +1,19 @@
+"""AdaRank, ViT-B-32 merged over the 20-task suite (SPEC section 3: B_T20).
+
+python -m adarank_jax.main --config configs/vitb32_t20.py --workdir runs/vitb32_t20 \
+    --config.model.pretrained=PRETRAINED.pt --config.model.finetuned='FINETUNED/{task}/finetuned.pt' \
+    --config.data.data_dir=DATA_DIR
+python -m adarank_jax.main --config configs/vitb32_t20.py:base=cart,baselines=true ...  # AdaRank on CART + baselines
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.experiment(
+      arg, family="clip", model="ViT-B-32", tasks=common.TASKS_20,
+      batch_size=16, num_steps=10_000, eval_every=500,
+      ta=(0.05, 1.0, 1e-3),    # (prior, initial rank ratio, lr) of AdaRank on TA
+      cart=(2.4, 0.32, 1e-3),  # same, on CART
+      cart_static=(1.9, 0.32),  # static CART: CART repo's ViT-b-32_20_CART.yaml
+      eval_batch_size=128)

@@ -1,0 +1,19 @@
+"""AdaRank, ViT-L-14 merged over the 14-task suite (SPEC section 3: L_T14).
+
+python -m adarank_jax.main --config configs/vitl14_t14.py --workdir runs/vitl14_t14 \
+    --config.model.pretrained=PRETRAINED.pt --config.model.finetuned='FINETUNED/{task}/finetuned.pt' \
+    --config.data.data_dir=DATA_DIR
+python -m adarank_jax.main --config configs/vitl14_t14.py:base=cart,baselines=true ...  # AdaRank on CART + baselines
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.experiment(
+      arg, family="clip", model="ViT-L-14", tasks=common.TASKS_14,
+      batch_size=2, num_steps=100_000, eval_every=1000,
+      ta=(0.3, 1.0, 1e-3),    # (prior, initial rank ratio, lr) of AdaRank on TA
+      cart=(1.25, 0.16, 1e-3),  # same, on CART
+      cart_static=None,  # the CART repo has no ViT-L/14 config: static CART uses the defaults
+      eval_batch_size=32)

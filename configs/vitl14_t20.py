@@ -1,0 +1,19 @@
+"""AdaRank, ViT-L-14 merged over the 20-task suite (SPEC section 3: L_T20).
+
+python -m adarank_jax.main --config configs/vitl14_t20.py --workdir runs/vitl14_t20 \
+    --config.model.pretrained=PRETRAINED.pt --config.model.finetuned='FINETUNED/{task}/finetuned.pt' \
+    --config.data.data_dir=DATA_DIR
+python -m adarank_jax.main --config configs/vitl14_t20.py:base=cart,baselines=true ...  # AdaRank on CART + baselines
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.experiment(
+      arg, family="clip", model="ViT-L-14", tasks=common.TASKS_20,
+      batch_size=2, num_steps=100_000, eval_every=2000,
+      ta=(1.0, 0.3, 1e-3),    # (prior, initial rank ratio, lr): L_T20 TA starts from the top 30%, lambda 1
+      cart=(1.0, 0.16, 1e-3),  # same, on CART
+      cart_static=None,  # the CART repo has no ViT-L/14 config: static CART uses the defaults
+      eval_batch_size=32)

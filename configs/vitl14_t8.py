@@ -1,0 +1,19 @@
+"""AdaRank, ViT-L-14 merged over the 8-task suite (SPEC section 3: L_T8).
+
+python -m adarank_jax.main --config configs/vitl14_t8.py --workdir runs/vitl14_t8 \
+    --config.model.pretrained=PRETRAINED.pt --config.model.finetuned='FINETUNED/{task}/finetuned.pt' \
+    --config.data.data_dir=DATA_DIR
+python -m adarank_jax.main --config configs/vitl14_t8.py:base=cart,baselines=true ...  # AdaRank on CART + baselines
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.experiment(
+      arg, family="clip", model="ViT-L-14", tasks=common.TASKS_8,
+      batch_size=4, num_steps=10_000, eval_every=500,
+      ta=(0.3, 1.0, 1e-3),    # (prior, initial rank ratio, lr) of AdaRank on TA
+      cart=(3.0, 0.16, 1e-3),  # same, on CART
+      cart_static=None,  # the CART repo has no ViT-L/14 config: static CART uses the defaults
+      eval_batch_size=32)

@@ -1,0 +1,100 @@
+"""Every experiment config loads, carries SPEC's numbers, and bad configs fail before any compute."""
+
+import importlib
+import json
+
+import pytest
+
+from adarank_jax import validate
+from configs import common
+
+EXPERIMENTS = ("vitb32_t8", "vitb32_t14", "vitb32_t20", "vitl14_t8", "vitl14_t14", "vitl14_t20",
+               "roberta_glue", "gpt2_glue")
+
+# SPEC section 3: (batch, steps, eval every, TA (prior, rho, lr), CART (prior, rho, lr)).
+SPEC = {
+    "vitb32_t8": (16, 10_000, 500, (0.3, 1.0, 1e-3), (2.3, 0.16, 1e-3)),
+    "vitb32_t14": (16, 10_000, 500, (0.3, 1.0, 1e-3), (2.8, 0.32, 1e-3)),
+    "vitb32_t20": (16, 10_000, 500, (0.05, 1.0, 1e-3), (2.4, 0.32, 1e-3)),
+    "vitl14_t8": (4, 10_000, 500, (0.3, 1.0, 1e-3), (3.0, 0.16, 1e-3)),
+    "vitl14_t14": (2, 100_000, 1000, (0.3, 1.0, 1e-3), (1.25, 0.16, 1e-3)),
+    "vitl14_t20": (2, 100_000, 2000, (1.0, 0.3, 1e-3), (1.0, 0.16, 1e-3)),
+    "roberta_glue": (8, 5_000, 500, (0.3, 1.0, 5e-5), (1.6, 0.04, 1e-4)),
+    "gpt2_glue": (8, 5_000, 500, (0.3, 1.0, 5e-5), (1.3, 0.01, 5e-5)),
+}
+
+
+def _get(name, arg=None):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_numbers_match_spec(name):
+  config = _get(name)
+  batch, steps, every, ta, cart = SPEC[name]
+  assert config.adarank.batch_size_per_task == batch
+  assert config.adarank.num_steps == steps and config.adarank.eval_every == every
+  assert (config.adarank.ta.prior, config.adarank.ta.initial_rank_ratio,
+          config.adarank.ta.learning_rate) == ta
+  assert (config.adarank.cart.prior, config.adarank.cart.initial_rank_ratio,
+          config.adarank.cart.learning_rate) == cart
+  assert config.adarank.mask_temperature == 10.0 and config.adarank.selection == "final"
+  assert config.methods == ("individual", "adarank_ta")
+  assert config.model.pretrained == "" and config.data.data_dir == ""  # no machine paths
+  json.loads(config.to_json())
+
+
+def test_task_lists_and_args():
+  assert len(_get("vitb32_t8").tasks) == 8 and len(_get("vitl14_t20").tasks) == 20
+  assert _get("vitb32_t14").tasks[:8] == common.TASKS_8
+  assert len(_get("roberta_glue").tasks) == 7
+  config = _get("vitb32_t8", "base=cart,baselines=true")
+  assert config.methods[-1] == "adarank_cart" and "ties" in config.methods
+  assert _get("vitb32_t8", "quick=true").adarank.num_steps == 4
+  with pytest.raises(ValueError, match="unknown config argument 'bse'"):
+    _get("vitb32_t8", "bse=cart")
+  with pytest.raises(ValueError, match="base='dare'"):
+    _get("vitb32_t8", "base=dare")
+
+
+def test_validate_lists_every_problem(tmp_path):
+  config = _get("vitb32_t8")
+  config.tasks = ("Cars", "Kitties")
+  config.adarank.ta.initial_rank_ratio = 1.5
+  config.adarank.num_steps = 0
+  config.adarank.batch_size_per_task = -2
+  config.model.pretrained = str(tmp_path / "absent.pt")
+  config.model.finetuned = str(tmp_path / "{task}.pt")
+  with pytest.raises(validate.ConfigError) as e:
+    validate.validate(config, export="hf")
+  msg = str(e.value)
+  for needle in ("unknown task(s) ['Kitties']", "adarank.ta.initial_rank_ratio=1.5",
+                 "adarank.num_steps=0", "adarank.batch_size_per_task=-2", "absent.pt does not exist",
+                 "2 fine-tuned checkpoint(s) missing", "Cars.pt", "--export='hf'"):
+    assert needle in msg, needle
+
+
+def test_validate_accepts_existing_paths(tmp_path):
+  config = _get("vitb32_t8")
+  (tmp_path / "pre.pt").write_bytes(b"")
+  for task in config.tasks:
+    (tmp_path / f"{task}.pt").write_bytes(b"")
+  config.model.pretrained = str(tmp_path / "pre.pt")
+  config.model.finetuned = str(tmp_path / "{task}.pt")
+  validate.validate(config, export="safetensors")
+
+
+def test_workdir_with_other_config(tmp_path):
+  config = _get("vitb32_t8")
+  assert not validate.check_workdir(config, tmp_path, resume=False, overwrite=False)
+  with pytest.raises(validate.ConfigError, match="holds no run to resume"):
+    validate.check_workdir(config, tmp_path, resume=True, overwrite=False)
+  (tmp_path / "config.json").write_text(config.to_json())
+  assert validate.check_workdir(config, tmp_path, resume=False, overwrite=False)
+  longer = _get("vitb32_t8")
+  longer.adarank.num_steps = 20_000           # resumable: train longer
+  assert validate.check_workdir(longer, tmp_path, resume=True, overwrite=False)
+  other = _get("vitb32_t8", "base=cart")
+  with pytest.raises(validate.ConfigError, match=r"different config .*methods"):
+    validate.check_workdir(other, tmp_path, resume=False, overwrite=False)
+  assert not validate.check_workdir(other, tmp_path, resume=False, overwrite=True)
