@@ -1,0 +1,327 @@
+"""What a run leaves behind: results.json, a markdown table, the rank heatmap and the metric logs.
+
+Results are a plain, JSON-ready dict (see `Results`). Scores are fractions (accuracy in [0, 1], Matthews
+correlation in [-1, 1]); the markdown shows them in % with one decimal. Files are written atomically
+(a temporary file in the same directory, then os.replace), so a crash never leaves half a results.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import json
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, TypedDict
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+from adarank_jax import evaluate
+
+SELECTION_FINAL = "final step"
+SELECTION_ORACLE = ("best average test accuracy over evaluation points (oracle: selected on the "
+                    "labelled test set)")
+SELECTIONS = (SELECTION_FINAL, SELECTION_ORACLE)
+INDIVIDUAL_ROW = "individual"  # the fine-tuned reference row of the tables
+MAX_ANNOTATED_CELLS = 400  # the heatmap writes the count in each cell up to this many cells
+
+
+class Results(TypedDict):
+  """A run's results; a plain dict that json.dump writes as is. Scores are fractions.
+
+  name: the config name.  model: e.g. "ViT-B-32".  tasks: the task names, in table order.
+  selection: how the reported AdaRank step was chosen, one of SELECTIONS.
+  steps: optimization steps of the reported model, None where nothing was trained.
+  methods: method -> task -> score, in the order the methods were run; the caller fills it
+    (`results["methods"][method] = scores`).
+  individual: task -> score of the task's own fine-tuned model, the reference of the normalized
+    scores; empty when the fine-tuned models were not evaluated.
+  timings_s: what -> seconds, e.g. {"load_s": 3.1, "adarank_ta_s": 600.0}.
+  extra: free-form JSON data, e.g. {"rank": {method: rank_summary(mask_logits)}}.
+  """
+  name: str
+  model: str
+  tasks: list[str]
+  selection: str
+  steps: int | None
+  methods: dict[str, dict[str, float]]
+  individual: dict[str, float]
+  timings_s: dict[str, float]
+  extra: dict[str, Any]
+
+
+def new_results(*, name: str, tasks: Sequence[str], model: str, selection: str,
+                steps: int | None = None) -> Results:
+  """An empty Results (no methods, no individual scores yet)."""
+  if selection not in SELECTIONS:
+    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+  if evaluate.AVERAGE_KEY in tasks or len(set(tasks)) != len(tasks):
+    raise ValueError(f"tasks must be distinct and not {evaluate.AVERAGE_KEY!r}, got {list(tasks)}")
+  return Results(name=name, model=model, tasks=list(tasks), selection=selection,
+                 steps=None if steps is None else int(steps), methods={}, individual={}, timings_s={},
+                 extra={})
+
+
+def _to_json(value: Any) -> Any:
+  """json.dump's fallback for numpy / jax scalars and arrays."""
+  if isinstance(value, np.generic) or (hasattr(value, "__array__") and np.ndim(value) == 0):
+    return np.asarray(value).item()
+  if hasattr(value, "__array__"):
+    return np.asarray(value).tolist()
+  raise TypeError(f"cannot write a {type(value).__name__} to JSON: {value!r}")
+
+
+def _write_atomically(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+  """Calls write(tmp_path) for a temporary file next to `path`, then renames it over `path`."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _write_text(path: str | os.PathLike[str], text: str) -> None:
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  _write_atomically(path, write)
+
+
+def write_results_json(path: str | os.PathLike[str], results: Results) -> None:
+  """Writes `results` as indented strict JSON (NaN/Inf are an error), atomically."""
+  try:
+    text = json.dumps(results, indent=2, default=_to_json, allow_nan=False)
+  except ValueError as error:
+    raise ValueError(f"{path}: results hold a NaN or Inf and cannot be written as JSON ({error})") from error
+  _write_text(path, text + "\n")
+
+
+def read_results_json(path: str | os.PathLike[str]) -> Results:
+  """Reads a file written by write_results_json."""
+  with open(path, encoding="utf-8") as f:
+    results = json.load(f)
+  missing = sorted(set(Results.__required_keys__) - set(results))
+  if missing:
+    raise ValueError(f"{path}: not a results file, missing keys {missing}")
+  return results
+
+
+def _percent(value: float) -> str:
+  return f"{100 * value:.1f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def markdown_table(results: Results, tasks: Sequence[str] | None = None) -> str:
+  """Markdown tables in %, one decimal; rows: "individual" (if evaluated), then the methods in run order.
+
+  1. Scores: columns are the tasks and "Avg." (mean of the task scores), plus "Norm. avg." (mean of the
+     per-task ratios merged / individual) when the individual scores are there.
+  2. Normalized scores (only with individual scores): the per-task ratios merged / individual, and their mean.
+
+  Args:
+    results: see Results.
+    tasks: the columns; by default results["tasks"].
+  """
+  tasks = list(results["tasks"] if tasks is None else tasks)
+  individual = results["individual"]
+  if INDIVIDUAL_ROW in results["methods"]:
+    raise ValueError(f"{INDIVIDUAL_ROW!r} cannot name a method: it is the row of results['individual']")
+  rows = {INDIVIDUAL_ROW: individual, **results["methods"]} if individual else dict(results["methods"])
+  for method, scores in rows.items():
+    missing = [task for task in tasks if task not in scores]
+    if missing:
+      raise ValueError(f"results for {method!r} lack tasks {missing}; have {sorted(scores)}")
+  score_rows, normalized_rows = [], []
+  for method, scores in rows.items():
+    own = {task: scores[task] for task in tasks}
+    score_rows.append([method] + [_percent(own[t]) for t in tasks] + [_percent(evaluate.average(own))])
+    if individual:
+      normalized = evaluate.normalized_scores(own, individual)
+      score_rows[-1].append(_percent(normalized[evaluate.AVERAGE_KEY]))
+      if method != INDIVIDUAL_ROW:
+        normalized_rows.append([method] + [_percent(normalized[t]) for t in tasks]
+                               + [_percent(normalized[evaluate.AVERAGE_KEY])])
+  if not individual:
+    return "Scores (%)\n\n" + _table(["Method", *tasks, "Avg."], score_rows) + "\n"
+  return ("Scores (%)\n\n" + _table(["Method", *tasks, "Avg.", "Norm. avg."], score_rows)
+          + "\n\nNormalized scores (% of the individual fine-tuned model)\n\n"
+          + _table(["Method", *tasks, "Avg."], normalized_rows) + "\n")
+
+
+def write_markdown(path: str | os.PathLike[str], results: Results) -> None:
+  """Writes results.md: name, model, how the step was selected, steps and timings, then markdown_table."""
+  if not isinstance(results, Mapping):
+    raise TypeError(f"write_markdown({str(path)!r}, ...) takes the Results dict (it renders the metadata and "
+                    f"the tables itself), got a {type(results).__name__}")
+  timings = ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items()) or "not recorded"
+  steps = "none (no training)" if results["steps"] is None else str(results["steps"])
+  header = (f"# {results['name']}\n\n"
+            f"- model: {results['model']}\n"
+            f"- selection: {results['selection']}\n"
+            f"- steps: {steps}\n"
+            f"- timings (s): {timings}\n")
+  if results["individual"]:
+    header += "- normalized = merged / individual per task; the normalized average is the mean of ratios\n"
+  header += "\n"
+  _write_text(path, header + markdown_table(results))
+
+
+def _check_mask_logits(mask_logits: Mapping[str, Any], num_tasks: int | None = None) -> dict[str, np.ndarray]:
+  """numpy (T, r) arrays; T is `num_tasks`, or else the first layer's, and must be the same in every layer."""
+  arrays = {layer: np.asarray(value) for layer, value in mask_logits.items()}
+  if not arrays:
+    raise ValueError("mask_logits is empty; expected {layer_path: (T, r) logits}")
+  for layer, logits in arrays.items():
+    if logits.ndim != 2:
+      raise ValueError(f"mask_logits[{layer!r}] has shape {logits.shape}, expected (T, r)")
+    if num_tasks is None:
+      num_tasks = logits.shape[0]
+    if logits.shape[0] != num_tasks:
+      raise ValueError(f"mask_logits[{layer!r}] has {logits.shape[0]} task rows, expected {num_tasks} "
+                       "(one per task, the same in every layer)")
+  return arrays
+
+
+def rank_summary(mask_logits: Mapping[str, Any]) -> dict[str, Any]:
+  """Kept singular components (hard mask = logits > 0) per task, per layer and in total.
+
+  Args:
+    mask_logits: flat {layer_path: (T, r) logits}.
+
+  Returns:
+    {"layers": {path: {"rank": r, "kept": [T ints], "fraction_kept": [T floats]}} in `layer_order`,
+     "total": {"rank": sum of r, "kept": [T ints], "fraction_kept": [T floats]}}; lists in task order.
+  """
+  arrays = _check_mask_logits(mask_logits)
+  layers = {}
+  for layer in layer_order(arrays):
+    logits = arrays[layer]
+    kept = (logits > 0).sum(axis=1)
+    layers[layer] = {"rank": int(logits.shape[1]), "kept": kept.tolist(),
+                     "fraction_kept": (kept / logits.shape[1]).tolist()}
+  total_rank = sum(entry["rank"] for entry in layers.values())
+  total_kept = np.sum([entry["kept"] for entry in layers.values()], axis=0)
+  return {"layers": layers, "total": {"rank": total_rank, "kept": total_kept.tolist(),
+                                      "fraction_kept": (total_kept / total_rank).tolist()}}
+
+
+def _short_labels(paths: Sequence[str]) -> list[str]:
+  """Drops the "/"-components shared by all paths at the start (e.g. "transformer/resblocks/")."""
+  parts = [p.split("/") for p in paths]
+  common = 0
+  while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+    common += 1
+  return ["/".join(p[common:]) for p in parts]
+
+
+def layer_order(paths: Iterable[str]) -> list[str]:
+  """Paths sorted with numeric parts compared as numbers: "resblocks/2/..." before "resblocks/10/..."."""
+  def key(path):
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split("/")]
+  return sorted(paths, key=key)
+
+
+def rank_heatmap(mask_logits: Mapping[str, Any], task_names: Sequence[str], path: str | os.PathLike[str], *,
+                 layer_names: Sequence[str] | None = None,
+                 title: str = "Kept singular components (mask logit > 0)") -> np.ndarray:
+  """Writes a PNG heatmap of how many singular components each task keeps in each decomposed layer.
+
+  Rows are layers, columns tasks; the counts are written in the cells when there are at most
+  MAX_ANNOTATED_CELLS of them. This is the paper's rank analysis.
+
+  Args:
+    mask_logits: flat {layer_path: (T, r) logits}; the hard mask is logits > 0.
+    task_names: T names, left to right.
+    path: the PNG file (written atomically).
+    layer_names: the layers to plot, top to bottom (keys of mask_logits); by default all of them in
+      `layer_order` (block by block).
+    title: figure title.
+
+  Returns:
+    (L, T) int64 count matrix, rows in layer_names order, columns in task order.
+  """
+  layer_names = layer_order(mask_logits) if layer_names is None else list(layer_names)
+  missing = [name for name in layer_names if name not in mask_logits]
+  if missing:
+    raise ValueError(f"layers {missing} are not in mask_logits; it has {sorted(mask_logits)}")
+  if not layer_names:
+    raise ValueError("no layers to plot: mask_logits or layer_names is empty")
+  arrays = _check_mask_logits({name: mask_logits[name] for name in layer_names}, len(task_names))
+  counts = np.stack([(arrays[name] > 0).sum(axis=1) for name in layer_names]).astype(np.int64)
+
+  num_layers, num_tasks = counts.shape
+  fig = Figure(figsize=(2.0 + 0.8 * num_tasks, 1.5 + 0.3 * num_layers), layout="constrained")
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+  ax.set_xticks(range(num_tasks), labels=list(task_names), rotation=45, ha="right")
+  ax.set_yticks(range(num_layers), labels=_short_labels(list(layer_names)))
+  ax.set_xlabel("task")
+  ax.set_ylabel("layer")
+  ax.set_title(title)
+  fig.colorbar(image, ax=ax, label="kept components")
+  if counts.size <= MAX_ANNOTATED_CELLS:
+    middle = (counts.min() + counts.max()) / 2
+    for (row, col), count in np.ndenumerate(counts):
+      ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
+              color="black" if count > middle else "white")
+  _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+  return counts
+
+
+def write_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+  """Appends `record` as one JSON line (numpy/jax scalars become numbers; NaN is written as NaN)."""
+  line = json.dumps(record, default=_to_json)
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(line + "\n")
+
+
+class MetricWriter:
+  """Scalars to workdir/metrics.jsonl (one JSON object per call) and TensorBoard (workdir/tensorboard).
+
+  Usage: `with MetricWriter(workdir) as writer: writer.scalars(step, {"loss": 0.3})`.
+  """
+
+  def __init__(self, workdir: str | os.PathLike[str]):
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.jsonl_path = self.workdir / "metrics.jsonl"
+    # Imported here: tensorboardX imports torch whenever torch is installed, and this module is JAX core.
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    self._tensorboard = tensorboardX.SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+
+  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    """Logs {name: scalar} at `step` (values may be numpy or jax scalars; fetch them every N steps)."""
+    floats = {}
+    for name, value in values.items():
+      if np.ndim(value) != 0:
+        raise ValueError(f"metric {name!r} at step {step} has shape {np.shape(value)}, expected a scalar")
+      floats[name] = float(np.asarray(value))
+    write_jsonl(self.jsonl_path, {"step": int(step), "wall_time": time.time(), **floats})
+    for name, value in floats.items():
+      self._tensorboard.add_scalar(name, value, global_step=int(step))
+
+  def flush(self) -> None:
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    self._tensorboard.close()
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
