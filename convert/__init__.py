@@ -1,0 +1,1 @@
+"""Command-line converters between PyTorch checkpoints and adarank_jax param trees."""
