@@ -1,0 +1,91 @@
+"""Binary masks over singular components, learned through a straight-through estimator.
+
+SPEC section 3: one real logit per (task, component) of every decomposed matrix, shape (T, r).
+The forward pass uses the hard mask b = 1[logit > 0] (= 1[sigmoid(logit / temperature) > 0.5]);
+the backward pass differentiates the soft mask p = sigmoid(logit / temperature):
+  dmask/dlogit = sigmoid'(logit / temperature) / temperature.
+The temperature (10 in every AdaRank config) is an argument here; its value lives in the configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adarank_jax import tree_util
+from adarank_jax.decomposition import is_svd
+
+INIT_LOGIT = 0.1  # |initial logit|: +0.1 keeps a component, -0.1 drops it (official code)
+
+
+def initial_rank(rank: int, *, initial_rank_ratio: float, num_tasks: int) -> int:
+  """Number of components kept at init: floor(rho * rank), with rho == 0 meaning 1 / num_tasks."""
+  if not 0.0 <= initial_rank_ratio <= 1.0:
+    raise ValueError(f'initial_rank_ratio={initial_rank_ratio}; expected a value in [0, 1] '
+                     '(0 means 1 / num_tasks)')
+  ratio = 1.0 / num_tasks if initial_rank_ratio == 0 else initial_rank_ratio
+  return int(ratio * rank)
+
+
+def init_logits(factors: Mapping[Any, Any], *, initial_rank_ratio: float, num_tasks: int
+                ) -> dict[Any, Any]:
+  """Initial mask logits for every SVD leaf of `factors`.
+
+  Args:
+    factors: tree from `decomposition.decompose`; only its `SVD` leaves get logits.
+    initial_rank_ratio: rho in [0, 1]; the first floor(rho * r) components start ON (+0.1) and
+      the rest OFF (-0.1). rho == 1 is full rank (TA configs); rho == 0 means 1 / num_tasks.
+    num_tasks: T.
+
+  Returns:
+    A tree holding only the SVD paths of `factors`, each a float32 (T, r) array, r = s.shape[-1].
+
+  Raises:
+    ValueError: rho outside [0, 1], or an SVD leaf whose leading axis is not `num_tasks`.
+  """
+  logits = {}
+  for path, leaf in tree_util.flatten(factors).items():
+    if not is_svd(leaf):
+      continue
+    tasks, rank = leaf.s.shape
+    if tasks != num_tasks:
+      raise ValueError(f'init_logits: {path!r} has {tasks} tasks; expected num_tasks={num_tasks}')
+    keep = initial_rank(rank, initial_rank_ratio=initial_rank_ratio, num_tasks=num_tasks)
+    row = jnp.where(jnp.arange(rank) < keep, INIT_LOGIT, -INIT_LOGIT).astype(jnp.float32)
+    logits[path] = jnp.broadcast_to(row, (tasks, rank))
+  return tree_util.unflatten(logits)
+
+
+def soft_mask(logits: jax.Array, temperature: float) -> jax.Array:
+  """p = sigmoid(logits / temperature), same shape as `logits`."""
+  return jax.nn.sigmoid(logits / temperature)
+
+
+def hard_mask(logits: jax.Array) -> jax.Array:
+  """b = 1[logits > 0] (= 1[soft_mask > 0.5] for any temperature > 0), as logits' dtype."""
+  return (logits > 0).astype(logits.dtype)
+
+
+def straight_through(logits: jax.Array, temperature: float) -> jax.Array:
+  """Forward value `hard_mask(logits)`, gradient that of `soft_mask(logits, temperature)`."""
+  soft = soft_mask(logits, temperature)
+  return soft + jax.lax.stop_gradient(hard_mask(logits) - soft)
+
+
+# How `merging.merge` turns logits into masks: training uses 'ste', evaluation/export 'hard',
+# and 'soft' is the differentiable surrogate (finite-difference checks, the soft-mask ablation).
+MASK_FNS: dict[str, Callable[[jax.Array, float], jax.Array]] = {
+    'ste': straight_through,
+    'soft': soft_mask,
+    'hard': lambda logits, temperature: hard_mask(logits),  # the threshold ignores temperature
+}
+
+
+def kept_fraction(mask_logits: Mapping[Any, Any]) -> jax.Array:
+  """Fraction of all (task, component) pairs whose hard mask is 1, a float32 scalar."""
+  leaves = jax.tree.leaves(mask_logits)
+  kept = sum(jnp.sum(hard_mask(x)) for x in leaves)
+  return kept / max(sum(x.size for x in leaves), 1)

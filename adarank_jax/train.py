@@ -1,0 +1,261 @@
+"""Test-time training of AdaRank's masks and coefficients (SPEC section 4).
+
+The loss is sum_t H_t, the batch-mean prediction entropy of each task's head on weights rebuilt by
+`merging.merge` (straight-through masks). Adam (0.9, 0.999), no schedule, no clipping, no weight
+decay, on the mask logits and the coefficients only; the origin and the factors are frozen.
+
+  frozen = (origin, factors)                 # never donated, never differentiated
+  state = init_state(factors, optimizer=..., num_tasks=T, initial_rank_ratio=rho, prior=lam0)
+  step = make_train_step(task_logits_fn=f, optimizer=make_optimizer(1e-3), temperature=10., num_tasks=T)
+  state = fit(frozen, state, train_step=step, make_batches=g, num_steps=10_000, ...)
+
+`task_logits_fn(params, task_index, inputs) -> (B, C) logits` is the model-specific part (e.g. the
+CLIP image tower followed by task t's zero-shot head); `task_index` is a Python int.
+
+Sharding: one mesh from `make_mesh`, axes ('data',) or ('data', 'task'). Every task's batch is split
+along 'data'; the factors are replicated or split along 'task' (`place_frozen`); the trainable state
+is replicated. The step's outputs are pinned to replicated so its inputs never change layout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from adarank_jax import checkpoint as checkpoint_lib
+from adarank_jax import masking
+from adarank_jax import merging
+from adarank_jax import objectives
+
+FACTOR_PLACEMENTS = ('replicated', 'task')
+
+TaskLogitsFn = Callable[[Any, int, Any], jax.Array]
+Callback = Callable[[int, dict[str, np.ndarray], 'TrainState'], None]
+
+
+class TrainState(NamedTuple):
+  """Everything a run needs to resume.
+
+  Attributes:
+    step: int32 scalar, steps taken.
+    mask_logits: {path: (T, r)} float32 per SVD leaf.
+    coefficients: {path: (T,)} float32 per merged leaf.
+    opt_state: Adam state over (mask_logits, coefficients).
+    data_positions: (T,) int32, batches consumed from each task's stream.
+  """
+  step: jax.Array
+  mask_logits: Any
+  coefficients: Any
+  opt_state: Any
+  data_positions: jax.Array
+
+
+def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
+  """Adam(lr, b1=0.9, b2=0.999): the official optimiser (no schedule, clipping or weight decay)."""
+  return optax.adam(learning_rate, b1=0.9, b2=0.999)
+
+
+def init_state(factors: Mapping[Any, Any], *, optimizer: optax.GradientTransformation,
+               num_tasks: int, initial_rank_ratio: float, prior: float) -> TrainState:
+  """Step 0: logits +-0.1 from `initial_rank_ratio`, every coefficient = `prior`, fresh Adam."""
+  mask_logits = masking.init_logits(factors, initial_rank_ratio=initial_rank_ratio,
+                                    num_tasks=num_tasks)
+  coefficients = merging.init_coefficients(factors, num_tasks=num_tasks, prior=prior)
+  return TrainState(step=jnp.zeros((), jnp.int32), mask_logits=mask_logits,
+                    coefficients=coefficients,
+                    opt_state=optimizer.init((mask_logits, coefficients)),
+                    data_positions=jnp.zeros((num_tasks,), jnp.int32))
+
+
+def make_loss_fn(*, task_logits_fn: TaskLogitsFn, temperature: float, num_tasks: int,
+                 mask_mode: str = 'ste', precision: Any = None) -> Callable[..., Any]:
+  """loss_fn((mask_logits, coefficients), (origin, factors), batches) -> (loss, (T,) entropies).
+
+  `batches` is a length-T sequence; batches[t] is what `task_logits_fn(params, t, .)` takes.
+  `mask_mode` is passed to `merging.merge` ('ste' to train, 'soft' for the smooth surrogate).
+  """
+
+  def loss_fn(trainable, frozen, batches):
+    if len(batches) != num_tasks:
+      raise ValueError(f'loss: got {len(batches)} task batches; expected num_tasks={num_tasks}')
+    mask_logits, coefficients = trainable
+    origin, factors = frozen
+    params = merging.merge(origin, factors, mask_logits, coefficients, temperature=temperature,
+                           mask_mode=mask_mode, precision=precision)
+    entropies = jnp.stack([objectives.entropy(task_logits_fn(params, t, batches[t]))
+                           for t in range(num_tasks)])
+    return jnp.sum(entropies), entropies
+
+  return loss_fn
+
+
+def make_train_step(*, task_logits_fn: TaskLogitsFn, optimizer: optax.GradientTransformation,
+                    temperature: float, num_tasks: int, mesh: Mesh | None = None,
+                    mask_mode: str = 'ste', precision: Any = None) -> Callable[..., Any]:
+  """One jitted `step(frozen, state, batches) -> (state, metrics)`; `state` is donated.
+
+  Args:
+    task_logits_fn: (params, task_index: int, inputs) -> (B, C) logits; traced once per task.
+    optimizer: e.g. `make_optimizer(1e-3)`.
+    temperature: mask temperature (10 in the AdaRank configs).
+    num_tasks: T.
+    mesh: optional mesh from `make_mesh`; the new state and the metrics come out replicated on it.
+    mask_mode: 'ste' (AdaRank) or 'soft'; see `merging.merge`.
+    precision: matmul precision of the weight rebuild; see `merging.svd_delta`.
+
+  Returns:
+    The jitted step. metrics: loss (scalar), entropy (T,), kept_fraction (scalar, after the update).
+  """
+  loss_fn = make_loss_fn(task_logits_fn=task_logits_fn, temperature=temperature,
+                         num_tasks=num_tasks, mask_mode=mask_mode, precision=precision)
+
+  def step(frozen, state: TrainState, batches):
+    trainable = (state.mask_logits, state.coefficients)
+    (loss, entropies), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batches)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    mask_logits, coefficients = optax.apply_updates(trainable, updates)
+    new_state = TrainState(step=state.step + 1, mask_logits=mask_logits, coefficients=coefficients,
+                           opt_state=opt_state, data_positions=state.data_positions + 1)
+    metrics = {'loss': loss, 'entropy': entropies,
+               'kept_fraction': masking.kept_fraction(mask_logits)}
+    return new_state, metrics
+
+  out_shardings = None if mesh is None else NamedSharding(mesh, P())
+  return jax.jit(step, donate_argnums=1, out_shardings=out_shardings)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding
+
+
+def make_mesh(*, task: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over all (or the given) devices: ('data',) if task == 1, else ('data', 'task').
+
+  The 'data' axis gets len(devices) // task devices. Axes are Auto (XLA picks the collectives).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if task < 1 or len(devices) % task:
+    raise ValueError(f'make_mesh: task={task} must be a positive divisor of the {len(devices)} '
+                     'devices')
+  if task == 1:
+    return jax.make_mesh((len(devices),), ('data',), axis_types=(AxisType.Auto,), devices=devices)
+  return jax.make_mesh((len(devices) // task, task), ('data', 'task'),
+                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def place_frozen(frozen: tuple[Any, Any], mesh: Mesh, *, factor_placement: str = 'replicated'
+                 ) -> tuple[Any, Any]:
+  """Puts (origin, factors) on `mesh`: origin replicated; factors replicated or split on 'task'.
+
+  With 'task', every factor array (u, s, vt and dense task vectors) is split along its leading
+  task axis, which must divide evenly by the mesh's 'task' size.
+  """
+  if factor_placement not in FACTOR_PLACEMENTS:
+    raise ValueError(f'place_frozen: factor_placement={factor_placement!r}; expected one of '
+                     f'{FACTOR_PLACEMENTS}')
+  origin, factors = frozen
+  replicated = NamedSharding(mesh, P())
+  if factor_placement == 'replicated':
+    factor_sharding = replicated
+  else:
+    if 'task' not in mesh.axis_names:
+      raise ValueError(f"place_frozen: factor_placement='task' needs a mesh with a 'task' axis; "
+                       f'got axes {mesh.axis_names}')
+    shards = mesh.shape['task']
+    bad = sorted({np.shape(x)[0] for x in jax.tree.leaves(factors) if np.shape(x)[0] % shards})
+    if bad:
+      raise ValueError(f"place_frozen: task counts {bad} do not divide over the mesh's 'task' "
+                       f'axis of size {shards}')
+    factor_sharding = NamedSharding(mesh, P('task'))
+  return jax.device_put(origin, replicated), jax.device_put(factors, factor_sharding)
+
+
+def place_state(state: TrainState, mesh: Mesh) -> TrainState:
+  """Replicates the trainable state on `mesh`."""
+  return jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def place_batches(batches: Any, mesh: Mesh) -> Any:
+  """Splits every leaf of every task's batch along its leading (batch) axis over 'data'."""
+  return jax.device_put(batches, NamedSharding(mesh, P('data')))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loop
+
+
+def save_state(manager: checkpoint_lib.Manager, state: TrainState) -> None:
+  """Checkpoints step, mask_logits, coefficients, opt_state and data_positions at `state.step`."""
+  manager.save(int(jax.device_get(state.step)), state._asdict())
+
+
+def restore_state(manager: checkpoint_lib.Manager, step: int, target: TrainState) -> TrainState:
+  """The state saved at `step`, with the structure, dtypes and shardings of `target`."""
+  return TrainState(**manager.restore(step, target._asdict()))
+
+
+def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[..., Any],
+        make_batches: Callable[[tuple[int, ...]], Iterator[Any]], num_steps: int,
+        log_every: int = 50, checkpoint: checkpoint_lib.Manager | None = None,
+        checkpoint_every: int | None = None, callbacks: Sequence[Callback] = (),
+        mesh: Mesh | None = None, progress: bool = True) -> TrainState:
+  """Runs `train_step` until `state.step == num_steps`, resuming from the latest checkpoint.
+
+  The host waits on the device only every `log_every` steps (one `jax.device_get` of the metrics)
+  and when checkpointing; in between, steps are dispatched asynchronously.
+
+  Args:
+    frozen: (origin, factors), already placed (see `place_frozen`) when a mesh is used.
+    state: the initial state (`init_state`); when `checkpoint` holds a saved step it is only the
+      restore target (structure, dtypes, shardings), and training resumes from the saved state.
+    train_step: from `make_train_step`.
+    make_batches: positions -> iterator of length-T batch sequences, starting after
+      `positions[t]` batches of task t (so a resumed run sees the same data as an uninterrupted one).
+    num_steps: total number of steps (not steps still to go).
+    log_every: metric fetch / progress / callback interval in steps.
+    checkpoint: optional `checkpoint.Manager`; the state is saved every `checkpoint_every` steps
+      and at the end.
+    checkpoint_every: save interval in steps (None: only at the end).
+    callbacks: functions `callback(step, metrics, state)` called every `log_every` steps with
+      numpy metrics (loss, entropy (T,), kept_fraction, steps_per_s). `state`'s buffers are
+      donated to the next step: copy (jax.device_get) whatever must outlive the call.
+    mesh: when given, every batch is placed with `place_batches` before the step.
+    progress: show a tqdm bar with the loss and steps/s.
+
+  Returns:
+    The state after `num_steps` steps.
+  """
+  if checkpoint is not None and (latest := checkpoint.latest_step()) is not None:
+    state = restore_state(checkpoint, latest, state)
+  start = int(jax.device_get(state.step))
+  positions = tuple(int(p) for p in jax.device_get(state.data_positions))
+  batch_iter = make_batches(positions)
+  last_time, last_step = time.perf_counter(), start
+  with tqdm.tqdm(total=num_steps, initial=start, disable=not progress, desc='adarank') as bar:
+    for step in range(start + 1, num_steps + 1):
+      batches = next(batch_iter)
+      if mesh is not None:
+        batches = place_batches(batches, mesh)
+      state, metrics = train_step(frozen, state, batches)
+      bar.update(1)
+      if step % log_every == 0 or step == num_steps:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        metrics['steps_per_s'] = np.asarray((step - last_step) / max(now - last_time, 1e-9))
+        last_time, last_step = now, step
+        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
+                        steps_per_s=f"{float(metrics['steps_per_s']):.2f}")
+        for callback in callbacks:
+          callback(step, metrics, state)
+      if checkpoint is not None and (
+          step == num_steps or (checkpoint_every and step % checkpoint_every == 0)):
+        save_state(checkpoint, state)
+  return state

@@ -1,0 +1,187 @@
+"""Entropy objective, the jitted train step (no retrace, Adam wiring, gradients) and fit/resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adarank_jax import checkpoint, objectives, train, tree_util
+from adarank_jax.decomposition import decompose
+from adarank_jax.task_vectors import task_vectors
+
+T = 3
+TEMP = 10.0
+BATCH = 4
+CLASSES = (3, 5, 2)
+
+
+def _problem(seed=0):
+  """Tiny 2-layer encoder merged from T fine-tuned copies, with one fixed linear head per task."""
+  rng = np.random.default_rng(seed)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  base = {'enc': {'a': {'kernel': f32(6, 4), 'bias': f32(4)}, 'b': {'kernel': f32(4, 6)}}}
+  finetuned = [jax.tree.map(lambda x: x + 0.3 * rng.normal(size=x.shape).astype(np.float32), base)
+               for _ in range(T)]
+  origin, tau = task_vectors(base, finetuned, origin='pretrained')
+  factors = decompose(tau, tree_util.select(tau, [r'.*/kernel']))
+  heads = [f32(6, c) for c in CLASSES]
+
+  def task_logits_fn(params, t, x):
+    enc = params['enc']
+    h = jnp.tanh(x @ enc['a']['kernel'] + enc['a']['bias'])
+    return (h @ enc['b']['kernel']) @ heads[t]
+
+  return (origin, factors), task_logits_fn
+
+
+def _make_batches(positions, seed=7):
+  """Deterministic stream: batch p of task t is a function of (seed, t, p) only."""
+  positions = list(positions)
+  while True:
+    yield tuple(np.random.default_rng([seed, t, positions[t]]).normal(size=(BATCH, 6))
+                .astype(np.float32) for t in range(T))
+    positions = [p + 1 for p in positions]
+
+
+def test_entropy_against_numpy():
+  logits = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  rows = -(p * np.log(p)).sum(-1)
+  np.testing.assert_allclose(objectives.entropy(jnp.asarray(logits)), rows.mean(), rtol=1e-6)
+  weights = np.array([1, 1, 0, 1, 0], np.float32)
+  np.testing.assert_allclose(objectives.entropy(jnp.asarray(logits), jnp.asarray(weights)),
+                             rows[[0, 1, 3]].mean(), rtol=1e-6)
+  np.testing.assert_allclose(objectives.entropy(jnp.zeros((2, 4))), np.log(4), rtol=1e-6)
+  np.testing.assert_allclose(objectives.total_entropy([logits, logits[:2]]),
+                             rows.mean() + rows[:2].mean(), rtol=1e-6)
+
+
+def test_step_compiles_once_and_applies_adam():
+  frozen, logits_fn = _problem()
+  traces = []
+
+  def counting_logits_fn(params, t, x):
+    traces.append(t)
+    return logits_fn(params, t, x)
+
+  lr = 1e-3
+  optimizer = train.make_optimizer(lr)
+  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
+                           prior=0.3)
+  loss_fn = train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T)
+  batches = next(_make_batches([0] * T))
+  grads = jax.grad(lambda tr: loss_fn(tr, frozen, batches)[0])((state.mask_logits,
+                                                                 state.coefficients))
+  before = jax.device_get((state.mask_logits, state.coefficients))
+  step = train.make_train_step(task_logits_fn=counting_logits_fn, optimizer=optimizer,
+                               temperature=TEMP, num_tasks=T)
+  state, metrics = step(frozen, state, batches)
+  # First Adam step (bias-corrected m = g, v = g^2): update = -lr * g / (|g| + 1e-8).
+  after = jax.device_get((state.mask_logits, state.coefficients))
+  for b, a, g in zip(jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(grads)):
+    g = np.asarray(g, np.float64)
+    np.testing.assert_allclose(a, b - lr * g / (np.abs(g) + 1e-8), atol=1e-7)
+    assert np.any(np.abs(g) > 1e-6)
+  batch_iter = _make_batches([1] * T)
+  for _ in range(3):
+    state, metrics = step(frozen, state, next(batch_iter))
+  assert traces == list(range(T))  # traced once, for every task, and never again
+  assert int(state.step) == 4 and np.all(np.asarray(state.data_positions) == 4)
+  assert metrics['entropy'].shape == (T,)
+  np.testing.assert_allclose(metrics['loss'], metrics['entropy'].sum(), rtol=1e-6)
+
+
+def test_ste_loss_is_the_hard_mask_loss():
+  frozen, logits_fn = _problem()
+  state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
+                           initial_rank_ratio=0.5, prior=0.3)
+  batches = next(_make_batches([0] * T))
+  trainable = (state.mask_logits, state.coefficients)
+  losses = {mode: train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T,
+                                     mask_mode=mode)(trainable, frozen, batches)[0]
+            for mode in ('ste', 'hard', 'soft')}
+  np.testing.assert_allclose(losses['ste'], losses['hard'], rtol=1e-6)
+  assert abs(float(losses['soft']) - float(losses['hard'])) > 1e-4
+
+
+def test_gradients_match_finite_differences_of_the_soft_surrogate():
+  with jax.enable_x64(True):
+    frozen, logits_fn = _problem()
+    frozen = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), frozen)
+    rng = np.random.default_rng(5)
+    state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
+                             initial_rank_ratio=0.5, prior=0.3)
+    trainable = jax.tree.map(lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float64),
+                             (state.mask_logits, state.coefficients))
+    batches = tuple(jnp.asarray(b, jnp.float64) for b in next(_make_batches([0] * T)))
+    loss_fn = train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T,
+                                 mask_mode='soft')
+    loss = jax.jit(lambda tr: loss_fn(tr, frozen, batches)[0])
+    grads = jax.grad(loss)(trainable)
+    leaves, treedef = jax.tree.flatten(trainable)
+    grad_leaves = jax.tree.leaves(grads)
+    eps = 1e-5
+    checked = 0
+    for i, leaf in enumerate(leaves):
+      flat = np.asarray(leaf).ravel()
+      for j in rng.choice(flat.size, size=min(4, flat.size), replace=False):
+        bumped = []
+        for sign in (1, -1):
+          moved = flat.copy()
+          moved[j] += sign * eps
+          new_leaves = list(leaves)
+          new_leaves[i] = jnp.asarray(moved.reshape(leaf.shape))
+          bumped.append(float(loss(jax.tree.unflatten(treedef, new_leaves))))
+        fd = (bumped[0] - bumped[1]) / (2 * eps)
+        np.testing.assert_allclose(np.asarray(grad_leaves[i]).ravel()[j], fd, rtol=1e-5, atol=1e-9)
+        checked += 1
+    assert checked >= 12 and any(np.abs(g).max() > 1e-4 for g in grad_leaves)
+
+
+def _fit(frozen, logits_fn, *, num_steps, directory=None, callbacks=()):
+  optimizer = train.make_optimizer(1e-2)
+  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
+                           prior=0.3)
+  step = train.make_train_step(task_logits_fn=logits_fn, optimizer=optimizer, temperature=TEMP,
+                               num_tasks=T)
+  manager = None if directory is None else checkpoint.Manager(directory)
+  state = train.fit(frozen, state, train_step=step, make_batches=_make_batches,
+                    num_steps=num_steps, log_every=2, checkpoint=manager, checkpoint_every=3,
+                    callbacks=callbacks, progress=False)
+  if manager is not None:
+    manager.close()
+  return jax.device_get(state)
+
+
+def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
+  frozen, logits_fn = _problem()
+  logged = []
+  straight = _fit(frozen, logits_fn, num_steps=6,
+                  callbacks=[lambda step, metrics, _: logged.append((step, metrics))])
+  assert [s for s, _ in logged] == [2, 4, 6]
+  assert set(logged[0][1]) == {'loss', 'entropy', 'kept_fraction', 'steps_per_s'}
+  first = _fit(frozen, logits_fn, num_steps=3, directory=tmp_path / 'ckpt')
+  assert int(first.step) == 3
+  # A fresh "process": new initial state, new jitted step; fit restores step 3 and continues.
+  frozen, logits_fn = _problem()
+  resumed = _fit(frozen, logits_fn, num_steps=6, directory=tmp_path / 'ckpt')
+  assert int(resumed.step) == 6 and np.all(resumed.data_positions == 6)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert checkpoint.Manager(tmp_path / 'ckpt').all_steps() == [3, 6]
+
+
+def test_fit_lowers_the_entropy_of_a_fixed_batch():
+  frozen, logits_fn = _problem()
+  batches = next(_make_batches([0] * T))
+  optimizer = train.make_optimizer(1e-2)
+  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
+                           prior=0.3)
+  loss_fn = train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T,
+                               mask_mode='hard')
+  initial = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
+  step = train.make_train_step(task_logits_fn=logits_fn, optimizer=optimizer, temperature=TEMP,
+                               num_tasks=T)
+  state = train.fit(frozen, state, train_step=step, make_batches=lambda _: iter(lambda: batches, None),
+                    num_steps=30, log_every=10, progress=False)
+  final = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
+  assert final < 0.8 * initial
