@@ -27,6 +27,9 @@ def main(argv):
   del argv
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value or Path("runs") / config.name)
+  if config.testbed.name == "digits":  # the embedded demo: build (or reuse) its checkpoints first
+    from adarank_jax.digits import testbed  # pylint: disable=g-import-not-at-top
+    testbed.build(testbed.default_cache_dir(), quick=config.testbed.quick, seed=config.testbed.seed)
   validate.validate(config, export=_EXPORT.value)
   continued = validate.check_workdir(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
   if config.mesh.multi_host:

@@ -34,6 +34,8 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
     if not ok:
       problems.append(message)
 
+  need(config.testbed.name in ("", "digits"),
+       f"testbed.name={config.testbed.name!r}: expected '' or 'digits'")
   need(config.family in FAMILIES, f"family={config.family!r}: expected one of {FAMILIES}")
   tasks = tuple(config.tasks)
   need(len(tasks) > 0, "tasks: empty")
@@ -52,6 +54,9 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
   for key in ("num_steps", "batch_size_per_task", "eval_every", "log_every", "checkpoint_every"):
     value = config.adarank[key]
     need(isinstance(value, int) and value > 0, f"adarank.{key}={value!r}: expected a positive integer")
+  need(config.adarank.eval_every % config.adarank.log_every == 0,
+       f"adarank.eval_every={config.adarank.eval_every}: expected a multiple of adarank.log_every="
+       f"{config.adarank.log_every} (evaluation runs at logging points)")
   need(config.adarank.mask_temperature > 0,
        f"adarank.mask_temperature={config.adarank.mask_temperature}: expected > 0")
   need(config.adarank.rank >= 0, f"adarank.rank={config.adarank.rank}: expected >= 0 (0 = full rank)")

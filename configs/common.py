@@ -71,6 +71,12 @@ def base():
   config.data.workers = 2                   # preprocessing threads
   config.cache_dir = ""                     # zero-shot heads and other caches ('' = <workdir>/cache)
 
+  # A testbed built (once, cached) before the run; the embedded demo uses 'digits'.
+  config.testbed = ml_collections.ConfigDict()
+  config.testbed.name = ""                  # '' (use model.pretrained / model.finetuned) | 'digits'
+  config.testbed.quick = False              # the seconds-long schedule (CI)
+  config.testbed.seed = 0
+
   # Methods run in this order, each evaluated on every task. Choices: zero_shot, individual,
   # weight_averaging, task_arithmetic, ties, cart, adarank_ta, adarank_cart.
   config.methods = ("individual", "adarank_ta")

@@ -12,7 +12,8 @@ def _state():
   rng = np.random.default_rng(0)
   return {"visual.w": rng.normal(size=(4, 3)).astype(np.float32),
           "visual.b": rng.normal(size=(3,)).astype(ml_dtypes.bfloat16),
-          "visual.step": np.arange(3, dtype=np.int64)}
+          "visual.step": np.arange(3, dtype=np.int64),
+          "visual.scale": np.array(4.6, np.float32)}  # 0-d, like CLIP's logit_scale
 
 
 def _assert_bit_equal(a, b):

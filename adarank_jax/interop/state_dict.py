@@ -121,7 +121,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   os.close(fd)
   try:
-    arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # keeps 0-d arrays 0-d
     if path.suffix == ".safetensors":
       from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
       save_file(arrays, tmp, metadata={"format": "pt"})

@@ -1,0 +1,145 @@
+"""What a run needs of each model family, loaded from checkpoints: one small record per family.
+
+  setup = families.load_clip(model=..., pretrained=..., finetuned=[...], tasks=[...], ...)
+  setup.merged            # the tree AdaRank merges (the CLIP image tower; the LM minus its heads)
+  setup.finetuned         # T trees of the same structure
+  setup.logits(params, t, batch) -> (B, classes)   # pure, jittable; t (static) picks task t's head:
+                          # a zero-shot CLIP head, or fine-tuned LM t's own classifier and config
+  setup.export(params, path)                       # a merged tree -> PyTorch-loadable checkpoint(s)
+
+The variant is data: run.py never branches on the family beyond picking the loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adarank_jax.data import registry
+from adarank_jax.models import clip
+from adarank_jax.models import functional
+from adarank_jax.models import heads as heads_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A loaded family: the trees to merge, the heads and the pure functions over them."""
+  kind: str                                  # 'vision' | 'text': which input pipeline feeds it
+  merged: Any                                # pretrained tree of the merged part
+  finetuned: tuple[Any, ...]                 # T fine-tuned trees of the same structure
+  logits: Callable[[Any, int, Any], jax.Array]
+  export: Callable[[Any, str | os.PathLike], None]
+  image_size: int = 0                        # vision: the model's input resolution
+  tokenizer: str = ""                        # text: local tokenizer directory
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str],
+              dtype: str, run_pickled_code: bool, cache_dir: str | os.PathLike) -> Setup:
+  """OpenCLIP checkpoints -> image towers + zero-shot heads built with the Flax text tower.
+
+  Args:
+    model: OpenCLIP model-config name ('ViT-B-32') or JSON path.
+    pretrained: a full CLIP checkpoint (its text tower builds the heads).
+    finetuned: one checkpoint per task (full CLIP or image tower alone; only the tower is used).
+    tasks: registry task names, in the order of `finetuned`.
+    dtype: compute dtype name.
+    run_pickled_code: allow checkpoints that pickle whole modules.
+    cache_dir: where zero-shot heads are cached.
+  """
+  from adarank_jax.interop import openclip  # pylint: disable=g-import-not-at-top (needs torch for .pt)
+  config = clip.load_config(model)
+  full = openclip.load_openclip(pretrained, model, text=True, run_pickled_code=run_pickled_code)
+  tuned = tuple(openclip.load_openclip(path, model, text=False, run_pickled_code=run_pickled_code)
+                for path in finetuned)
+  heads = zero_shot_heads(config, full, tasks, cache_dir=cache_dir)
+  graphdef, _ = functional.split(
+      nnx.eval_shape(lambda: clip.build(config.vision, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))))
+
+  def logits(params, t, batch):
+    features = functional.call(graphdef, params, batch["image"])
+    return heads_lib.classify(features, heads[t])
+
+  def export(params, path):
+    openclip.export_openclip({**full, "visual": jax.device_get(params)}, path)
+
+  return Setup(kind="vision", merged=full["visual"], finetuned=tuned, logits=logits,
+               export=export, image_size=config.vision.image_size)
+
+
+def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
+                    cache_dir: str | os.PathLike) -> tuple[np.ndarray, ...]:
+  """Each task's (classes, dim) head from its class names and templates, cached per model and task."""
+  from open_clip import tokenizer as openclip_tokenizer  # pylint: disable=g-import-not-at-top
+  tokenize = openclip_tokenizer.SimpleTokenizer(context_length=config.text.context_length)
+  graphdef, _ = functional.split(nnx.eval_shape(lambda: clip.build(config, rngs=nnx.Rngs(0))))
+  encode_text = jax.jit(functools.partial(functional.call, graphdef, method="encode_text"))
+  fingerprint = heads_lib.fingerprint({"text": full["text"], "logit_scale": full["logit_scale"]})[:16]
+  out = []
+  for name in tasks:
+    task = registry.get(name)
+    out.append(heads_lib.cached_zero_shot_head(
+        cache_dir=Path(cache_dir), key=f"{fingerprint}_{name}",
+        encode_text_fn=lambda tokens: encode_text(full, jnp.asarray(tokens)),
+        tokenize_fn=lambda texts: np.asarray(tokenize(list(texts))),
+        classnames=task.classnames, templates=task.templates,
+        logit_scale=float(np.asarray(full["logit_scale"]))))
+  return tuple(out)
+
+
+
+# The classification heads the official LM code swaps in per task; the rest of the model is merged.
+LM_HEADS = {"RobertaForSequenceClassification": ("roberta", "classifier"),
+            "BertForSequenceClassification": ("bert", "classifier"),
+            "GPT2ForSequenceClassification": ("transformer", "score")}
+
+
+def load_lm(*, pretrained: str, finetuned: Sequence[str], dtype: str) -> Setup:
+  """HF RoBERTa/BERT/GPT-2 directories -> merged body + each fine-tuned model's own head.
+
+  The fine-tuned models are sequence classifiers (heads may differ in size); the pretrained one is
+  the same classifier architecture or its bare body (RobertaModel, BertModel, GPT2Model).
+  """
+  from adarank_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  from adarank_jax.models import gpt2, roberta  # pylint: disable=g-import-not-at-top
+  pre_config, pre_tree = hf.load_hf(pretrained)
+  configs, tuned = [], []
+  for path in finetuned:
+    config, tree = hf.load_hf(path)
+    hf.check_compatible(pre_config, config, reference_source=pretrained, source=path)
+    if config.architecture not in LM_HEADS:
+      raise ValueError(f"{path}: a {config.architecture}; fine-tuned models must be one of "
+                       f"{', '.join(LM_HEADS)}")
+    configs.append(config)
+    tuned.append(tree)
+  body_key, head_key = LM_HEADS[configs[0].architecture]
+  body = {body_key: pre_tree[body_key] if body_key in pre_tree else pre_tree}
+  body = {body_key: {k: v for k, v in body[body_key].items() if k in tuned[0][body_key]}}
+  heads = [tree[head_key] for tree in tuned]
+  builder = gpt2.build if isinstance(pre_config, gpt2.GPT2Config) else roberta.build
+  graphdefs = [functional.split(nnx.eval_shape(
+      lambda c=dataclasses.replace(c, dtype=dtype): builder(c, rngs=nnx.Rngs(0))))[0] for c in configs]
+
+  def logits(params, t, batch):
+    return functional.call(graphdefs[t], {**params, head_key: heads[t]}, **batch)
+
+  def export(params, path):
+    params = jax.device_get(params)
+    for t, config_path in enumerate(finetuned):
+      hf_config = json.loads((Path(config_path) / "config.json").read_text())
+      hf.save_hf({**params, head_key: heads[t]}, hf_config, Path(path) / Path(config_path).name)
+
+  return Setup(kind="text", merged=body, finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
+               logits=logits, export=export, tokenizer=str(pretrained))

@@ -1,0 +1,235 @@
+"""The whole experiment as one linear function: load, merge by every method asked, evaluate, report.
+
+Reads the ConfigDict (only this module and main.py do) and calls the library with explicit arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from adarank_jax import baselines
+from adarank_jax import checkpoint
+from adarank_jax import decomposition
+from adarank_jax import evaluate
+from adarank_jax import families
+from adarank_jax import merging
+from adarank_jax import report
+from adarank_jax import task_vectors
+from adarank_jax import train
+from adarank_jax import tree_util
+from adarank_jax import validate
+from adarank_jax.data import pipeline
+from adarank_jax.data import registry
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, overwrite: bool,
+        export: str) -> dict[str, Any]:
+  """Runs `config.methods` in order; writes results.json, results.md, rank heatmaps and exports."""
+  # ------------------------------------------------------------------------------------------ Workdir
+  if overwrite and workdir.exists():
+    shutil.rmtree(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if not continued:
+    (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+  cache_dir = Path(config.cache_dir or workdir / "cache")
+  writer = report.MetricWriter(workdir)
+  tasks = tuple(config.tasks)
+  logging.info("workdir %s; tasks %s; methods %s", workdir, tasks, config.methods)
+
+  # ------------------------------------------------------------------------------------------ Models
+  start = time.perf_counter()
+  paths = [str(validate.finetuned_path(config.model.finetuned, t)) for t in tasks]
+  if config.family == "clip":
+    setup = families.load_clip(model=config.model.name, pretrained=config.model.pretrained,
+                               finetuned=paths, tasks=tasks, dtype=config.model.dtype,
+                               run_pickled_code=config.model.run_pickled_code, cache_dir=cache_dir)
+  else:
+    setup = families.load_lm(pretrained=config.model.pretrained, finetuned=paths,
+                             dtype=config.model.dtype)
+  timings = {"load_s": time.perf_counter() - start}
+
+  # ------------------------------------------------------------------------------------------ Data
+  if setup.kind == "vision":
+    prepare = pipeline.vision_preprocessor(image_size=setup.image_size)
+  else:
+    prepare = pipeline.text_preprocessor(tokenizer_dir=config.data.tokenizer or setup.tokenizer,
+                                         max_length=config.data.max_length)
+  sources = [registry.get(t).open_source(data_dir=config.data.data_dir or None) for t in tasks]
+  inputs_of = functools.partial(pipeline.model_inputs, kind=setup.kind)
+
+  def eval_batches(t):
+    return pipeline.eval_batches(sources[t], prepare=prepare, batch_size=config.eval.batch_size,
+                                 max_examples=config.eval.max_examples, workers=config.data.workers)
+
+  predict = jax.jit(setup.logits, static_argnums=1)
+
+  def evaluate_params(params, only=None) -> dict[str, float]:
+    scores = {}
+    for t, name in enumerate(tasks):
+      if only is None or t in only:
+        scores[name] = evaluate.evaluate_task(
+            lambda batch, t=t: predict(params, t, inputs_of(batch)),
+            eval_batches(t), metric=registry.get(name).metric)
+    return scores
+
+  # ------------------------------------------------------------------------------------------ Methods
+  include = jax.tree.map(lambda x: not x, tree_util.select(setup.merged, config.merge.unmerged))
+  memo: dict[Any, Any] = {}
+
+  def vectors(origin: str):
+    if origin not in memo:
+      memo[origin] = task_vectors.task_vectors(setup.merged, setup.finetuned, origin=origin,
+                                               include=include)
+    return memo[origin]
+
+  def factors_of(origin: str, *, rank: int | None, dtype: Any):
+    key = (origin, rank, dtype)
+    if key not in memo:
+      begin = time.perf_counter()
+      _, tau = vectors(origin)
+      memo[key] = jax.block_until_ready(decomposition.decompose(
+          tau, tree_util.select(tau, config.merge.decompose), rank=rank, dtype=dtype))
+      timings[f"decompose_{origin}_s"] = time.perf_counter() - begin
+    return memo[key]
+
+  results = report.new_results(
+      name=config.name, tasks=tasks, model=config.model.name,
+      selection=("best average test accuracy over evaluation points (oracle: selected on the "
+                 "labelled test set)") if config.adarank.selection == "oracle" else "final step")
+  for method in config.methods:
+    begin = time.perf_counter()
+    logging.info("method %s", method)
+    if method == "individual":
+      scores = {}
+      for t in range(len(tasks)):
+        scores.update(evaluate_params(setup.finetuned[t], only={t}))
+      results["individual"] = scores
+    else:
+      if method == "zero_shot":
+        params = baselines.zero_shot(setup.merged)
+      elif method == "weight_averaging":
+        params = task_vectors.weight_average(setup.finetuned)
+      elif method == "task_arithmetic":
+        params = baselines.task_arithmetic(*vectors("pretrained"),
+                                           scaling=config.merge.task_arithmetic_lambda)
+      elif method == "ties":
+        params = baselines.ties(*vectors("pretrained"), density=config.merge.ties_top_k,
+                                scaling=config.merge.ties_lambda)
+      elif method == "cart":
+        params = baselines.cart(vectors("average")[0], factors_of("average", rank=None, dtype=None),
+                                scaling=config.merge.cart_lambda,
+                                rank_ratio=config.merge.cart_rank_ratio)
+      else:
+        base = method.removeprefix("adarank_")
+        params = _adarank(config, workdir / method, base=base, setup=setup, writer=writer,
+                          origin=vectors(_ORIGINS[base])[0],
+                          factors=factors_of(_ORIGINS[base], rank=config.adarank.rank or None,
+                                             dtype=families.DTYPES[config.adarank.factor_dtype]),
+                          evaluate_params=evaluate_params, sources=sources, prepare=prepare,
+                          inputs_of=inputs_of)
+      results["methods"][method] = evaluate_params(params)
+      if export:
+        setup.export(params, workdir / "export" / (
+            method if export == "hf" else f"{method}.{export}"))
+    timings[f"{method}_s"] = time.perf_counter() - begin
+    writer.scalars(0, {f"{method}/{k}": v for k, v in
+                       (results["methods"].get(method) or results["individual"]).items()})
+
+  # ------------------------------------------------------------------------------------------ Reports
+  results["timings_s"] = timings
+  report.write_results_json(workdir / "results.json", results)
+  table = report.markdown_table(results)
+  report.write_markdown(workdir / "results.md", results)
+  writer.close()
+  print(table)
+  print(f"\nwritten to {workdir}: results.json, results.md"
+        + (", export/" if export else "") + "".join(
+            f", {m}/rank_heatmap.png" for m in config.methods if m.startswith("adarank")))
+  return results
+
+
+_ORIGINS = {"ta": "pretrained", "cart": "average"}
+
+
+def _adarank(config, outdir: Path, *, base, setup, writer, origin, factors, evaluate_params,
+             sources, prepare, inputs_of):
+  """Learns masks and coefficients on the unlabeled test streams; returns the hard-merged tree."""
+  hp = config.adarank[base]
+  num_tasks = len(config.tasks)
+  temperature = config.adarank.mask_temperature
+  mesh = train.make_mesh(task=1)
+  optimizer = train.make_optimizer(hp.learning_rate)
+  state = train.init_state(factors, optimizer=optimizer, num_tasks=num_tasks,
+                           initial_rank_ratio=hp.initial_rank_ratio, prior=hp.prior)
+  frozen = train.place_frozen((origin, factors), mesh, factor_placement=config.mesh.factor_sharding)
+  state = train.place_state(state, mesh)
+  step = train.make_train_step(task_logits_fn=setup.logits, optimizer=optimizer,
+                               temperature=temperature, num_tasks=num_tasks, mesh=mesh)
+  hard_merge = jax.jit(functools.partial(merging.merge, temperature=temperature, mask_mode="hard"))
+
+  def make_batches(positions):
+    streams = [pipeline.adaptation_stream(
+        src, prepare=prepare, batch_size=config.adarank.batch_size_per_task,
+        seed=config.seed + t, start_batch=positions[t], workers=config.data.workers)
+        for t, src in enumerate(sources)]
+    return (tuple(inputs_of(next(s)) for s in streams) for _ in iter(int, 1))
+
+  evals_path = outdir / "evals.jsonl"
+  best = _best_evaluation(evals_path)
+
+  def log(step_, metrics, state_):
+    scalars = {}
+    for key, value in metrics.items():  # per-task vectors (the entropies) become one scalar per task
+      value = np.asarray(value)
+      scalars.update({f"adarank_{base}/{key}/{task}": v for task, v in zip(config.tasks, value)}
+                     if value.ndim else {f"adarank_{base}/{key}": value})
+    writer.scalars(step_, scalars)
+    if step_ % config.adarank.eval_every == 0:
+      trainable = jax.device_get((state_.mask_logits, state_.coefficients))
+      scores = evaluate_params(hard_merge(origin, factors, *trainable))
+      record = {"step": step_, "scores": scores, "average": evaluate.average(scores)}
+      report.write_jsonl(evals_path, record)
+      writer.scalars(step_, {f"adarank_{base}/eval_average": record["average"]})
+      if config.adarank.selection == "oracle" and record["average"] > best["average"]:
+        best.update(record, trainable=trainable)
+
+  outdir.mkdir(parents=True, exist_ok=True)
+  if config.adarank.selection == "oracle" and best["step"] < 0:
+    log(0, {}, state)  # the official code's initial evaluation is an oracle candidate too
+  manager = checkpoint.Manager(outdir / "checkpoints")
+  state = train.fit(frozen, state, train_step=step, make_batches=make_batches,
+                    num_steps=config.adarank.num_steps, log_every=config.adarank.log_every,
+                    checkpoint=manager, checkpoint_every=config.adarank.checkpoint_every,
+                    callbacks=(log,), mesh=mesh)
+  manager.close()
+  trainable = jax.device_get((state.mask_logits, state.coefficients))
+  if config.adarank.selection == "oracle" and best.get("trainable") is not None:
+    trainable = best["trainable"]
+  mask_logits, coefficients = trainable
+  masks_dir = outdir / "masks"
+  if not masks_dir.exists():
+    checkpoint.save_tree(masks_dir, {"mask_logits": mask_logits, "coefficients": coefficients})
+  report.rank_heatmap(tree_util.flatten(mask_logits), list(config.tasks), outdir / "rank_heatmap.png")
+  return jax.device_get(hard_merge(origin, factors, mask_logits, coefficients))
+
+
+def _best_evaluation(path: Path) -> dict[str, Any]:
+  """The best evaluation point logged so far (a resumed oracle run keeps its earlier points)."""
+  best = {"step": -1, "average": -np.inf}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      record = json.loads(line)
+      if record["average"] > best["average"]:
+        best = record
+  return best
