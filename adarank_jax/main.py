@@ -9,6 +9,7 @@ from pathlib import Path
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from adarank_jax import validate
@@ -25,6 +26,8 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO; -v 0 shows it again
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value or Path("runs") / config.name)
   if config.testbed.name == "digits":  # the embedded demo: build (or reuse) its checkpoints first

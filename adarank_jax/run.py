@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from adarank_jax import baselines
 from adarank_jax import checkpoint
@@ -45,7 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   cache_dir = Path(config.cache_dir or workdir / "cache")
   writer = report.MetricWriter(workdir)
   tasks = tuple(config.tasks)
-  logging.info("workdir %s; tasks %s; methods %s", workdir, tasks, config.methods)
+  print(f"workdir {workdir}; {len(tasks)} tasks; methods: {', '.join(config.methods)}")
 
   # ------------------------------------------------------------------------------------------ Models
   start = time.perf_counter()
@@ -55,7 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
                                finetuned=paths, tasks=tasks, dtype=config.model.dtype,
                                run_pickled_code=config.model.run_pickled_code, cache_dir=cache_dir)
   else:
-    setup = families.load_lm(pretrained=config.model.pretrained, finetuned=paths,
+    setup = families.load_lm(pretrained=config.model.pretrained, finetuned=paths, tasks=tasks,
                              dtype=config.model.dtype)
   timings = {"load_s": time.perf_counter() - start}
 
@@ -109,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
                  "labelled test set)") if config.adarank.selection == "oracle" else "final step")
   for method in config.methods:
     begin = time.perf_counter()
-    logging.info("method %s", method)
+    print(f"[{method}]")
     if method == "individual":
       scores = {}
       for t in range(len(tasks)):
@@ -202,7 +200,11 @@ def _adarank(config, outdir: Path, *, base, setup, writer, origin, factors, eval
       report.write_jsonl(evals_path, record)
       writer.scalars(step_, {f"adarank_{base}/eval_average": record["average"]})
       if config.adarank.selection == "oracle" and record["average"] > best["average"]:
-        best.update(record, trainable=trainable)
+        best.update(record)  # keep its masks on disk too, so a resumed run can still select it
+        checkpoint.save_tree(outdir / "oracle" / f"step_{step_}", trainable)
+        for old in (outdir / "oracle").iterdir():
+          if old.name != f"step_{step_}":
+            shutil.rmtree(old)
 
   outdir.mkdir(parents=True, exist_ok=True)
   if config.adarank.selection == "oracle" and best["step"] < 0:
@@ -214,8 +216,10 @@ def _adarank(config, outdir: Path, *, base, setup, writer, origin, factors, eval
                     callbacks=(log,), mesh=mesh)
   manager.close()
   trainable = jax.device_get((state.mask_logits, state.coefficients))
-  if config.adarank.selection == "oracle" and best.get("trainable") is not None:
-    trainable = best["trainable"]
+  if config.adarank.selection == "oracle":
+    trainable = checkpoint.load_tree(outdir / "oracle" / f"step_{best['step']}", trainable)
+    print(f"[adarank_{base}] oracle selection: step {best['step']} (average test score "
+          f"{best['average']:.4f}, chosen on the labelled test set)")
   mask_logits, coefficients = trainable
   masks_dir = outdir / "masks"
   if not masks_dir.exists():

@@ -1,0 +1,43 @@
+"""The embedded default: AdaRank and every baseline on the digits testbed, on a laptop CPU.
+
+python -m adarank_jax.main --config configs/demo.py                # about 6 minutes the first time
+python -m adarank_jax.main --config configs/demo.py:quick=true     # CI smoke run, under a minute
+
+The testbed (a tiny OpenCLIP-architecture CLIP pre-trained on sklearn's 8x8 digits, and one fine-tuned
+image tower per digits task, saved as OpenCLIP state dicts) is built on the first run and cached; its
+directory is printed. From there the run is the same code path as configs/vitl14_t14.py.
+"""
+
+from adarank_jax.digits import tasks as digit_tasks
+from adarank_jax.digits import testbed
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, quick=False, seed=0)
+  config = common.base()
+  config.name = "digits_demo_quick" if arg.quick else "digits_demo"
+  config.family = "clip"
+  config.testbed.update(name="digits", quick=arg.quick, seed=arg.seed)
+  located = testbed.locate(testbed.default_cache_dir(), quick=arg.quick, seed=arg.seed)
+  config.model.name = located.model_config
+  config.model.pretrained = located.pretrained
+  config.model.finetuned = located.finetuned_template
+  config.tasks = digit_tasks.register_tasks()
+  config.methods = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties", "cart",
+                    "adarank_ta", "adarank_cart")
+  # The ViT-B/32 8-task values of SPEC section 3 (TA: prior 0.3, all components on; CART: prior 2.3,
+  # top 16%), and the CART repo's static CART for 8 tasks (lambda 2.0, rank 12%). Nothing tuned here.
+  config.adarank.ta.update(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3)
+  config.adarank.cart.update(prior=2.3, initial_rank_ratio=0.16, learning_rate=1e-3)
+  config.merge.cart_lambda, config.merge.cart_rank_ratio = 2.0, 0.12
+  config.adarank.num_steps = 500
+  config.adarank.batch_size_per_task = 16
+  config.adarank.eval_every = 250
+  config.adarank.log_every = 50
+  config.adarank.checkpoint_every = 250
+  config.eval.batch_size = 256
+  if arg.quick:
+    config.adarank.update(num_steps=6, eval_every=3, log_every=3, checkpoint_every=3)
+    config.eval.update(batch_size=128, max_examples=128)
+  return config

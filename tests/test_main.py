@@ -1,0 +1,116 @@
+"""The real CLI end to end on a tiny random CLIP: every method, a kill and --resume, export, bad input.
+
+A run killed after a checkpoint and resumed with --resume must reach the same final masks and
+coefficients as an uninterrupted run (bit for bit on CPU).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adarank_jax import checkpoint
+from adarank_jax import tree_util
+from adarank_jax.digits import tasks as digit_tasks
+from adarank_jax.models import clip
+from adarank_jax.models import functional
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = digit_tasks.TASKS[:3]
+TINY = {"embed_dim": 32,
+        "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """A random tiny CLIP and three 'fine-tuned' ones (its image tower plus noise), as OpenCLIP files."""
+  from flax import nnx
+  from adarank_jax.interop import openclip
+  root = tmp_path_factory.mktemp("ckpts")
+  (root / "tiny.json").write_text(json.dumps(TINY))
+  config = clip.load_config(root / "tiny.json")
+  _, pretrained = functional.split(clip.build(config, rngs=nnx.Rngs(0)))
+  pretrained = {k: np.asarray(v) for k, v in tree_util.flatten(pretrained).items()}
+  openclip.export_openclip(tree_util.unflatten(pretrained), root / "pretrained.safetensors")
+  rng = np.random.default_rng(0)
+  for task in TASKS:
+    tuned = {k: v + (0.05 * rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("visual/") else 0)
+             for k, v in pretrained.items()}
+    openclip.export_openclip(tree_util.unflatten(tuned), root / f"{task}.safetensors")
+  return root
+
+
+def _cli(checkpoints, workdir, *extra, steps=6, wait=True):
+  args = [sys.executable, "-m", "adarank_jax.main", "--config", str(ROOT / "configs/demo.py") + ":quick=true",
+          f"--workdir={workdir}", "--config.testbed.name=", f"--config.model.name={checkpoints / 'tiny.json'}",
+          f"--config.model.pretrained={checkpoints / 'pretrained.safetensors'}",
+          f"--config.model.finetuned={checkpoints / '{task}.safetensors'}",
+          f"--config.tasks={TASKS!r}", f"--config.adarank.num_steps={steps}",
+          "--config.adarank.checkpoint_every=2", "--config.adarank.log_every=1",
+          "--config.adarank.eval_every=2", "--config.eval.max_examples=64", *extra]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if not wait:
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _masks(workdir, method="adarank_ta"):
+  return tree_util.flatten(checkpoint.load_tree(workdir / method / "masks"))
+
+
+def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_path):
+  straight = _cli(checkpoints, tmp_path / "straight", "--export=safetensors")
+  assert straight.returncode == 0, straight.stdout + straight.stderr
+  results = json.loads((tmp_path / "straight/results.json").read_text())
+  assert set(results["methods"]) == {"zero_shot", "weight_averaging", "task_arithmetic", "ties", "cart",
+                                     "adarank_ta", "adarank_cart"}
+  assert set(results["individual"]) == set(TASKS) and results["selection"] == "final step"
+  for scores in results["methods"].values():
+    assert set(scores) == set(TASKS) and all(0.0 <= s <= 1.0 for s in scores.values())
+  for name in ("results.md", "metrics.jsonl", "adarank_ta/rank_heatmap.png", "adarank_cart/evals.jsonl"):
+    assert (tmp_path / "straight" / name).stat().st_size > 0, name
+  assert "| adarank_cart |" in (tmp_path / "straight/results.md").read_text()
+
+  # The export is an OpenCLIP state dict that open_clip itself loads (strict) into the same architecture.
+  import open_clip
+  import torch
+  from safetensors.torch import load_file
+  open_clip.add_model_config(checkpoints)
+  model = open_clip.create_model("tiny", pretrained=None)
+  model.load_state_dict(load_file(tmp_path / "straight/export/adarank_ta.safetensors"), strict=True)
+  assert torch.isfinite(model.visual.proj).all()
+
+  # Kill a second run (SIGKILL) once its step-2 checkpoint is on disk, then resume it.
+  proc = _cli(checkpoints, tmp_path / "killed", wait=False)
+  step_dir = tmp_path / "killed/adarank_ta/checkpoints/2"
+  deadline = time.time() + 500
+  while not step_dir.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  assert step_dir.exists(), proc.communicate()[0].decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (tmp_path / "killed/results.json").exists()
+  resumed = _cli(checkpoints, tmp_path / "killed", "--resume")
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  for method in ("adarank_ta", "adarank_cart"):
+    a, b = _masks(tmp_path / "straight", method), _masks(tmp_path / "killed", method)
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"{method} {key}")
+
+
+def test_cli_bad_input_fails_before_compute(checkpoints, tmp_path):
+  missing = _cli(checkpoints, tmp_path / "w", "--config.model.finetuned=/nonexistent/{task}.pt")
+  assert missing.returncode != 0
+  assert "3 fine-tuned checkpoint(s) missing" in missing.stderr
+  assert f"/nonexistent/{TASKS[0]}.pt" in missing.stderr
+  assert not (tmp_path / "w").exists()
+  bad_ratio = _cli(checkpoints, tmp_path / "w", "--config.adarank.cart.initial_rank_ratio=0")
+  assert bad_ratio.returncode != 0 and "adarank.cart.initial_rank_ratio=0" in bad_ratio.stderr
