@@ -22,28 +22,10 @@ import numpy as np
 
 from adarank_jax import tree_util
 from adarank_jax.decomposition import SVD, is_svd, truncate
-from adarank_jax.merging import dense_delta, svd_delta
+from adarank_jax.merging import add_deltas, dense_delta, svd_delta
 from adarank_jax.task_vectors import weight_average
 
 __all__ = ['zero_shot', 'weight_average', 'task_arithmetic', 'cart', 'cart_rank', 'ties']
-
-
-def _add(origin: Mapping[Any, Any], deltas: Mapping[Any, Any], delta_fn: Callable[[Any], jax.Array],
-         *, name: str) -> dict[Any, Any]:
-  """origin + delta_fn(deltas[path]) where `deltas` has the path, origin elsewhere (float32 math)."""
-  origin_flat = tree_util.flatten(origin)
-  delta_flat = tree_util.flatten(deltas)
-  unknown = sorted(set(delta_flat) - set(origin_flat))
-  if unknown:
-    raise ValueError(f'{name}: task vectors hold keys that the origin lacks: {unknown}')
-  merged = {}
-  for path, base in origin_flat.items():
-    if path in delta_flat:
-      base = jnp.asarray(base)
-      merged[path] = (base.astype(jnp.float32) + delta_fn(delta_flat[path])).astype(base.dtype)
-    else:
-      merged[path] = base
-  return tree_util.unflatten(merged)
 
 
 def _sum_over_tasks(leaf: Any, scaling: float) -> jax.Array:
@@ -68,7 +50,8 @@ def task_arithmetic(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scalin
     tau: dense (T, ...) task vectors, or a factor tree (SVD leaves are rebuilt at their stored rank).
     scaling: lambda (0.3 in the TA configs).
   """
-  return _add(origin, tau, lambda leaf: _sum_over_tasks(leaf, scaling), name='task_arithmetic')
+  return add_deltas(origin, tau, lambda _, leaf, __: _sum_over_tasks(leaf, scaling),
+                    name='task_arithmetic')
 
 
 def cart_rank(svd: SVD, rank_ratio: float) -> int:
@@ -96,7 +79,7 @@ def cart(origin: Mapping[Any, Any], factors: Mapping[Any, Any], *, scaling: floa
       leaf = truncate(leaf, cart_rank(leaf, rank_ratio))
     return _sum_over_tasks(leaf, scaling)
 
-  return _add(origin, factors, delta, name='cart')
+  return add_deltas(origin, factors, lambda _, leaf, __: delta(leaf), name='cart')
 
 
 def _trim_thresholds(leaves: list[jax.Array], density: float) -> jax.Array:
@@ -145,4 +128,4 @@ def ties(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, density: float = 
     total = jnp.where(agree, trimmed, 0.0).sum(0)
     return scaling * total / jnp.maximum(agree.sum(0), 1)
 
-  return _add(origin, tau, delta, name='ties')
+  return add_deltas(origin, tau, lambda _, leaf, __: delta(leaf), name='ties')

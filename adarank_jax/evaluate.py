@@ -126,7 +126,8 @@ def average(scores: Mapping[str, float]) -> float:
   return float(np.mean(values))
 
 
-def normalized_scores(scores: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float]:
+def normalized_scores(scores: Mapping[str, float], individual: Mapping[str, float]
+                      ) -> dict[str, float | None]:
   """Normalized score = merged / individual (fine-tuned) score, per task and on average.
 
   The average is the mean of the per-task ratios (not the ratio of the mean scores), as in the
@@ -134,11 +135,12 @@ def normalized_scores(scores: Mapping[str, float], individual: Mapping[str, floa
 
   Args:
     scores: task -> merged-model score; an AVERAGE_KEY entry is ignored.
-    individual: task -> score of that task's own fine-tuned model; must cover every task of `scores`
-      and be > 0.
+    individual: task -> score of that task's own fine-tuned model; must cover every task of `scores`.
 
   Returns:
-    {task: ratio, ..., AVERAGE_KEY: mean ratio}, tasks in the order of `scores`.
+    {task: ratio, ..., AVERAGE_KEY: mean ratio}, tasks in the order of `scores`. A task whose individual
+    score is <= 0 (a Matthews correlation can be) has no meaningful ratio: its entry is None and the
+    average is taken over the other tasks (None if there are none).
   """
   ratios = {}
   for task, value in scores.items():
@@ -147,10 +149,9 @@ def normalized_scores(scores: Mapping[str, float], individual: Mapping[str, floa
     if task not in individual:
       raise ValueError(f"no individual (fine-tuned) score for task {task!r}; have {sorted(individual)}")
     reference = float(individual[task])
-    if not reference > 0:
-      raise ValueError(f"individual score of task {task!r} is {reference}; normalizing needs a score > 0")
-    ratios[task] = float(value) / reference
-  ratios[AVERAGE_KEY] = average(ratios)
+    ratios[task] = float(value) / reference if reference > 0 else None
+  defined = {task: ratio for task, ratio in ratios.items() if ratio is not None}
+  ratios[AVERAGE_KEY] = average(defined) if defined else None
   return ratios
 
 

@@ -100,20 +100,35 @@ def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
 
 
 
-# The classification heads the official LM code swaps in per task; the rest of the model is merged.
+# The classification heads the official LM code swaps in per task: architecture -> (body key, head
+# key). The body is merged; each task keeps its own fine-tuned head.
 LM_HEADS = {"RobertaForSequenceClassification": ("roberta", "classifier"),
             "BertForSequenceClassification": ("bert", "classifier"),
             "GPT2ForSequenceClassification": ("transformer", "score")}
 
 
-def load_lm(*, pretrained: str, finetuned: Sequence[str], dtype: str) -> Setup:
-  """HF RoBERTa/BERT/GPT-2 directories -> merged body + each fine-tuned model's own head.
+def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], dtype: str) -> Setup:
+  """HF RoBERTa/BERT/GPT-2 directories -> merged body + each fine-tuned model's own head and config.
 
-  The fine-tuned models are sequence classifiers (heads may differ in size); the pretrained one is
-  the same classifier architecture or its bare body (RobertaModel, BertModel, GPT2Model).
+  The fine-tuned models are sequence classifiers of one architecture (heads may differ in size);
+  the pretrained one is the same classifier architecture or its bare body (RobertaModel,
+  BertModel, GPT2Model, GPT2LMHeadModel). `logits(params, t, batch)` runs the body `params` with
+  fine-tuned model t's head and config (e.g. GPT-2's pad id, which picks the pooled token), as
+  the official code swaps heads in. So the 'zero_shot' method of an LM is the pretrained body
+  with each task's fine-tuned head. `export(params, path)` writes path/<task>/ per task: an HF
+  directory (config.json + model.safetensors) of the body with that task's head and config.
+
+  Args:
+    pretrained: HF directory of the pretrained model (also the default tokenizer directory).
+    finetuned: one HF directory per task.
+    tasks: registry task names, in the order of `finetuned` (names the export directories).
+    dtype: compute dtype name.
   """
+  from adarank_jax import tree_util  # pylint: disable=g-import-not-at-top
   from adarank_jax.interop import hf  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import gpt2, roberta  # pylint: disable=g-import-not-at-top
+  if len(tasks) != len(finetuned):
+    raise ValueError(f"load_lm: {len(tasks)} tasks but {len(finetuned)} fine-tuned directories")
   pre_config, pre_tree = hf.load_hf(pretrained)
   configs, tuned = [], []
   for path in finetuned:
@@ -122,24 +137,36 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], dtype: str) -> Setup:
     if config.architecture not in LM_HEADS:
       raise ValueError(f"{path}: a {config.architecture}; fine-tuned models must be one of "
                        f"{', '.join(LM_HEADS)}")
+    if isinstance(config, gpt2.GPT2Config) and config.pad_token_id is None:
+      raise ValueError(f"{Path(path) / 'config.json'}: pad_token_id is not set; GPT-2 sequence "
+                       "classification pools the last token that is not padding, so it needs the id "
+                       "the inputs are padded with (GPT-2's eos id, 50256, for its own tokenizer)")
     configs.append(config)
     tuned.append(tree)
   body_key, head_key = LM_HEADS[configs[0].architecture]
-  body = {body_key: pre_tree[body_key] if body_key in pre_tree else pre_tree}
-  body = {body_key: {k: v for k, v in body[body_key].items() if k in tuned[0][body_key]}}
+  body_shapes = tree_util.shapes(tree_util.flatten(tuned[0][body_key]))
+  pre_body = tree_util.flatten(pre_tree[body_key] if body_key in pre_tree else pre_tree)
+  pre_body = {k: v for k, v in pre_body.items() if k in body_shapes}  # e.g. a bare body's pooler
+  tree_util.check_structure(body_shapes, pre_body, source=f"{pretrained} (the {body_key} body of "
+                                                           f"{finetuned[0]})")
   heads = [tree[head_key] for tree in tuned]
-  builder = gpt2.build if isinstance(pre_config, gpt2.GPT2Config) else roberta.build
+  is_gpt2 = isinstance(pre_config, gpt2.GPT2Config)
+  builder = gpt2.build if is_gpt2 else roberta.build
   graphdefs = [functional.split(nnx.eval_shape(
       lambda c=dataclasses.replace(c, dtype=dtype): builder(c, rngs=nnx.Rngs(0))))[0] for c in configs]
 
   def logits(params, t, batch):
+    if is_gpt2 and "token_type_ids" in batch:
+      raise ValueError("the tokenizer gives token_type_ids, which GPT-2 classifiers here do not take; "
+                       "use a GPT2TokenizerFast (inputs: input_ids, attention_mask)")
     return functional.call(graphdefs[t], {**params, head_key: heads[t]}, **batch)
 
   def export(params, path):
     params = jax.device_get(params)
-    for t, config_path in enumerate(finetuned):
+    for t, (task, config_path) in enumerate(zip(tasks, finetuned)):
       hf_config = json.loads((Path(config_path) / "config.json").read_text())
-      hf.save_hf({**params, head_key: heads[t]}, hf_config, Path(path) / Path(config_path).name)
+      hf.save_hf({**params, head_key: heads[t]}, hf_config, Path(path) / task)
 
-  return Setup(kind="text", merged=body, finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
+  return Setup(kind="text", merged={body_key: tree_util.unflatten(pre_body)},
+               finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
                logits=logits, export=export, tokenizer=str(pretrained))

@@ -14,7 +14,7 @@ float64, e.g. for finite-difference tests under `jax.enable_x64`); outputs take 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -100,20 +100,10 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
   if mask_mode not in masking.MASK_FNS:
     raise ValueError(f'merge: mask_mode={mask_mode!r}; expected one of {sorted(masking.MASK_FNS)}')
   mask_fn = masking.MASK_FNS[mask_mode]
-  origin_flat = tree_util.flatten(origin)
-  factor_flat = tree_util.flatten(factors)
   logit_flat = tree_util.flatten(mask_logits)
   coef_flat = tree_util.flatten(coefficients)
-  unknown = sorted(set(factor_flat) - set(origin_flat))
-  if unknown:
-    raise ValueError(f'merge: factors hold keys that the origin lacks: {unknown}')
-  merged = {}
-  for path, base in origin_flat.items():
-    if path not in factor_flat:
-      merged[path] = base
-      continue
-    factor = factor_flat[path]
-    shape = tuple(np.shape(base))
+
+  def delta(path: str, factor: Any, shape: tuple[int, ...]) -> jax.Array:
     if is_svd(factor):
       tasks, m, rank = factor.u.shape
       if shape != (m, factor.vt.shape[-1]):
@@ -121,13 +111,36 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
                          f'the origin is {shape}')
       lam = _lookup(coef_flat, path, 'coefficients', (tasks,))
       mask = mask_fn(_lookup(logit_flat, path, 'mask_logits', (tasks, rank)), temperature)
-      delta = svd_delta(factor, lam[:, None] * mask, precision=precision)
+      return svd_delta(factor, lam[:, None] * mask, precision=precision)
+    tasks = np.shape(factor)[0]
+    if tuple(np.shape(factor)[1:]) != shape:
+      raise ValueError(f'merge: factors[{path!r}] has shape {np.shape(factor)}; expected '
+                       f'(tasks, *{shape})')
+    return dense_delta(factor, _lookup(coef_flat, path, 'coefficients', (tasks,)))
+
+  return add_deltas(origin, factors, delta, name='merge')
+
+
+def add_deltas(origin: Mapping[Any, Any], deltas: Mapping[Any, Any],
+               delta_fn: Callable[[str, Any, tuple[int, ...]], jax.Array], *, name: str
+               ) -> dict[Any, Any]:
+  """origin + delta_fn(path, deltas[path], origin shape) where `deltas` has the path; origin elsewhere.
+
+  The one place every merge (AdaRank and the static baselines) adds its update to the origin: the
+  sum is computed in float32 (float64 if either side is float64) and cast back to the origin's dtype.
+  Leaves without a delta are origin's own objects.
+  """
+  origin_flat = tree_util.flatten(origin)
+  delta_flat = tree_util.flatten(deltas)
+  unknown = sorted(set(delta_flat) - set(origin_flat))
+  if unknown:
+    raise ValueError(f'{name}: the deltas hold keys that the origin lacks: {unknown}')
+  merged = {}
+  for path, base in origin_flat.items():
+    if path in delta_flat:
+      base = jnp.asarray(base)
+      update = delta_fn(path, delta_flat[path], tuple(base.shape))
+      merged[path] = (base.astype(_compute_dtype(base, update)) + update).astype(base.dtype)
     else:
-      tasks = np.shape(factor)[0]
-      if tuple(np.shape(factor)[1:]) != shape:
-        raise ValueError(f'merge: factors[{path!r}] has shape {np.shape(factor)}; expected '
-                         f'(tasks, *{shape})')
-      delta = dense_delta(factor, _lookup(coef_flat, path, 'coefficients', (tasks,)))
-    base = jnp.asarray(base)
-    merged[path] = (base.astype(_compute_dtype(base, delta)) + delta).astype(base.dtype)
+      merged[path] = base
   return tree_util.unflatten(merged)

@@ -114,8 +114,8 @@ def read_results_json(path: str | os.PathLike[str]) -> Results:
   return results
 
 
-def _percent(value: float) -> str:
-  return f"{100 * value:.1f}"
+def _percent(value: float | None) -> str:
+  return "n/a" if value is None else f"{100 * value:.1f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

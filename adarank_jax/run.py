@@ -96,13 +96,18 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
     if key not in memo:
       begin = time.perf_counter()
       _, tau = vectors(origin)
-      memo[key] = jax.block_until_ready(decomposition.decompose(
-          tau, tree_util.select(tau, config.merge.decompose), rank=rank, dtype=dtype))
+      select = tree_util.select(tau, config.merge.decompose)
+      if not any(tree_util.flatten(select).values()):
+        raise ValueError(f"merge.decompose={tuple(config.merge.decompose)} selects no matrix of the merged "
+                         f"tree; its paths look like {sorted(tree_util.flatten(tau))[:3]}")
+      memo[key] = jax.block_until_ready(decomposition.decompose(tau, select, rank=rank, dtype=dtype))
       timings[f"decompose_{origin}_s"] = time.perf_counter() - begin
     return memo[key]
 
+  trains = any(m.startswith("adarank") for m in config.methods)
   results = report.new_results(
       name=config.name, tasks=tasks, model=config.model.name,
+      steps=config.adarank.num_steps if trains else None,
       selection=("best average test accuracy over evaluation points (oracle: selected on the "
                  "labelled test set)") if config.adarank.selection == "oracle" else "final step")
   for method in config.methods:

@@ -83,7 +83,8 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
   if config.model.pretrained:
     need(Path(config.model.pretrained).exists(),
          f"model.pretrained: {config.model.pretrained} does not exist")
-  if any(m != "zero_shot" for m in config.methods):
+  # Fine-tuned checkpoints are needed by every method but zero-shot CLIP (LM heads come from them).
+  if config.family != "clip" or any(m != "zero_shot" for m in config.methods):
     template = config.model.finetuned
     need("{task}" in template,
          f"model.finetuned={template!r}: expected a path with {{task}} in it, e.g. 'ckpts/{{task}}.pt'")

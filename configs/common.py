@@ -18,16 +18,19 @@ GLUE_7 = registry.GLUE_7
 DECOMPOSE = {
     "clip": (r"transformer/resblocks/\d+/attn/(in_proj|out_proj)/kernel",
              r"transformer/resblocks/\d+/mlp/(c_fc|c_proj)/kernel"),
-    "roberta": (r"roberta/encoder/layer/\d+/attention/self/(query|key|value)/kernel",
-                r"roberta/encoder/layer/\d+/attention/output/dense/kernel",
-                r"roberta/encoder/layer/\d+/(intermediate|output)/dense/kernel"),
+    # RoBERTa and BERT (body key 'roberta' or 'bert'): every merged weight matrix, i.e. every kernel
+    # outside the (unmerged) embeddings. BERT classifiers also keep their pooler in the body.
+    "roberta": (r"(roberta|bert)/encoder/layer/\d+/attention/self/(query|key|value)/kernel",
+                r"(roberta|bert)/encoder/layer/\d+/attention/output/dense/kernel",
+                r"(roberta|bert)/encoder/layer/\d+/(intermediate|output)/dense/kernel",
+                r"(roberta|bert)/pooler/dense/kernel"),
     "gpt2": (r"transformer/h/\d+/attn/(c_attn|c_proj)/kernel",
              r"transformer/h/\d+/mlp/(c_fc|c_proj)/kernel"),
 }
 # What the official code leaves unmerged: it stays at the origin (pretrained for TA, average for CART).
 UNMERGED = {
     "clip": (),
-    "roberta": (r"roberta/embeddings/.*",),
+    "roberta": (r"(roberta|bert)/embeddings/.*",),
     "gpt2": (r"transformer/(wte|wpe)/.*",),
 }
 

@@ -78,8 +78,9 @@ def test_normalized_scores_average_of_ratios():
   assert normalized[evaluate.AVERAGE_KEY] == pytest.approx(1.0)  # mean of ratios, not 0.7 / 0.8
   with pytest.raises(ValueError, match="no individual .* task 'b'"):
     evaluate.normalized_scores(merged, {"a": 1.0})
-  with pytest.raises(ValueError, match="task 'a' is 0.0"):
-    evaluate.normalized_scores(merged, {"a": 0.0, "b": 1.0})
+  # A fine-tuned score <= 0 (a Matthews correlation can be) has no meaningful ratio: n/a, left out of the mean.
+  undefined = evaluate.normalized_scores(merged, {"a": 0.0, "b": 0.2})
+  assert undefined["a"] is None and undefined[evaluate.AVERAGE_KEY] == pytest.approx(4.5)  # 0.9 / 0.2
 
 
 def _linear_task(seed, num_examples, batch_size, dim=5, num_classes=4):

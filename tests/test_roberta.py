@@ -103,6 +103,9 @@ def _tiny_config(**kwargs):
     ('BertForSequenceClassification', 'BertConfig', dict(num_labels=3, pad_token_id=0)),
     ('BertModel', 'BertConfig', dict(pad_token_id=0)),
     ('RobertaModel', 'RobertaConfig', dict(type_vocab_size=1, pad_token_id=1)),
+    # How roberta-base / bert-base are published: the body is loaded, the MLM head dropped.
+    ('RobertaForMaskedLM', 'RobertaConfig', dict(type_vocab_size=1, pad_token_id=1)),
+    ('BertForMaskedLM', 'BertConfig', dict(pad_token_id=0)),
 ])
 def test_other_architectures_match_transformers(tmp_path, model_cls, config_cls, kwargs):
   torch.manual_seed(1)
@@ -120,6 +123,13 @@ def test_other_architectures_match_transformers(tmp_path, model_cls, config_cls,
   ours_config, tree = hf.load_hf(_save(model, tmp_path, model_cls))
   if model_cls.endswith('Classification'):
     assert _rel_err(_apply(ours_config, tree, ids, mask, types), out.logits.numpy()) <= 1e-4
+  elif model_cls.endswith('MaskedLM'):
+    body = model.roberta if hasattr(model, 'roberta') else model.bert
+    with torch.no_grad():
+      ref = body(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                 token_type_ids=torch.from_numpy(types)).last_hidden_state.numpy()
+    assert set(tree) == {'roberta' if hasattr(model, 'roberta') else 'bert'}
+    assert _rel_err(_apply(ours_config, tree, ids, mask, types), ref) <= 1e-4
   else:
     hidden = _apply(ours_config, tree, ids, mask, types)
     assert _rel_err(hidden, out.last_hidden_state.numpy()) <= 1e-4
@@ -148,8 +158,8 @@ def test_config_rejects_unsupported_fields():
   assert roberta.RobertaConfig.from_hf_config(hf_config).num_labels == 2
   with pytest.raises(ValueError, match='position_embedding_type'):
     roberta.RobertaConfig.from_hf_config({**hf_config, 'position_embedding_type': 'relative_key'})
-  with pytest.raises(ValueError, match='RobertaForMaskedLM'):
-    roberta.RobertaConfig.from_hf_config({**hf_config, 'architectures': ['RobertaForMaskedLM']})
+  with pytest.raises(ValueError, match='RobertaForCausalLM'):
+    roberta.RobertaConfig.from_hf_config({**hf_config, 'architectures': ['RobertaForCausalLM']})
   with pytest.raises(ValueError, match='hidden_act'):
     roberta.RobertaConfig.from_hf_config({**hf_config, 'hidden_act': 'swish'})
 

@@ -153,7 +153,7 @@ _FAMILIES = (
     _Family(('roberta', 'bert'), roberta.RobertaConfig, roberta.RobertaConfig.from_hf_config,
             lambda c: _nnx_shapes(lambda: roberta.build(c, rngs=nnx.Rngs(0))),
             lambda s: _mirrored_table(s, None),
-            r'(.*\.)?embeddings\.(position_ids|token_type_ids)|roberta\.pooler\..*',
+            r'(.*\.)?embeddings\.(position_ids|token_type_ids)|roberta\.pooler\..*|lm_head\..*|cls\..*',
             ('architecture', 'num_labels', 'dtype')),
     _Family(('gpt2',), gpt2.GPT2Config, gpt2.GPT2Config.from_hf_config,
             lambda c: _nnx_shapes(lambda: gpt2.build(c, rngs=nnx.Rngs(0))),

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 ARCHITECTURES = ('RobertaForSequenceClassification', 'RobertaModel',
-                 'BertModel', 'BertForSequenceClassification')
+                 'BertModel', 'BertForSequenceClassification',
+                 'RobertaForMaskedLM', 'BertForMaskedLM')  # masked LMs: the body only (no lm_head)
 _POSITION_IDS = {'roberta': 'padding_offset', 'bert': 'absolute'}
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),
@@ -324,10 +325,30 @@ class BertForSequenceClassification(nnx.Module):
     return self.classifier(self.bert.pooler(self.encode(input_ids, attention_mask, token_type_ids)))
 
 
+class MaskedLMBody(nnx.Module):
+  """The body of HF RobertaForMaskedLM / BertForMaskedLM (how roberta-base and bert-base are published).
+
+  Only the encoder is kept, under the checkpoint's prefix ('roberta' or 'bert'); the MLM head is not a
+  parameter of any merge and is dropped on load. `__call__` returns last hidden states.
+  """
+
+  def __init__(self, config: RobertaConfig, *, rngs: nnx.Rngs):
+    self.prefix = 'roberta' if config.architecture.startswith('Roberta') else 'bert'
+    setattr(self, self.prefix, RobertaModel(config, add_pooling_layer=False, rngs=rngs))
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+               token_type_ids: jax.Array | None = None) -> jax.Array:
+    return getattr(self, self.prefix)(input_ids, attention_mask, token_type_ids)
+
+  encode = __call__
+
+
 def build(config: RobertaConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """The module of `config.architecture`, randomly initialised (use `nnx.eval_shape` for shapes only)."""
   if config.architecture == 'RobertaForSequenceClassification':
     return RobertaForSequenceClassification(config, rngs=rngs)
   if config.architecture == 'BertForSequenceClassification':
     return BertForSequenceClassification(config, rngs=rngs)
+  if config.architecture.endswith('ForMaskedLM'):
+    return MaskedLMBody(config, rngs=rngs)
   return RobertaModel(config, add_pooling_layer=True, rngs=rngs)
