@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +35,20 @@ from adarank_jax.data import registry
 def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, overwrite: bool,
         export: str) -> dict[str, Any]:
   """Runs `config.methods` in order; writes results.json, results.md, rank heatmaps and exports."""
+  # ------------------------------------------------------------------------------------------ Mesh
+  # One mesh for the run: every task's batch is split over 'data'; with factor_sharding='task' the
+  # factor stacks are split over a 'task' axis of gcd(devices, tasks) devices.
+  task_axis = 1
+  if config.mesh.factor_sharding == "task":
+    task_axis = math.gcd(jax.device_count(), len(config.tasks))
+  mesh = train.make_mesh(task=task_axis)
+  data_axis = mesh.shape["data"]
+  if config.adarank.batch_size_per_task % data_axis:
+    raise validate.ConfigError(
+        f"adarank.batch_size_per_task={config.adarank.batch_size_per_task}: expected a multiple of the "
+        f"mesh's data axis ({data_axis} devices) so every task's batch splits evenly")
+  print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
+
   # ------------------------------------------------------------------------------------------ Workdir
   if overwrite and workdir.exists():
     shutil.rmtree(workdir)
@@ -122,17 +137,19 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
       if method == "zero_shot":
         params = baselines.zero_shot(setup.merged)
       elif method == "weight_averaging":
-        params = task_vectors.weight_average(setup.finetuned)
+        params = jax.jit(task_vectors.weight_average)(setup.finetuned)
       elif method == "task_arithmetic":
-        params = baselines.task_arithmetic(*vectors("pretrained"),
-                                           scaling=config.merge.task_arithmetic_lambda)
+        params = jax.jit(functools.partial(baselines.task_arithmetic,
+                                           scaling=config.merge.task_arithmetic_lambda))(
+                                               *vectors("pretrained"))
       elif method == "ties":
-        params = baselines.ties(*vectors("pretrained"), density=config.merge.ties_top_k,
-                                scaling=config.merge.ties_lambda)
+        params = jax.jit(functools.partial(baselines.ties, density=config.merge.ties_top_k,
+                                           scaling=config.merge.ties_lambda))(*vectors("pretrained"))
       elif method == "cart":
-        params = baselines.cart(vectors("average")[0], factors_of("average", rank=None, dtype=None),
-                                scaling=config.merge.cart_lambda,
-                                rank_ratio=config.merge.cart_rank_ratio)
+        params = jax.jit(functools.partial(baselines.cart, scaling=config.merge.cart_lambda,
+                                           rank_ratio=config.merge.cart_rank_ratio))(
+                                               vectors("average")[0],
+                                               factors_of("average", rank=None, dtype=None))
       else:
         base = method.removeprefix("adarank_")
         params = _adarank(config, workdir / method, base=base, setup=setup, writer=writer,
@@ -140,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
                           factors=factors_of(_ORIGINS[base], rank=config.adarank.rank or None,
                                              dtype=families.DTYPES[config.adarank.factor_dtype]),
                           evaluate_params=evaluate_params, sources=sources, prepare=prepare,
-                          inputs_of=inputs_of)
+                          inputs_of=inputs_of, mesh=mesh)
       results["methods"][method] = evaluate_params(params)
       if export:
         setup.export(params, workdir / "export" / (
@@ -166,16 +183,16 @@ _ORIGINS = {"ta": "pretrained", "cart": "average"}
 
 
 def _adarank(config, outdir: Path, *, base, setup, writer, origin, factors, evaluate_params,
-             sources, prepare, inputs_of):
+             sources, prepare, inputs_of, mesh):
   """Learns masks and coefficients on the unlabeled test streams; returns the hard-merged tree."""
   hp = config.adarank[base]
   num_tasks = len(config.tasks)
   temperature = config.adarank.mask_temperature
-  mesh = train.make_mesh(task=1)
   optimizer = train.make_optimizer(hp.learning_rate)
   state = train.init_state(factors, optimizer=optimizer, num_tasks=num_tasks,
                            initial_rank_ratio=hp.initial_rank_ratio, prior=hp.prior)
-  frozen = train.place_frozen((origin, factors), mesh, factor_placement=config.mesh.factor_sharding)
+  placement = "task" if "task" in mesh.axis_names else "replicated"
+  frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
   state = train.place_state(state, mesh)
   step = train.make_train_step(task_logits_fn=setup.logits, optimizer=optimizer,
                                temperature=temperature, num_tasks=num_tasks, mesh=mesh)
