@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adarank_jax import tree_util
 from adarank_jax.data import registry
 from adarank_jax.models import clip
 from adarank_jax.models import functional
@@ -124,7 +125,6 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
     tasks: registry task names, in the order of `finetuned` (names the export directories).
     dtype: compute dtype name.
   """
-  from adarank_jax import tree_util  # pylint: disable=g-import-not-at-top
   from adarank_jax.interop import hf  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import gpt2, roberta  # pylint: disable=g-import-not-at-top
   if len(tasks) != len(finetuned):

@@ -263,7 +263,7 @@ def rank_heatmap(mask_logits: Mapping[str, Any], task_names: Sequence[str], path
   counts = np.stack([(arrays[name] > 0).sum(axis=1) for name in layer_names]).astype(np.int64)
 
   num_layers, num_tasks = counts.shape
-  fig = Figure(figsize=(2.0 + 0.8 * num_tasks, 1.5 + 0.3 * num_layers), layout="constrained")
+  fig = Figure(figsize=(max(6.0, 2.0 + 0.8 * num_tasks), 1.5 + 0.3 * num_layers), layout="constrained")
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
