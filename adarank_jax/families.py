@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -101,6 +102,10 @@ def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
 
 
 
+# The files of a Hugging Face tokenizer, copied from the pretrained directory into LM exports.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
 # The classification heads the official LM code swaps in per task: architecture -> (body key, head
 # key). The body is merged; each task keeps its own fine-tuned head.
 LM_HEADS = {"RobertaForSequenceClassification": ("roberta", "classifier"),
@@ -166,6 +171,9 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
     for t, (task, config_path) in enumerate(zip(tasks, finetuned)):
       hf_config = json.loads((Path(config_path) / "config.json").read_text())
       hf.save_hf({**params, head_key: heads[t]}, hf_config, Path(path) / task)
+      for name in TOKENIZER_FILES:  # so the export is usable as it is, tokenizer included
+        if (Path(pretrained) / name).is_file():
+          shutil.copyfile(Path(pretrained) / name, Path(path) / task / name)
 
   return Setup(kind="text", merged={body_key: tree_util.unflatten(pre_body)},
                finetuned=tuple({body_key: tree[body_key]} for tree in tuned),

@@ -288,6 +288,8 @@ def test_bert_exports_reload_in_transformers_with_the_reported_scores(bert, bert
   for method, scores in results["methods"].items():
     for t, task in enumerate(BERT_TASKS):
       logits = _logits(root / "work" / "export" / method / task, tokenizer, task)
+      exported_tokenizer = transformers.AutoTokenizer.from_pretrained(root / "work" / "export" / method / task)
+      assert exported_tokenizer("a merged model")["input_ids"] == tokenizer("a merged model")["input_ids"]
       assert scores[task] == pytest.approx(_score(task, logits.argmax(-1)), abs=1e-6), (method, task)
       if method in merged:  # our merged model (saved masks) gives the export's logits
         np.testing.assert_allclose(bert_setup.logits(merged[method], t, _jax_inputs(tokenizer, task)),
