@@ -5,6 +5,7 @@
   setup.finetuned         # T trees of the same structure
   setup.logits(params, t, batch) -> (B, classes)   # pure, jittable; t (static) picks task t's head:
                           # a zero-shot CLIP head, or fine-tuned LM t's own classifier and config
+  setup.predict(params, t, batch)                  # the same, jitted, for evaluation
   setup.export(params, path)                       # a merged tree -> PyTorch-loadable checkpoint(s)
 
 The variant is data: run.py never branches on the family beyond picking the loader.
@@ -40,6 +41,7 @@ class Setup:
   merged: Any                                # pretrained tree of the merged part
   finetuned: tuple[Any, ...]                 # T fine-tuned trees of the same structure
   logits: Callable[[Any, int, Any], jax.Array]
+  predict: Callable[[Any, int, Any], jax.Array]  # jitted `logits` for evaluation, compiled sparingly
   export: Callable[[Any, str | os.PathLike], None]
   image_size: int = 0                        # vision: the model's input resolution
   tokenizer: str = ""                        # text: local tokenizer directory
@@ -70,14 +72,22 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
   graphdef, _ = functional.split(
       nnx.eval_shape(lambda: clip.build(config.vision, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))))
 
+  def apply(params, head, images):
+    return heads_lib.classify(functional.call(graphdef, params, images), head)
+
   def logits(params, t, batch):
-    features = functional.call(graphdef, params, batch["image"])
-    return heads_lib.classify(features, heads[t])
+    return apply(params, heads[t], batch["image"])
+
+  # The head is an argument, not a constant: one compile per head shape serves every task.
+  jitted = jax.jit(apply)
+
+  def predict(params, t, batch):
+    return jitted(params, heads[t], batch["image"])
 
   def export(params, path):
     openclip.export_openclip({**full, "visual": jax.device_get(params)}, path)
 
-  return Setup(kind="vision", merged=full["visual"], finetuned=tuned, logits=logits,
+  return Setup(kind="vision", merged=full["visual"], finetuned=tuned, logits=logits, predict=predict,
                export=export, image_size=config.vision.image_size)
 
 
@@ -177,4 +187,5 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
 
   return Setup(kind="text", merged={body_key: tree_util.unflatten(pre_body)},
                finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
-               logits=logits, export=export, tokenizer=str(pretrained))
+               logits=logits, predict=jax.jit(logits, static_argnums=1), export=export,
+               tokenizer=str(pretrained))

@@ -85,14 +85,13 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
     return pipeline.eval_batches(sources[t], prepare=prepare, batch_size=config.eval.batch_size,
                                  max_examples=config.eval.max_examples, workers=config.data.workers)
 
-  predict = jax.jit(setup.logits, static_argnums=1)
 
   def evaluate_params(params, only=None) -> dict[str, float]:
     scores = {}
     for t, name in enumerate(tasks):
       if only is None or t in only:
         scores[name] = evaluate.evaluate_task(
-            lambda batch, t=t: predict(params, t, inputs_of(batch)),
+            lambda batch, t=t: setup.predict(params, t, inputs_of(batch)),
             eval_batches(t), metric=registry.get(name).metric)
     return scores
 
@@ -118,6 +117,14 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
       memo[key] = jax.block_until_ready(decomposition.decompose(tau, select, rank=rank, dtype=dtype))
       timings[f"decompose_{origin}_s"] = time.perf_counter() - begin
     return memo[key]
+
+  # One compiled training step and one compiled hard merge serve every AdaRank base: the learning
+  # rate is optimizer state (train.make_optimizer), so TA and CART runs do not recompile.
+  temperature = config.adarank.mask_temperature
+  train_step = train.make_train_step(
+      task_logits_fn=setup.logits, optimizer=train.make_optimizer(config.adarank.ta.learning_rate),
+      temperature=temperature, num_tasks=len(tasks), mesh=mesh)
+  hard_merge = jax.jit(functools.partial(merging.merge, temperature=temperature, mask_mode="hard"))
 
   trains = any(m.startswith("adarank") for m in config.methods)
   results = report.new_results(
@@ -152,12 +159,13 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
                                                factors_of("average", rank=None, dtype=None))
       else:
         base = method.removeprefix("adarank_")
-        params = _adarank(config, workdir / method, base=base, setup=setup, writer=writer,
+        params = _adarank(config, workdir / method, base=base, writer=writer,
                           origin=vectors(_ORIGINS[base])[0],
                           factors=factors_of(_ORIGINS[base], rank=config.adarank.rank or None,
                                              dtype=families.DTYPES[config.adarank.factor_dtype]),
                           evaluate_params=evaluate_params, sources=sources, prepare=prepare,
-                          inputs_of=inputs_of, mesh=mesh)
+                          inputs_of=inputs_of, mesh=mesh, train_step=train_step,
+                          hard_merge=hard_merge)
       results["methods"][method] = evaluate_params(params)
       if export:
         setup.export(params, workdir / "export" / (
@@ -182,21 +190,16 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
 _ORIGINS = {"ta": "pretrained", "cart": "average"}
 
 
-def _adarank(config, outdir: Path, *, base, setup, writer, origin, factors, evaluate_params,
-             sources, prepare, inputs_of, mesh):
+def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_params,
+             sources, prepare, inputs_of, mesh, train_step, hard_merge):
   """Learns masks and coefficients on the unlabeled test streams; returns the hard-merged tree."""
   hp = config.adarank[base]
-  num_tasks = len(config.tasks)
-  temperature = config.adarank.mask_temperature
-  optimizer = train.make_optimizer(hp.learning_rate)
-  state = train.init_state(factors, optimizer=optimizer, num_tasks=num_tasks,
+  state = train.init_state(factors, optimizer=train.make_optimizer(hp.learning_rate),
+                           num_tasks=len(config.tasks),
                            initial_rank_ratio=hp.initial_rank_ratio, prior=hp.prior)
   placement = "task" if "task" in mesh.axis_names else "replicated"
   frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
   state = train.place_state(state, mesh)
-  step = train.make_train_step(task_logits_fn=setup.logits, optimizer=optimizer,
-                               temperature=temperature, num_tasks=num_tasks, mesh=mesh)
-  hard_merge = jax.jit(functools.partial(merging.merge, temperature=temperature, mask_mode="hard"))
 
   def make_batches(positions):
     streams = [pipeline.adaptation_stream(
@@ -232,7 +235,7 @@ def _adarank(config, outdir: Path, *, base, setup, writer, origin, factors, eval
   if config.adarank.selection == "oracle" and best["step"] < 0:
     log(0, {}, state)  # the official code's initial evaluation is an oracle candidate too
   manager = checkpoint.Manager(outdir / "checkpoints")
-  state = train.fit(frozen, state, train_step=step, make_batches=make_batches,
+  state = train.fit(frozen, state, train_step=train_step, make_batches=make_batches,
                     num_steps=config.adarank.num_steps, log_every=config.adarank.log_every,
                     checkpoint=manager, checkpoint_every=config.adarank.checkpoint_every,
                     callbacks=(log,), mesh=mesh)

@@ -59,8 +59,13 @@ class TrainState(NamedTuple):
 
 
 def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
-  """Adam(lr, b1=0.9, b2=0.999): the official optimiser (no schedule, clipping or weight decay)."""
-  return optax.adam(learning_rate, b1=0.9, b2=0.999)
+  """Adam(lr, b1=0.9, b2=0.999): the official optimiser (no schedule, clipping or weight decay).
+
+  The learning rate lives in the optimizer state (`optax.inject_hyperparams`), not in the compiled
+  program: a step built with one learning rate runs states made with another without recompiling,
+  so AdaRank on TA and on CART (different learning rates) share one compiled step.
+  """
+  return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, b1=0.9, b2=0.999)
 
 
 def init_state(factors: Mapping[Any, Any], *, optimizer: optax.GradientTransformation,

@@ -38,6 +38,6 @@ def get_config(arg=None):
   config.adarank.checkpoint_every = 250
   config.eval.batch_size = 256
   if arg.quick:
-    config.adarank.update(num_steps=6, eval_every=3, log_every=3, checkpoint_every=3)
+    config.adarank.update(num_steps=6, eval_every=6, log_every=3, checkpoint_every=3)
     config.eval.update(batch_size=128, max_examples=128)
   return config

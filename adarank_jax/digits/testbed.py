@@ -67,8 +67,8 @@ class Schedule:
 # its models are near chance, but the files, tasks and code path are the real ones.
 FULL = Schedule(model_config="tiny_clip.json", pretrain_steps=800, pretrain_batch=128, pretrain_lr=2e-3,
                 finetune_steps=200, finetune_batch=32, finetune_lr=3e-4, evaluate=True)
-QUICK = Schedule(model_config="tiny_clip_quick.json", pretrain_steps=40, pretrain_batch=64, pretrain_lr=3e-3,
-                 finetune_steps=20, finetune_batch=16, finetune_lr=1e-3, evaluate=False)
+QUICK = Schedule(model_config="tiny_clip_quick.json", pretrain_steps=12, pretrain_batch=64, pretrain_lr=3e-3,
+                 finetune_steps=8, finetune_batch=16, finetune_lr=1e-3, evaluate=False)
 
 
 @dataclasses.dataclass(frozen=True)
