@@ -13,7 +13,7 @@ vector (heads, integer buffers, excluded parts) are returned unchanged, as in `m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
