@@ -280,8 +280,15 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 def load_hf(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
   """(model config, param tree) of a local HF directory (config.json + model.safetensors or
-  pytorch_model.bin, possibly sharded). model_type roberta, bert, gpt2, clip_vision_model, clip."""
+  pytorch_model.bin, possibly sharded) or of one written by `save_converted` (config.json + params/,
+  checked against its config). model_type roberta, bert, gpt2, clip_vision_model, clip."""
   directory = Path(directory)
+  if (directory / PARAMS).is_dir():  # a directory written by `save_converted` (python -m convert.hf)
+    config, tree, _ = load_converted(directory)
+    flat = tree_util.flatten(tree)
+    tree_util.check_structure(_plan(config)[1], flat, source=str(directory / PARAMS))
+    tree_util.check_finite(flat, source=str(directory / PARAMS))
+    return config, tree
   config = model_config(_read_config(directory), source=str(directory / 'config.json'))
   _, state = state_dict_lib.load_hf_directory(directory)
   return config, tree_from_state_dict(config, state, source=_weights_file(directory))

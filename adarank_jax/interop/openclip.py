@@ -159,18 +159,40 @@ def state_dict_from_tree(tree: Mapping[str, Any], *, prefix: str = VISUAL_PREFIX
 
 def load_openclip(path: str | os.PathLike, config_name_or_path: str | os.PathLike, *, text: bool = False,
                   run_pickled_code: bool = False) -> dict[str, Any]:
-  """Reads an OpenCLIP checkpoint file into a param tree.
+  """Reads an OpenCLIP checkpoint file, or a tree converted by `convert_checkpoints`, into a param tree.
 
   Args:
     path: .safetensors / .pt / .pth / .bin / .ckpt. Wrappers ({'state_dict': ...}) and 'module.'/'model.'
-      prefixes are handled by `state_dict.load_state_dict`.
+      prefixes are handled by `state_dict.load_state_dict`. A directory is a converted Orbax tree
+      (`python -m convert.openclip` output: <out>/<task>, <out>/pretrained, <out>/pretrained_clip), checked
+      against the config like a file.
     config_name_or_path: OpenCLIP model config name ('ViT-B-32') or JSON path.
     text: False -> VisionTransformer tree (the image tower); True -> CLIP tree (needs the text tower).
     run_pickled_code: allow files that pickle whole modules (runs code from the file: trusted files only).
   """
   config = clip.load_config(config_name_or_path)
+  if os.path.isdir(path):
+    return _load_converted(path, config, text=text)
   state = state_dict_lib.load_state_dict(path, run_pickled_code=run_pickled_code)
   return tree_from_state_dict(state, config.vision, config.text if text else None, source=os.fspath(path))
+
+
+def _load_converted(path: str | os.PathLike, config: clip.CLIPConfig, *, text: bool) -> dict[str, Any]:
+  """A converted tree directory, validated against `config` (keys, shapes, finiteness)."""
+  from adarank_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  source = os.fspath(path)
+  tree = checkpoint.load_tree(path)
+  if text and 'visual' not in tree:
+    raise tree_util.StructureError(
+        f'{source}: an image tower alone; the pretrained model needs the text tower too (convert it with '
+        f'--with-text and use <out>/pretrained_clip)')
+  if not text and 'visual' in tree:
+    tree = tree['visual']
+  expected = clip.abstract_params(config if text else config.vision)
+  flat = tree_util.flatten(tree)
+  tree_util.check_structure(tree_util.shapes(tree_util.flatten(expected)), flat, source=source)
+  tree_util.check_finite(flat, source=source)
+  return tree
 
 
 def export_openclip(tree: Mapping[str, Any], path: str | os.PathLike, *, prefix: str = VISUAL_PREFIX) -> None:
