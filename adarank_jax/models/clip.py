@@ -21,10 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_ACTIVATIONS = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # torch.nn.GELU (erf)
-    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
+from adarank_jax.models.activations import ACTIVATIONS
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +67,8 @@ class CLIPConfig:
 
 def _check_tower(config: VisionConfig | TextConfig) -> None:
   name = type(config).__name__
-  if config.act not in _ACTIVATIONS:
-    raise ValueError(f'{name}.act must be one of {sorted(_ACTIVATIONS)}; got {config.act!r}.')
+  if config.act not in ACTIVATIONS:
+    raise ValueError(f'{name}.act must be one of {sorted(ACTIVATIONS)}; got {config.act!r}.')
   if config.width % config.heads:
     raise ValueError(f'{name}.width {config.width} is not divisible by heads {config.heads}.')
 
@@ -250,7 +248,7 @@ class Mlp(nnx.Module):
                              kernel_init=nnx.initializers.normal(mlp_width**-0.5), rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.c_proj(_ACTIVATIONS[self.act](self.c_fc(x)))
+    return self.c_proj(ACTIVATIONS[self.act](self.c_fc(x)))
 
 
 class ResidualAttentionBlock(nnx.Module):

@@ -15,20 +15,16 @@ Shapes: B batch, L sequence length, D hidden size, C number of labels, V vocabul
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adarank_jax.models.activations import ACTIVATIONS
+
 ARCHITECTURES = ('GPT2ForSequenceClassification', 'GPT2LMHeadModel', 'GPT2Model')
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
-    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
-    'relu': jax.nn.relu,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +57,9 @@ class GPT2Config:
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
       raise ValueError(f'architecture {self.architecture!r} is not one of {ARCHITECTURES}')
-    if self.activation_function not in _ACTIVATIONS:
+    if self.activation_function not in ACTIVATIONS:
       raise ValueError(f'activation_function {self.activation_function!r} is not one of '
-                       f'{sorted(_ACTIVATIONS)}')
+                       f'{sorted(ACTIVATIONS)}')
     if self.n_embd % self.n_head:
       raise ValueError(f'n_embd {self.n_embd} is not a multiple of n_head {self.n_head}')
     if (self.architecture == 'GPT2ForSequenceClassification') != (self.num_labels is not None):
@@ -159,7 +155,7 @@ class GPT2MLP(nnx.Module):
     self.act = config.activation_function
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.c_proj(_ACTIVATIONS[self.act](self.c_fc(x)))
+    return self.c_proj(ACTIVATIONS[self.act](self.c_fc(x)))
 
 
 class GPT2Block(nnx.Module):

@@ -18,22 +18,19 @@ Shapes: B batch, L sequence length, D hidden size, C number of labels.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adarank_jax.models.activations import ACTIVATIONS
+
 ARCHITECTURES = ('RobertaForSequenceClassification', 'RobertaModel',
                  'BertModel', 'BertForSequenceClassification',
                  'RobertaForMaskedLM', 'BertForMaskedLM')  # masked LMs: the body only (no lm_head)
 _POSITION_IDS = {'roberta': 'padding_offset', 'bert': 'absolute'}
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
-    'relu': jax.nn.relu,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +64,8 @@ class RobertaConfig:
     if self.position_ids not in _POSITION_IDS.values():
       raise ValueError(f'position_ids {self.position_ids!r} is not one of '
                        f'{sorted(_POSITION_IDS.values())}')
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f'hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}')
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f'hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}')
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f'hidden_size {self.hidden_size} is not a multiple of '
                        f'num_attention_heads {self.num_attention_heads}')
@@ -202,7 +199,7 @@ class RobertaIntermediate(nnx.Module):
     self.act = config.hidden_act
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _ACTIVATIONS[self.act](self.dense(x))
+    return ACTIVATIONS[self.act](self.dense(x))
 
 
 class RobertaLayer(nnx.Module):
