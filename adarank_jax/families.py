@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from adarank_jax import tree_util
+from adarank_jax.data import clip_tokenizer
 from adarank_jax.data import registry
 from adarank_jax.models import clip
 from adarank_jax.models import functional
@@ -94,8 +95,7 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
 def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
                     cache_dir: str | os.PathLike) -> tuple[np.ndarray, ...]:
   """Each task's (classes, dim) head from its class names and templates, cached per model and task."""
-  from open_clip import tokenizer as openclip_tokenizer  # pylint: disable=g-import-not-at-top
-  tokenize = openclip_tokenizer.SimpleTokenizer(context_length=config.text.context_length)
+  tokenize = clip_tokenizer.Tokenizer(context_length=config.text.context_length)
   graphdef, _ = functional.split(nnx.eval_shape(lambda: clip.build(config, rngs=nnx.Rngs(0))))
   encode_text = jax.jit(functools.partial(functional.call, graphdef, method="encode_text"))
   fingerprint = heads_lib.fingerprint({"text": full["text"], "logit_scale": full["logit_scale"]})[:16]
@@ -105,7 +105,7 @@ def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
     out.append(heads_lib.cached_zero_shot_head(
         cache_dir=Path(cache_dir), key=f"{fingerprint}_{name}",
         encode_text_fn=lambda tokens: encode_text(full, jnp.asarray(tokens)),
-        tokenize_fn=lambda texts: np.asarray(tokenize(list(texts))),
+        tokenize_fn=tokenize,
         classnames=task.classnames, templates=task.templates,
         logit_scale=float(np.asarray(full["logit_scale"]))))
   return tuple(out)

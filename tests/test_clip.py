@@ -135,6 +135,7 @@ def test_load_config_from_path_with_norm_eps(tmp_path):
     ('ViT-M-16-alt', r'ls_init_value=0\.0001'),
     ('roberta-ViT-B-32', r'hf_model_name=.roberta-base'),
     ('EVA02-B-16', r'custom_text=True.*timm_model_name'),
+    ('ViT-L-14-worldwide', r"hf_tokenizer_name='google/mt5-base'.*tokenizer_kwargs=\{'clean': 'canonicalize'\}"),
 ])
 def test_load_config_rejects_nonstandard_architectures(name, problem):
   with pytest.raises(ValueError, match=rf'{name}\.json: unsupported OpenCLIP config.*{problem}'):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from adarank_jax.data import clip_tokenizer
 from adarank_jax.interop import openclip as openclip_interop
 from adarank_jax.models import clip, functional, heads
 
@@ -106,14 +107,6 @@ def test_fingerprint_sees_values_and_structure():
       heads.fingerprint(tree)
 
 
-def test_open_clip_tokenizer_adapter():
-  import open_clip  # pylint: disable=g-import-not-at-top
-
-  tokens = heads.open_clip_tokenizer("ViT-B-32")(["a photo of a cat.", "a dog"])
-  assert tokens.shape == (2, 77)
-  np.testing.assert_array_equal(tokens, open_clip.tokenize(["a photo of a cat.", "a dog"]).numpy())
-
-
 _TINY = {"embed_dim": 16,
          "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
@@ -144,7 +137,7 @@ def test_tiny_real_clip_text_tower_matches_open_clip_head():
   tree = openclip_interop.tree_from_state_dict(state, config.vision, config.text, source="tiny")
   graphdef, _ = functional.split(nnx.eval_shape(lambda: clip.CLIP(config, rngs=nnx.Rngs(0))))
   encode = jax.jit(lambda tokens: functional.call(graphdef, tree, tokens, method="encode_text"))
-  head = heads.zero_shot_head(encode, heads.open_clip_tokenizer("ViT-B-32"), classnames, templates,
+  head = heads.zero_shot_head(encode, clip_tokenizer.Tokenizer(), classnames, templates,
                               logit_scale=float(tree["logit_scale"]), batch_size=4)
   max_diff = float(np.abs(head - reference).max())
   scale = np.abs(reference).max()

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from adarank_jax.data import clip_tokenizer
 from adarank_jax.data import preprocess
 from adarank_jax.data import registry
 from adarank_jax.digits import tasks as digit_tasks
@@ -185,7 +186,8 @@ def _fingerprint(schedule: Schedule, seed: int) -> str:
   """Hash of what a build depends on: schedule, seed, model config and the code that makes the files."""
   from adarank_jax.interop import openclip, state_dict  # pylint: disable=g-import-not-at-top
   digest = hashlib.sha256(json.dumps([dataclasses.asdict(schedule), seed]).encode())
-  code = [Path(m.__file__) for m in (preprocess, clip, functional, heads_lib, openclip, state_dict)]
+  code = [Path(m.__file__) for m in (clip_tokenizer, preprocess, clip, functional, heads_lib, openclip,
+                                     state_dict)]
   for path in sorted(PACKAGE_DIR.glob("*.py")) + code + [PACKAGE_DIR / schedule.model_config]:
     digest.update(path.read_bytes())
   return digest.hexdigest()[:12]
@@ -201,17 +203,18 @@ def _build_into(out: Path, names: tuple[str, ...], schedule: Schedule, seed: int
   clock = _Clock()
   shutil.copyfile(PACKAGE_DIR / schedule.model_config, out / "model_config.json")
   config = clip.load_config(out / "model_config.json")
-  tokenize = _tokenizer(config.text.context_length)
+  tokenize = clip_tokenizer.Tokenizer(context_length=config.text.context_length)
   graphdef, params = functional.split(clip.CLIP(config, rngs=nnx.Rngs(seed)))
   train = _stack(names, "train", config.vision.image_size)
   clock.lap("setup (tokenizer, model init, preprocessed data)")
 
-  key_pretrain, key_finetune = jax.random.split(jax.random.key(seed))
+  # Model init draws from JAX's PRNG; batch sampling from numpy on the host (no random ops to compile).
+  rng_pretrain, rng_finetune = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
   captions = np.stack([tokenize([t.format(w) for t in digit_tasks.PRETRAIN_TEMPLATES])
                        for w in digit_tasks.DIGIT_WORDS])  # (10, K, L)
   captions = captions[..., :captions.argmax(-1).max() + 1]  # drop the all-padding tail (causal: no effect)
   params = _pretrain(graphdef, params, train["images"], jnp.asarray(digit_tasks.digit_values("train")),
-                     jnp.asarray(captions), schedule=schedule, key=key_pretrain)
+                     jnp.asarray(captions), schedule=schedule, rng=rng_pretrain)
   openclip.export_openclip(params, out / "pretrained.safetensors")
   clock.lap(f"pretraining ({schedule.pretrain_steps} steps)")
 
@@ -219,7 +222,7 @@ def _build_into(out: Path, names: tuple[str, ...], schedule: Schedule, seed: int
   visual_graphdef, _ = functional.split(
       nnx.eval_shape(lambda: clip.VisionTransformer(config.vision, rngs=nnx.Rngs(0))))
   tuned = _finetune(visual_graphdef, params["visual"], heads, class_mask, train, schedule=schedule,
-                    key=key_finetune)
+                    rng=rng_finetune)
   (out / "finetuned").mkdir()
   for t, name in enumerate(names):
     openclip.export_openclip({**params, "visual": _task_slice(tuned, t)},
@@ -262,13 +265,6 @@ def _task_slice(stacked: Any, t: int) -> Any:
 def _rounded(names: Sequence[str], values: Sequence[jax.Array]) -> dict[str, float]:
   values = [float(v) for v in values]
   return {**{n: round(v, 4) for n, v in zip(names, values)}, "average": round(float(np.mean(values)), 4)}
-
-
-def _tokenizer(context_length: int):
-  """texts -> int32 (N, context_length) tokens, with OpenCLIP's BPE tokenizer."""
-  from open_clip import tokenizer  # pylint: disable=g-import-not-at-top  (imports torch)
-  simple = tokenizer.SimpleTokenizer(context_length=context_length)
-  return lambda texts: np.asarray(simple(list(texts)), np.int32)
 
 
 def _stack(names: Sequence[str], split: str, image_size: int) -> dict[str, jax.Array]:
@@ -323,7 +319,8 @@ def _optimizer(lr: float, steps: int, weight_decay: float) -> optax.GradientTran
                                  mask=lambda tree: jax.tree.map(lambda leaf: leaf.ndim >= 2, tree)))
 
 
-def _pretrain(graphdef, params, images, digits, captions, *, schedule: Schedule, key) -> Any:
+def _pretrain(graphdef, params, images, digits, captions, *, schedule: Schedule, rng: np.random.Generator
+              ) -> Any:
   """Contrastive pretraining of both towers and the logit scale.
 
   Each step draws `pretrain_batch` images (any task distribution) and one caption per digit (a
@@ -334,6 +331,7 @@ def _pretrain(graphdef, params, images, digits, captions, *, schedule: Schedule,
     images: (T, N, S, S, 3) preprocessed train images of every task distribution.
     digits: (N,) the digit each image shows (the same across tasks).
     captions: (10, K, L) tokens of K caption templates per digit.
+    rng: draws the batches.
 
   Returns:
     The pretrained CLIP param tree (numpy leaves).
@@ -342,13 +340,9 @@ def _pretrain(graphdef, params, images, digits, captions, *, schedule: Schedule,
   num_digits, num_templates = captions.shape[:2]
   tx = _optimizer(schedule.pretrain_lr, schedule.pretrain_steps, 0.0)
 
-  def loss_fn(params, key):
-    k_task, k_image, k_caption = jax.random.split(key, 3)
-    shape = (schedule.pretrain_batch,)
-    index = jax.random.randint(k_image, shape, 0, num_images)
-    batch = images[jax.random.randint(k_task, shape, 0, num_tasks), index]
-    tokens = captions[jnp.arange(num_digits), jax.random.randint(k_caption, (num_digits,), 0, num_templates)]
-    logits, _ = functional.call(graphdef, params, batch, tokens)  # (B, 10)
+  def loss_fn(params, task, index, template):
+    logits, _ = functional.call(graphdef, params, images[task, index],
+                                captions[jnp.arange(num_digits), template])  # (B, 10)
     image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, digits[index]).mean()
     positives = jax.nn.one_hot(digits[index], num_digits).T  # (10, B)
     text_to_image = optax.softmax_cross_entropy(logits.T, positives / positives.sum(1, keepdims=True))
@@ -356,27 +350,31 @@ def _pretrain(graphdef, params, images, digits, captions, *, schedule: Schedule,
     return 0.5 * (image_to_text + jnp.sum(jnp.where(present, text_to_image, 0.0)) / present.sum())
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, key)
+  def step(params, opt_state, task, index, template):
+    loss, grads = jax.value_and_grad(loss_fn)(params, task, index, template)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     params["logit_scale"] = jnp.minimum(params["logit_scale"], np.log(100.0))  # OpenCLIP's clamp
     return params, opt_state, loss
 
   opt_state = tx.init(params)
-  for i in range(schedule.pretrain_steps):
-    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
+  for _ in range(schedule.pretrain_steps):
+    params, opt_state, loss = step(params, opt_state, rng.integers(num_tasks, size=schedule.pretrain_batch),
+                                   rng.integers(num_images, size=schedule.pretrain_batch),
+                                   rng.integers(num_templates, size=num_digits))
   print(f"Digits testbed: pretrained {schedule.pretrain_steps} steps, final InfoNCE loss {float(loss):.3f}")
   return jax.device_get(params)
 
 
-def _finetune(visual_graphdef, visual, heads, class_mask, train, *, schedule: Schedule, key) -> Any:
+def _finetune(visual_graphdef, visual, heads, class_mask, train, *, schedule: Schedule,
+              rng: np.random.Generator) -> Any:
   """Fine-tunes one copy of the image tower per task through its frozen head, all tasks at once.
 
   Args:
     visual: pretrained image-tower tree.
     heads: (T, C_max, D); class_mask: (T, C_max).
     train: images (T, N, S, S, 3), labels (T, N).
+    rng: draws the batches.
 
   Returns:
     The T fine-tuned towers stacked on a leading axis: every leaf (T, ...).
@@ -384,8 +382,7 @@ def _finetune(visual_graphdef, visual, heads, class_mask, train, *, schedule: Sc
   num_tasks, num_images = train["labels"].shape
   tx = _optimizer(schedule.finetune_lr, schedule.finetune_steps, 0.1)
 
-  def task_step(visual, opt_state, head, mask, images, labels, key):
-    index = jax.random.randint(key, (schedule.finetune_batch,), 0, num_images)
+  def task_step(visual, opt_state, head, mask, images, labels, index):
 
     def loss_fn(visual):
       logits = _task_logits(visual_graphdef, visual, head, mask, images[index])
@@ -398,10 +395,9 @@ def _finetune(visual_graphdef, visual, heads, class_mask, train, *, schedule: Sc
   step = jax.jit(jax.vmap(task_step), donate_argnums=(0, 1))
   stacked = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (num_tasks,) + leaf.shape), visual)
   opt_state = jax.vmap(tx.init)(stacked)
-  for i in range(schedule.finetune_steps):
-    keys = jax.random.split(jax.random.fold_in(key, i), num_tasks)
+  for _ in range(schedule.finetune_steps):
     stacked, opt_state, loss = step(stacked, opt_state, heads, class_mask, train["images"], train["labels"],
-                                    keys)
+                                    rng.integers(num_images, size=(num_tasks, schedule.finetune_batch)))
   print(f"Digits testbed: fine-tuned {schedule.finetune_steps} steps, final cross-entropy per task: "
         f"{', '.join(f'{x:.3f}' for x in np.asarray(loss))}")
   return jax.device_get(stacked)

@@ -88,13 +88,14 @@ _BLOCK_FIXED = dict(ls_init_value=(None,), output_tokens=(False,), act_kwargs=(N
 _VISION_FIXED = dict(_BLOCK_FIXED, attentional_pool=(False,), no_ln_pre=(False,),
                      pos_embed_type=('learnable', 'sin_cos_2d'), pool_type=('tok',), timm_model_name=(None,))
 _TEXT_FIXED = dict(_BLOCK_FIXED, embed_cls=(False,), no_causal_mask=(False,), pool_type=('argmax',),
-                   proj_bias=(False,), hf_model_name=(None,))
+                   proj_bias=(False,), hf_model_name=(None,), hf_tokenizer_name=(None, ''),
+                   tokenizer_kwargs=(None, {}, {'clean': 'lower'}))  # data/clip_tokenizer.py is CLIP's BPE
 _TOP_FIXED = dict(custom_text=(False,), init_logit_bias=(None,), multimodal_cfg=(None,),
                   nonscalar_logit_scale=(False,))
 # Options without effect on inference weights or outputs (training-only, tokenizer, or unused with the above).
 _VISION_IGNORED = {'patch_dropout', 'attn_pooler_queries', 'attn_pooler_heads', 'timm_model_pretrained',
                    'timm_pool', 'timm_proj', 'timm_proj_bias', 'timm_drop', 'timm_drop_path'}
-_TEXT_IGNORED = {'hf_tokenizer_name', 'tokenizer_mode', 'tokenizer_kwargs', 'pad_id', 'eos_id',
+_TEXT_IGNORED = {'tokenizer_mode', 'pad_id', 'eos_id',
                  'hf_model_pretrained', 'hf_proj_type', 'hf_pooler_type'}
 _TOP_IGNORED = {'init_logit_scale'}
 

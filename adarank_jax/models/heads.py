@@ -4,8 +4,8 @@ For each class: the text embeddings of every template are L2-normalised, average
 re-normalised; the (num_classes, dim) matrix is multiplied by exp(logit_scale). The head is a bias-free
 linear layer on L2-normalised image features: `classify(features, head)`.
 
-This module is pure: it takes `encode_text_fn` / `tokenize_fn` as functions. `open_clip_tokenizer` is
-the one adapter that imports open_clip (and so torch), lazily. Heads can be cached on disk as .npy files
+This module is pure: it takes `encode_text_fn` / `tokenize_fn` as functions (CLIP's tokenizer is
+`adarank_jax.data.clip_tokenizer.Tokenizer`). Heads can be cached on disk as .npy files
 keyed by the model and task (`key`, e.g. a `fingerprint` of the CLIP tree + the task name) and a hash of
 the class names and templates.
 """
@@ -123,10 +123,3 @@ def cached_zero_shot_head(cache_dir: str | os.PathLike[str] | None, *, key: str,
   os.replace(tmp, path)
   return head
 
-
-def open_clip_tokenizer(model_name: str) -> TokenizeFn:
-  """open_clip's tokenizer for `model_name` ("ViT-B-32"): texts -> int tokens (n, 77). Imports torch."""
-  import open_clip  # pylint: disable=g-import-not-at-top  (torch; only head building needs it)
-
-  tokenizer = open_clip.get_tokenizer(model_name)
-  return lambda texts: tokenizer(list(texts)).numpy()
