@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import json
 import os
 import pathlib
+import socket
+import struct
 import tempfile
 import time
 from typing import Any, TypedDict
@@ -299,9 +301,7 @@ class MetricWriter:
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.jsonl_path = self.workdir / "metrics.jsonl"
-    # Imported here: tensorboardX imports torch whenever torch is installed, and this module is JAX core.
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-    self._tensorboard = tensorboardX.SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+    self._tensorboard = _EventFile(self.workdir / "tensorboard")
 
   def scalars(self, step: int, values: Mapping[str, Any]) -> None:
     """Logs {name: scalar} at `step` (values may be numpy or jax scalars; fetch them every N steps)."""
@@ -310,9 +310,9 @@ class MetricWriter:
       if np.ndim(value) != 0:
         raise ValueError(f"metric {name!r} at step {step} has shape {np.shape(value)}, expected a scalar")
       floats[name] = float(np.asarray(value))
-    write_jsonl(self.jsonl_path, {"step": int(step), "wall_time": time.time(), **floats})
-    for name, value in floats.items():
-      self._tensorboard.add_scalar(name, value, global_step=int(step))
+    wall_time = time.time()
+    write_jsonl(self.jsonl_path, {"step": int(step), "wall_time": wall_time, **floats})
+    self._tensorboard.scalars(int(step), floats, wall_time)
 
   def flush(self) -> None:
     self._tensorboard.flush()
@@ -325,3 +325,79 @@ class MetricWriter:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+class _EventFile:
+  """A TensorBoard event file of scalar summaries, written directly (no TensorFlow, no tensorboardX).
+
+  tensorboardX imports torch whenever it is installed (2 s); the format is small enough to write here: a
+  TFRecord file (per record: uint64 length, masked CRC-32C of the length, the bytes, masked CRC-32C of the
+  bytes) of `Event` protocol buffers (tensorflow/core/util/event.proto): wall_time = 1 (double), step = 2
+  (int64), file_version = 3 (string, the first record), summary = 5 {repeated value = 1 {tag = 1 (string),
+  simple_value = 2 (float)}}. tests/test_report.py parses the files with the protobuf classes.
+  """
+
+  def __init__(self, logdir: pathlib.Path):
+    logdir.mkdir(parents=True, exist_ok=True)
+    self._file = open(logdir / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}",
+                      "wb")
+    self._write(_proto_field(1, 1, struct.pack("<d", time.time())) + _proto_field(3, 2, b"brain.Event:2"))
+
+  def scalars(self, step: int, values: Mapping[str, float], wall_time: float) -> None:
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, as TensorBoard would show it
+      summary = b"".join(
+          _proto_field(1, 2, _proto_field(1, 2, tag.encode()) + _proto_field(2, 5, np.asarray(v, "<f4").tobytes()))
+          for tag, v in values.items())
+    self._write(_proto_field(1, 1, struct.pack("<d", wall_time)) + _proto_field(2, 0, step)
+                + _proto_field(5, 2, summary))
+
+  def _write(self, event: bytes) -> None:
+    length = struct.pack("<Q", len(event))
+    self._file.write(length + struct.pack("<I", _masked_crc(length)) + event
+                     + struct.pack("<I", _masked_crc(event)))
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def _proto_field(number: int, wire_type: int, value: int | bytes) -> bytes:
+  """One protocol-buffer field: wire type 0 (varint, value an int >= 0), 1 / 5 (8 / 4 packed bytes) or 2
+  (length-delimited bytes)."""
+  if wire_type == 0:
+    return _varint(number << 3) + _varint(value)
+  if wire_type == 2:
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+  return _varint(number << 3 | wire_type) + value
+
+
+def _varint(value: int) -> bytes:
+  out = bytearray()
+  while value > 0x7F:
+    out.append(value & 0x7F | 0x80)
+    value >>= 7
+  return bytes(out + bytes([value]))
+
+
+def _crc32c_table() -> tuple[int, ...]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = crc >> 1 ^ (0x82F63B78 if crc & 1 else 0)  # CRC-32C (Castagnoli), reflected polynomial
+    table.append(crc)
+  return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def _masked_crc(data: bytes) -> int:
+  """TFRecord's masked CRC-32C of `data`."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ crc >> 8
+  crc ^= 0xFFFFFFFF
+  return ((crc >> 15 | crc << 17) + 0xA282EAD8) & 0xFFFFFFFF

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from tensorboardX import record_writer
 from tensorboardX.proto import event_pb2
 
 from adarank_jax import evaluate
@@ -186,29 +187,40 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
   with report.MetricWriter(tmp_path) as writer:
     writer.scalars(0, {"loss": np.float32(2.0), "acc/mnist": 0.25})
     writer.scalars(10, {"loss": 1.5})
+    writer.scalars(2**40, {"big": 1e40, "nan": float("nan")})  # multi-byte varint; float32 overflow -> inf
     with pytest.raises(ValueError, match=r"metric 'loss' at step 11 has shape \(2,\)"):
       writer.scalars(11, {"loss": np.zeros(2)})
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [{k: v for k, v in r.items() if k != "wall_time"} for r in records] == [
+  assert [{k: v for k, v in r.items() if k != "wall_time"} for r in records][:2] == [
       {"step": 0, "loss": 2.0, "acc/mnist": 0.25}, {"step": 10, "loss": 1.5}]
   event_files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert len(event_files) == 1
-  assert _read_scalars(event_files[0]) == [(0, "loss", 2.0), (0, "acc/mnist", 0.25), (10, "loss", 1.5)]
+  events = _read_events(event_files[0])
+  assert events[0].file_version == "brain.Event:2"
+  scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
+  assert scalars[:3] == [(0, "loss", 2.0), (0, "acc/mnist", 0.25), (10, "loss", 1.5)]
+  assert scalars[3] == (2**40, "big", np.inf) and scalars[4][:2] == (2**40, "nan") and np.isnan(scalars[4][2])
+  assert [e.wall_time for e in events[1:]] == [r["wall_time"] for r in records]
 
 
-def _read_scalars(path):
-  """(step, tag, value) of every scalar in a TFRecord event file (tensorboard itself is not installed)."""
-  data, offset, scalars = path.read_bytes(), 0, []
+def _read_events(path):
+  """Every Event of a TFRecord event file, checking both CRCs of each record with tensorboardX's code."""
+  data, offset, events = path.read_bytes(), 0, []
   while offset < len(data):
-    (length,) = struct.unpack_from("<Q", data, offset)
-    event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])  # 8 length + 4 crc bytes
-    offset += 12 + length + 4  # and the data's crc
-    scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
-  return scalars
+    header = data[offset:offset + 8]
+    (length,) = struct.unpack("<Q", header)
+    (header_crc,) = struct.unpack_from("<I", data, offset + 8)
+    body = data[offset + 12:offset + 12 + length]
+    (body_crc,) = struct.unpack_from("<I", data, offset + 12 + length)
+    assert (header_crc, body_crc) == (record_writer.masked_crc32c(header), record_writer.masked_crc32c(body))
+    events.append(event_pb2.Event.FromString(body))
+    offset += 12 + length + 4
+  return events
 
 
-def test_import_does_not_load_torch():
+def test_metric_writer_does_not_load_torch(tmp_path):
   code = ("import sys, adarank_jax.evaluate, adarank_jax.report; "
+          f"adarank_jax.report.MetricWriter({str(tmp_path)!r}).scalars(0, {{'loss': 1.0}}); "
           "print(sorted({'torch', 'tensorboardX'} & set(sys.modules)))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
   assert out.strip() == "[]"
