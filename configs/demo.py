@@ -1,7 +1,7 @@
 """The embedded default: AdaRank and every baseline on the digits testbed, on a laptop CPU.
 
-python -m adarank_jax.main --config configs/demo.py                # about 6 minutes the first time
-python -m adarank_jax.main --config configs/demo.py:quick=true     # CI smoke run: ~50 s (cached), ~90 s cold
+python -m adarank_jax.main --config configs/demo.py                # about 3 minutes the first time
+python -m adarank_jax.main --config configs/demo.py:quick=true     # CI smoke run: under a minute from scratch
 
 The testbed (a tiny OpenCLIP-architecture CLIP pre-trained on sklearn's 8x8 digits, and one fine-tuned
 image tower per digits task, saved as OpenCLIP state dicts) is built on the first run and cached; its

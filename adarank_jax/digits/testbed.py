@@ -1,4 +1,4 @@
-"""A miniature of the paper's vision setting, built from the digits tasks in under two minutes on a CPU.
+"""A miniature of the paper's vision setting, built from the digits tasks in about 80 s on a 2-core CPU.
 
 `build(cache_dir)` makes, deterministically from `seed`:
   1. a tiny OpenCLIP-architecture CLIP (`tiny_clip.json`), pretrained contrastively (symmetric
@@ -64,8 +64,8 @@ class Schedule:
   evaluate: bool         # measure zero-shot and fine-tuned test accuracy for the manifest
 
 
-# Full: about 100 s on 2 CPU cores. Quick (CI, about 25 s): a smaller model and a few dozen steps;
-# its models are near chance, but the files, tasks and code path are the real ones.
+# Full: about 80 s on 2 CPU cores. Quick (CI, about 20 s, mostly compiling): a smaller model and a few
+# steps; its models are near chance, but the files, tasks and code path are the real ones.
 FULL = Schedule(model_config="tiny_clip.json", pretrain_steps=800, pretrain_batch=128, pretrain_lr=2e-3,
                 finetune_steps=200, finetune_batch=32, finetune_lr=3e-4, evaluate=True)
 QUICK = Schedule(model_config="tiny_clip_quick.json", pretrain_steps=12, pretrain_batch=64, pretrain_lr=3e-3,
