@@ -19,8 +19,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", "", "Output directory; default runs/<config.name>.")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last checkpoint.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete what --workdir holds and start over.")
-_EXPORT = flags.DEFINE_enum("export", "", ["", "safetensors", "pt", "hf"],
-                            "Also write each merged model: OpenCLIP state dict (clip) or HF directory.")
+_EXPORT = flags.DEFINE_enum("export", None, ["", "safetensors", "pt", "hf"],
+                            "Also write each merged model: OpenCLIP state dict (clip) or HF directory; "
+                            "default: config.export; --export= writes none.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -33,13 +34,14 @@ def main(argv):
   if config.testbed.name == "digits":  # the embedded demo: build (or reuse) its checkpoints first
     from adarank_jax.digits import testbed  # pylint: disable=g-import-not-at-top
     testbed.build(testbed.default_cache_dir(), quick=config.testbed.quick, seed=config.testbed.seed)
-  validate.validate(config, export=_EXPORT.value)
+  export = config.export if _EXPORT.value is None else _EXPORT.value
+  validate.validate(config, export=export)
   continued = validate.check_workdir(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
   if config.mesh.multi_host:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
   from adarank_jax import run  # pylint: disable=g-import-not-at-top  (heavy imports after validation)
-  run.run(config, workdir, continued=continued, overwrite=_OVERWRITE.value, export=_EXPORT.value)
+  run.run(config, workdir, continued=continued, overwrite=_OVERWRITE.value, export=export)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def finetuned_path(template: str, task: str) -> Path:
 
 
 def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
-  """Raises ConfigError listing every problem of `config` (and of `export`, the --export flag)."""
+  """Raises ConfigError listing every problem of `config` (and of `export`: --export, else config.export)."""
   problems = []
 
   def need(ok: bool, message: str) -> None:
@@ -76,7 +76,7 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
        f"mesh.factor_sharding={config.mesh.factor_sharding!r}: expected 'replicated' or 'task'")
   if export:
     allowed = EXPORTS.get(config.family, ())
-    need(export in allowed, f"--export={export!r}: for family {config.family!r} expected one of {allowed}")
+    need(export in allowed, f"export={export!r}: for family {config.family!r} expected one of {allowed}")
 
   # Paths: every missing file at once.
   need(bool(config.model.pretrained), "model.pretrained: empty; set --config.model.pretrained=PATH")

@@ -73,6 +73,9 @@ def base():
   config.data.max_length = 128              # LMs: tokens per example
   config.data.workers = 2                   # preprocessing threads
   config.cache_dir = ""                     # zero-shot heads and other caches ('' = <workdir>/cache)
+  config.export = ""                        # also write each merged model under <workdir>/export: '' (no),
+                                            # 'safetensors' | 'pt' (clip: OpenCLIP state dict), 'hf' (LMs);
+                                            # the --export flag overrides it
 
   # A testbed built (once, cached) before the run; the embedded demo uses 'digits'.
   config.testbed = ml_collections.ConfigDict()

@@ -37,6 +37,7 @@ def get_config(arg=None):
   config.adarank.log_every = 50
   config.adarank.checkpoint_every = 250
   config.eval.batch_size = 256
+  config.export = "safetensors"  # every merged model, as an OpenCLIP state dict open_clip loads
   if arg.quick:
     config.adarank.update(num_steps=6, eval_every=6, log_every=3, checkpoint_every=3)
     config.eval.update(batch_size=128, max_examples=128)

@@ -70,7 +70,7 @@ def test_validate_lists_every_problem(tmp_path):
   msg = str(e.value)
   for needle in ("unknown task(s) ['Kitties']", "adarank.ta.initial_rank_ratio=1.5",
                  "adarank.num_steps=0", "adarank.batch_size_per_task=-2", "absent.pt does not exist",
-                 "2 fine-tuned checkpoint(s) missing", "Cars.pt", "--export='hf'"):
+                 "2 fine-tuned checkpoint(s) missing", "Cars.pt", "export='hf'"):
     assert needle in msg, needle
 
 
