@@ -93,6 +93,7 @@ def test_workdir_with_other_config(tmp_path):
   assert validate.check_workdir(config, tmp_path, resume=False, overwrite=False)
   longer = _get("vitb32_t8")
   longer.adarank.num_steps = 20_000           # resumable: train longer
+  longer.export = "safetensors"               # and write the merged models at the end
   assert validate.check_workdir(longer, tmp_path, resume=True, overwrite=False)
   other = _get("vitb32_t8", "base=cart")
   with pytest.raises(validate.ConfigError, match=r"different config .*methods"):
