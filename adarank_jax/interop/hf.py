@@ -40,7 +40,7 @@ from flax import nnx
 
 from adarank_jax import checkpoint, tree_util
 from adarank_jax.interop import state_dict as state_dict_lib
-from adarank_jax.models import clip, gpt2, roberta
+from adarank_jax.models import clip, gpt2, hf_checks, roberta
 
 ModelConfig = roberta.RobertaConfig | gpt2.GPT2Config | clip.VisionConfig
 
@@ -107,20 +107,14 @@ def _clip_table(shapes: Mapping[str, tuple[int, ...]]) -> Table:
   return table
 
 
-def _architecture(config: Mapping[str, Any], allowed: Sequence[str]) -> str:
-  architectures = config['architectures']
-  if not architectures or len(architectures) != 1 or architectures[0] not in allowed:
-    raise ValueError(f'architectures {architectures!r} in config.json is not one of {list(allowed)}')
-  return architectures[0]
-
-
 def _clip_config(config: Mapping[str, Any]) -> clip.VisionConfig:
   """A VisionConfig (act 'quick_gelu' as HF CLIP) from a CLIPVisionModel or CLIPModel config dict."""
   if config['model_type'] == 'clip':
-    _architecture(config, ('CLIPModel',))
+    hf_checks.single_architecture(config, ('CLIPModel',))
     vision, output_dim = config['vision_config'], config['projection_dim']
   else:
-    architecture = _architecture(config, ('CLIPVisionModel', 'CLIPVisionModelWithProjection'))
+    architecture = hf_checks.single_architecture(config,
+                                                 ('CLIPVisionModel', 'CLIPVisionModelWithProjection'))
     vision = config
     output_dim = config['projection_dim'] if architecture.endswith('WithProjection') else None
   if vision['num_channels'] != 3:

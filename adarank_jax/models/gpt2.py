@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adarank_jax.models import hf_checks
 from adarank_jax.models.activations import ACTIVATIONS
 
 ARCHITECTURES = ('GPT2ForSequenceClassification', 'GPT2LMHeadModel', 'GPT2Model')
@@ -83,10 +84,7 @@ class GPT2Config:
       raise ValueError(f"model_type {config['model_type']!r} is not 'gpt2'")
     if config['add_cross_attention']:
       raise ValueError('add_cross_attention=True (GPT-2 with cross-attention) is not supported')
-    architectures = config['architectures']
-    if not architectures or len(architectures) != 1:
-      raise ValueError(f'config.json must name exactly one architecture, got {architectures!r}')
-    architecture = architectures[0]
+    architecture = hf_checks.single_architecture(config)
     if architecture == 'GPT2LMHeadModel' and not config['tie_word_embeddings']:
       raise ValueError('GPT2LMHeadModel with tie_word_embeddings=False is not supported '
                        '(its lm_head would not be kept)')

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adarank_jax.models import hf_checks
 from adarank_jax.models.activations import ACTIVATIONS
 
 ARCHITECTURES = ('RobertaForSequenceClassification', 'RobertaModel',
@@ -89,7 +90,7 @@ class RobertaConfig:
     if 'position_embedding_type' in config and config['position_embedding_type'] != 'absolute':
       raise ValueError(f"position_embedding_type {config['position_embedding_type']!r} is not "
                        "supported (only 'absolute')")
-    architecture = _single_architecture(config)
+    architecture = hf_checks.single_architecture(config)
     return cls(
         architecture=architecture,
         vocab_size=config['vocab_size'],
@@ -106,13 +107,6 @@ class RobertaConfig:
         num_labels=(len(config['id2label'])
                     if architecture.endswith('ForSequenceClassification') else None),
         dtype=dtype)
-
-
-def _single_architecture(config: Mapping[str, Any]) -> str:
-  architectures = config['architectures']
-  if not architectures or len(architectures) != 1:
-    raise ValueError(f'config.json must name exactly one architecture, got {architectures!r}')
-  return architectures[0]
 
 
 def position_ids(input_ids: jax.Array, *, scheme: str, pad_token_id: int) -> jax.Array:
