@@ -5,6 +5,14 @@ SPEC section 3, with lambda_{t,k} one coefficient per task per tensor:
   dense leaf k: W_k = origin_k + sum_t lambda_{t,k} tau_{t,k}
 The SVD sum is ONE matmul: (m, T*r) @ (T*r, n), with the columns of U scaled by lambda * b * s.
 
+Cached deltas (`masked_deltas`, `merge(..., deltas=...)`): a training step may keep each task's
+D_{t,k} = U_{t,k} diag(b_{t,k} * s_{t,k}) V_{t,k}^T between steps, rebuilt from the factors whenever
+its hard mask changes (`refresh_deltas`). The forward pass is then origin_k + sum_t lambda_{t,k} D_{t,k}
+(T*m*n flops instead of 2*m*n*T*r) and the backward pass computes only g_{t,i} = (U_t^T G V_t)_{ii}
+(2*m*n*r per task, the same product the one-matmul rebuild needs), from which
+  dL/dlambda_t = sum_i b_{t,i} s_{t,i} g_{t,i},   dL/dmask_{t,i} = lambda_t s_{t,i} g_{t,i}.
+The values are those of the one-matmul rebuild up to float32 summation order.
+
 Only the leaves present in `factors` are merged. Everything else in `origin` (heads, embeddings,
 integer buffers, or any part left out by `task_vectors(include=...)`) is returned unchanged, so
 a caller merges a subtree simply by passing factors for that subtree only.
@@ -14,6 +22,7 @@ float64, e.g. for finite-difference tests under `jax.enable_x64`); outputs take 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,6 +68,51 @@ def svd_delta(svd: SVD, weights: jax.Array, *, precision: Any = None) -> jax.Arr
   return jnp.matmul(left, right, precision=precision)
 
 
+def masked_deltas(svd: SVD, mask: jax.Array, *, precision: Any = None) -> jax.Array:
+  """(T, m, n): D_t = U_t diag(mask_t * s_t) V_t^T for every task, in float32 (or wider)."""
+  dtype = _compute_dtype(mask, *svd)
+  left = svd.u.astype(dtype) * (mask.astype(dtype) * svd.s.astype(dtype))[:, None, :]
+  return jnp.matmul(left, svd.vt.astype(dtype), precision=precision)
+
+
+def cached_svd_delta(deltas: jax.Array, svd: SVD, coefficients: jax.Array, mask: jax.Array, *,
+                     precision: Any = None) -> jax.Array:
+  """sum_t coefficients_t deltas_t, differentiable in `coefficients` and `mask` as `svd_delta` is.
+
+  `deltas` must equal `masked_deltas(svd, hard(mask))`: the forward value is read from them, and the
+  gradients are those of sum_t U_t diag(coefficients_t * mask_t * s_t) V_t^T (see the module doc).
+  The factors and the deltas are constants (no gradient).
+  """
+  return _cached_svd_delta(precision, deltas, svd, coefficients, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cached_svd_delta(precision, deltas, svd, coefficients, mask):
+  dtype = _compute_dtype(coefficients, deltas)
+  return jnp.tensordot(coefficients.astype(dtype), deltas.astype(dtype), axes=1)
+
+
+def _cached_svd_delta_fwd(precision, deltas, svd, coefficients, mask):
+  return (_cached_svd_delta(precision, deltas, svd, coefficients, mask),
+          (deltas, svd, coefficients, mask))
+
+
+def _cached_svd_delta_bwd(precision, residuals, grad):
+  deltas, svd, coefficients, mask = residuals
+  dtype = _compute_dtype(grad, *svd)
+  u, s, vt = (x.astype(dtype) for x in svd)
+  # g_{t,i} = (U_t^T G V_t)_{ii}: one (r, m) @ (m, n) product per task, then a row-wise dot with V_t^T.
+  left = jnp.einsum('tmr,mn->trn', u, grad.astype(dtype), precision=precision)
+  g = jnp.sum(left * vt, axis=-1) * s                                      # (T, r): s_i g_i
+  grad_coefficients = jnp.sum(g * mask.astype(dtype), axis=-1)
+  grad_mask = coefficients.astype(dtype)[:, None] * g
+  return (jnp.zeros_like(deltas), jax.tree.map(jnp.zeros_like, svd),
+          grad_coefficients.astype(coefficients.dtype), grad_mask.astype(mask.dtype))
+
+
+_cached_svd_delta.defvjp(_cached_svd_delta_fwd, _cached_svd_delta_bwd)
+
+
 def dense_delta(tau: jax.Array, coefficients: jax.Array) -> jax.Array:
   """sum_t coefficients_t tau_t: (T,), (T, ...) -> (...), float32 unless an input is wider."""
   dtype = _compute_dtype(coefficients, tau)
@@ -76,7 +130,7 @@ def _lookup(flat: Mapping[str, Any], path: str, what: str, shape: tuple[int, ...
 
 def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Mapping[Any, Any],
           coefficients: Mapping[Any, Any], *, temperature: float, mask_mode: str = 'ste',
-          precision: Any = None) -> dict[Any, Any]:
+          precision: Any = None, deltas: Mapping[Any, Any] | None = None) -> dict[Any, Any]:
   """The merged param tree (pure; jittable and differentiable in mask_logits and coefficients).
 
   Args:
@@ -89,6 +143,9 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
     mask_mode: 'ste' (training: hard forward, sigmoid gradient), 'hard' (evaluation and export)
       or 'soft' (the sigmoid itself: a smooth surrogate).
     precision: matmul precision of the SVD rebuild (see `svd_delta`).
+    deltas: optional cached per-task deltas, (T, m, n) for every SVD path, equal to
+      `masked_deltas(factor, hard_mask(logits))` (`init_deltas` / `refresh_deltas`); the SVD leaves
+      are then summed from them (`cached_svd_delta`). Only with the hard-forward modes 'ste'/'hard'.
 
   Returns:
     A tree with origin's structure and dtypes; leaves absent from `factors` are origin's own.
@@ -99,7 +156,10 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
   """
   if mask_mode not in masking.MASK_FNS:
     raise ValueError(f'merge: mask_mode={mask_mode!r}; expected one of {sorted(masking.MASK_FNS)}')
+  if deltas is not None and mask_mode == 'soft':
+    raise ValueError("merge: cached deltas hold hard-masked components; mask_mode='soft' cannot use them")
   mask_fn = masking.MASK_FNS[mask_mode]
+  delta_cache = {} if deltas is None else tree_util.flatten(deltas)
   logit_flat = tree_util.flatten(mask_logits)
   coef_flat = tree_util.flatten(coefficients)
 
@@ -111,6 +171,9 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
                          f'the origin is {shape}')
       lam = _lookup(coef_flat, path, 'coefficients', (tasks,))
       mask = mask_fn(_lookup(logit_flat, path, 'mask_logits', (tasks, rank)), temperature)
+      if deltas is not None:
+        cached = _lookup(delta_cache, path, 'deltas', (tasks, *shape))
+        return cached_svd_delta(cached, factor, lam, mask, precision=precision)
       return svd_delta(factor, lam[:, None] * mask, precision=precision)
     tasks = np.shape(factor)[0]
     if tuple(np.shape(factor)[1:]) != shape:
@@ -119,6 +182,42 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
     return dense_delta(factor, _lookup(coef_flat, path, 'coefficients', (tasks,)))
 
   return add_deltas(origin, factors, delta, name='merge')
+
+
+def init_deltas(factors: Mapping[Any, Any], mask_logits: Mapping[Any, Any], *,
+                precision: Any = None) -> dict[Any, Any]:
+  """The cache of per-task deltas: `masked_deltas(factor, hard_mask(logits))` for every SVD path."""
+  logit_flat = tree_util.flatten(mask_logits)
+  return tree_util.unflatten({
+      path: masked_deltas(factor, masking.hard_mask(logit_flat[path]), precision=precision)
+      for path, factor in tree_util.flatten(factors).items() if is_svd(factor)})
+
+
+def refresh_deltas(factors: Mapping[Any, Any], deltas: Mapping[Any, Any],
+                   old_logits: Mapping[Any, Any], new_logits: Mapping[Any, Any], *,
+                   precision: Any = None) -> dict[Any, Any]:
+  """`deltas` made current for `new_logits`: D_{t,k} is rebuilt from the factors where task t's hard
+  mask of matrix k changed between `old_logits` and `new_logits`, and kept as it is elsewhere.
+
+  Jittable: one `lax.cond` per (task, matrix), so a step in which no mask flips rebuilds nothing.
+  The rebuilt delta is computed exactly as `init_deltas` computes it, so a cache never drifts.
+  """
+  factor_flat = tree_util.flatten(factors)
+  old_flat, new_flat = tree_util.flatten(old_logits), tree_util.flatten(new_logits)
+  out = {}
+  for path, cached in tree_util.flatten(deltas).items():
+    factor, mask = factor_flat[path], masking.hard_mask(new_flat[path])
+    changed = jnp.any(masking.hard_mask(old_flat[path]) != mask, axis=-1)        # (T,)
+
+    def rebuild(t, cached, factor=factor, mask=mask, changed=changed):
+      def fresh(cached):
+        one = SVD(*(jax.lax.dynamic_slice_in_dim(x, t, 1) for x in factor))
+        update = masked_deltas(one, jax.lax.dynamic_slice_in_dim(mask, t, 1), precision=precision)
+        return jax.lax.dynamic_update_slice_in_dim(cached, update.astype(cached.dtype), t, 0)
+      return jax.lax.cond(changed[t], fresh, lambda cached: cached, cached)
+
+    out[path] = jax.lax.fori_loop(0, cached.shape[0], rebuild, cached)
+  return tree_util.unflatten(out)
 
 
 def add_deltas(origin: Mapping[Any, Any], deltas: Mapping[Any, Any],

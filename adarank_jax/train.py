@@ -50,12 +50,15 @@ class TrainState(NamedTuple):
     coefficients: {path: (T,)} float32 per merged leaf.
     opt_state: Adam state over (mask_logits, coefficients).
     data_positions: (T,) int32, batches consumed from each task's stream.
+    deltas: None, or the cache of per-task deltas U_t diag(b_t s_t) V_t^T, (T, m, n) per SVD leaf
+      (`merging.init_deltas`): derived from the factors and the logits, so never checkpointed.
   """
   step: jax.Array
   mask_logits: Any
   coefficients: Any
   opt_state: Any
   data_positions: jax.Array
+  deltas: Any = None
 
 
 def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -69,32 +72,44 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 
 def init_state(factors: Mapping[Any, Any], *, optimizer: optax.GradientTransformation,
-               num_tasks: int, initial_rank_ratio: float, prior: float) -> TrainState:
-  """Step 0: logits +-0.1 from `initial_rank_ratio`, every coefficient = `prior`, fresh Adam."""
+               num_tasks: int, initial_rank_ratio: float, prior: float,
+               cache_deltas: bool = False) -> TrainState:
+  """Step 0: logits +-0.1 from `initial_rank_ratio`, every coefficient = `prior`, fresh Adam.
+
+  With `cache_deltas` the state also holds every task's masked delta of every SVD leaf (one more
+  float32 matrix per task and decomposed matrix, e.g. 2.7 GB for ViT-B/32 x 8 tasks), computed
+  where the factors live (place the factors first); the step then does about half the rebuild
+  work (see `merging`). The math is the same either way.
+  """
   mask_logits = masking.init_logits(factors, initial_rank_ratio=initial_rank_ratio,
                                     num_tasks=num_tasks)
   coefficients = merging.init_coefficients(factors, num_tasks=num_tasks, prior=prior)
   return TrainState(step=jnp.zeros((), jnp.int32), mask_logits=mask_logits,
                     coefficients=coefficients,
                     opt_state=optimizer.init((mask_logits, coefficients)),
-                    data_positions=jnp.zeros((num_tasks,), jnp.int32))
+                    data_positions=jnp.zeros((num_tasks,), jnp.int32),
+                    deltas=_init_deltas(factors, mask_logits) if cache_deltas else None)
+
+
+_init_deltas = jax.jit(merging.init_deltas)
 
 
 def make_loss_fn(*, task_logits_fn: TaskLogitsFn, temperature: float, num_tasks: int,
                  mask_mode: str = 'ste', precision: Any = None) -> Callable[..., Any]:
-  """loss_fn((mask_logits, coefficients), (origin, factors), batches) -> (loss, (T,) entropies).
+  """loss_fn((mask_logits, coefficients), (origin, factors), batches, deltas=None) -> (loss, (T,) H).
 
   `batches` is a length-T sequence; batches[t] is what `task_logits_fn(params, t, .)` takes.
+  `deltas`: the state's cache of per-task deltas, if it keeps one (`init_state(cache_deltas=True)`).
   `mask_mode` is passed to `merging.merge` ('ste' to train, 'soft' for the smooth surrogate).
   """
 
-  def loss_fn(trainable, frozen, batches):
+  def loss_fn(trainable, frozen, batches, deltas=None):
     if len(batches) != num_tasks:
       raise ValueError(f'loss: got {len(batches)} task batches; expected num_tasks={num_tasks}')
     mask_logits, coefficients = trainable
     origin, factors = frozen
     params = merging.merge(origin, factors, mask_logits, coefficients, temperature=temperature,
-                           mask_mode=mask_mode, precision=precision)
+                           mask_mode=mask_mode, precision=precision, deltas=deltas)
     entropies = jnp.stack([objectives.entropy(task_logits_fn(params, t, batches[t]))
                            for t in range(num_tasks)])
     return jnp.sum(entropies), entropies
@@ -124,17 +139,34 @@ def make_train_step(*, task_logits_fn: TaskLogitsFn, optimizer: optax.GradientTr
 
   def step(frozen, state: TrainState, batches):
     trainable = (state.mask_logits, state.coefficients)
-    (loss, entropies), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batches)
+    (loss, entropies), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, frozen, batches, state.deltas)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     mask_logits, coefficients = optax.apply_updates(trainable, updates)
+    deltas = state.deltas
+    if deltas is not None:  # rebuild the deltas of the (task, matrix) pairs whose hard mask flipped
+      deltas = merging.refresh_deltas(frozen[1], deltas, state.mask_logits, mask_logits,
+                                      precision=precision)
     new_state = TrainState(step=state.step + 1, mask_logits=mask_logits, coefficients=coefficients,
-                           opt_state=opt_state, data_positions=state.data_positions + 1)
+                           opt_state=opt_state, data_positions=state.data_positions + 1,
+                           deltas=deltas)
     metrics = {'loss': loss, 'entropy': entropies,
                'kept_fraction': masking.kept_fraction(mask_logits)}
     return new_state, metrics
 
-  out_shardings = None if mesh is None else NamedSharding(mesh, P())
-  return jax.jit(step, donate_argnums=1, out_shardings=out_shardings)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=1)
+
+  def sharded_step(frozen, state, batches):
+    # The trainable state and the metrics come out replicated; cached deltas stay where the
+    # factors are (replicated or split over 'task'), as `init_state` placed them.
+    replicated = NamedSharding(mesh, P())
+    new_state, metrics = step(frozen, state, batches)
+    new_state = jax.lax.with_sharding_constraint(new_state._replace(deltas=None), replicated
+                                                 )._replace(deltas=new_state.deltas)
+    return new_state, jax.lax.with_sharding_constraint(metrics, replicated)
+
+  return jax.jit(sharded_step, donate_argnums=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,8 +216,9 @@ def place_frozen(frozen: tuple[Any, Any], mesh: Mesh, *, factor_placement: str =
 
 
 def place_state(state: TrainState, mesh: Mesh) -> TrainState:
-  """Replicates the trainable state on `mesh`."""
-  return jax.device_put(state, NamedSharding(mesh, P()))
+  """Replicates the trainable state on `mesh`; cached deltas keep the placement of the factors."""
+  placed = jax.device_put(state._replace(deltas=None), NamedSharding(mesh, P()))
+  return placed._replace(deltas=state.deltas)
 
 
 def place_batches(batches: Any, mesh: Mesh) -> Any:
@@ -198,13 +231,29 @@ def place_batches(batches: Any, mesh: Mesh) -> Any:
 
 
 def save_state(manager: checkpoint_lib.Manager, state: TrainState) -> None:
-  """Checkpoints step, mask_logits, coefficients, opt_state and data_positions at `state.step`."""
-  manager.save(int(jax.device_get(state.step)), state._asdict())
+  """Checkpoints step, mask_logits, coefficients, opt_state and data_positions at `state.step`.
+
+  Cached deltas are not saved: `restore_state` rebuilds them from the factors and the logits.
+  """
+  manager.save(int(jax.device_get(state.step)), state._replace(deltas=None)._asdict())
 
 
-def restore_state(manager: checkpoint_lib.Manager, step: int, target: TrainState) -> TrainState:
-  """The state saved at `step`, with the structure, dtypes and shardings of `target`."""
-  return TrainState(**manager.restore(step, target._asdict()))
+def restore_state(manager: checkpoint_lib.Manager, step: int, target: TrainState,
+                  factors: Mapping[Any, Any]) -> TrainState:
+  """The state saved at `step`, with the structure, dtypes and shardings of `target`.
+
+  If `target` caches deltas, its cache is made current for the restored mask logits (rebuilt from
+  `factors` where a hard mask differs) in place: `target.deltas` is consumed.
+  """
+  saved = manager.restore(step, target._replace(deltas=None)._asdict())
+  state = TrainState(**{**saved, 'deltas': None})
+  if target.deltas is None:
+    return state
+  return state._replace(deltas=_refresh_deltas(factors, target.deltas, target.mask_logits,
+                                               state.mask_logits))
+
+
+_refresh_deltas = jax.jit(merging.refresh_deltas, donate_argnums=1)
 
 
 def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[..., Any],
@@ -239,7 +288,7 @@ def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[...,
     The state after `num_steps` steps.
   """
   if checkpoint is not None and (latest := checkpoint.latest_step()) is not None:
-    state = restore_state(checkpoint, latest, state)
+    state = restore_state(checkpoint, latest, state, frozen[1])
   start = int(jax.device_get(state.step))
   positions = tuple(int(p) for p in jax.device_get(state.data_positions))
   batch_iter = make_batches(positions)

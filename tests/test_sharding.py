@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from adarank_jax import train, tree_util
+    from adarank_jax import merging, train, tree_util
     from adarank_jax.decomposition import decompose
     from adarank_jax.task_vectors import task_vectors
 
@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent('''
     out = {'device_count': np.asarray(jax.device_count())}
     optimizer = train.make_optimizer(1e-3)
     loss_fn = train.make_loss_fn(task_logits_fn=task_logits_fn, temperature=TEMP, num_tasks=T)
-    for placement in (['single'] if mode == 'single' else ['replicated', 'task']):
+    for placement in (['single'] if mode == 'single' else ['replicated', 'task', 'task_cached']):
       state = train.init_state(factors, optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
                                prior=0.3)
       # Move logits off the +-0.1 init so the masks and the gradients are not all alike.
@@ -50,15 +50,20 @@ SCRIPT = textwrap.dedent('''
           lambda x: x + 0.05 * noise.normal(size=x.shape).astype(np.float32), state.mask_logits))
       frozen, data, mesh = (origin, factors), batches, None
       if placement != 'single':
-        mesh = train.make_mesh(task=2 if placement == 'task' else 1)
-        frozen = train.place_frozen(frozen, mesh, factor_placement=placement)
+        mesh = train.make_mesh(task=1 if placement == 'replicated' else 2)
+        frozen = train.place_frozen(frozen, mesh, factor_placement=placement.split('_')[0])
         state, data = train.place_state(state, mesh), train.place_batches(batches, mesh)
         u = frozen[1]['enc']['a']['kernel'].u
-        expected = (2 if placement == 'task' else 1) * u.shape[0] // T
+        expected = (1 if placement == 'replicated' else 2) * u.shape[0] // T
         assert u.addressable_shards[0].data.shape[0] == u.shape[0] // expected, u.sharding
         assert data[0].addressable_shards[0].data.shape[0] == BATCH // mesh.shape['data']
+      if placement.endswith('cached'):  # the cache is computed where the (task-split) factors are
+        state = state._replace(deltas=jax.jit(merging.init_deltas)(frozen[1], state.mask_logits))
+        d = state.deltas['enc']['a']['kernel']
+        assert d.addressable_shards[0].data.shape[0] == T // 2, d.sharding
       trainable = (state.mask_logits, state.coefficients)
-      loss, grads = jax.jit(jax.value_and_grad(lambda tr: loss_fn(tr, frozen, data)[0]))(trainable)
+      loss, grads = jax.jit(jax.value_and_grad(
+          lambda tr: loss_fn(tr, frozen, data, state.deltas)[0]))(trainable)
       step = train.make_train_step(task_logits_fn=task_logits_fn, optimizer=optimizer,
                                    temperature=TEMP, num_tasks=T, mesh=mesh)
       new_state, metrics = step(frozen, state, data)
@@ -92,7 +97,7 @@ def _results(tmp_path_factory):
   return _run('single', tmp_path, 1), _run('sharded', tmp_path, 8)
 
 
-@pytest.mark.parametrize('placement', ['replicated', 'task'])
+@pytest.mark.parametrize('placement', ['replicated', 'task', 'task_cached'])
 def test_eight_devices_match_one(results, placement):
   single, sharded = results
   assert int(single['device_count']) == 1 and int(sharded['device_count']) == 8

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adarank_jax import checkpoint, objectives, train, tree_util
+from adarank_jax import checkpoint, merging, objectives, train, tree_util
 from adarank_jax.decomposition import decompose
 from adarank_jax.task_vectors import task_vectors
 
@@ -137,10 +137,10 @@ def test_gradients_match_finite_differences_of_the_soft_surrogate():
     assert checked >= 12 and any(np.abs(g).max() > 1e-4 for g in grad_leaves)
 
 
-def _fit(frozen, logits_fn, *, num_steps, directory=None, callbacks=()):
+def _fit(frozen, logits_fn, *, num_steps, directory=None, callbacks=(), cache_deltas=False):
   optimizer = train.make_optimizer(1e-2)
   state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
-                           prior=0.3)
+                           prior=0.3, cache_deltas=cache_deltas)
   step = train.make_train_step(task_logits_fn=logits_fn, optimizer=optimizer, temperature=TEMP,
                                num_tasks=T)
   manager = None if directory is None else checkpoint.Manager(directory)
@@ -185,3 +185,69 @@ def test_fit_lowers_the_entropy_of_a_fixed_batch():
                     num_steps=30, log_every=10, progress=False)
   final = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
   assert final < 0.8 * initial
+
+
+def _flips(before, after):
+  return sum(int(np.sum((np.asarray(a) > 0) != (np.asarray(b) > 0)))
+             for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_cached_deltas_give_the_plain_rebuilds_loss_and_gradients():
+  frozen, logits_fn = _problem()
+  rng = np.random.default_rng(3)
+  state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
+                           initial_rank_ratio=0.5, prior=0.3, cache_deltas=True)
+  # Logits of both signs and coefficients that differ per task and leaf.
+  trainable = jax.tree.map(lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float32),
+                           (state.mask_logits, state.coefficients))
+  deltas = merging.init_deltas(frozen[1], trainable[0])
+  loss_fn = train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T)
+  batches = next(_make_batches([0] * T))
+  grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (plain, _), plain_grads = grad(trainable, frozen, batches)
+  (cached, _), cached_grads = grad(trainable, frozen, batches, deltas)
+  np.testing.assert_allclose(cached, plain, rtol=1e-6)
+  for c, p in zip(jax.tree.leaves(cached_grads), jax.tree.leaves(plain_grads)):
+    assert np.abs(p).max() > 1e-3
+    np.testing.assert_allclose(c, p, rtol=1e-5, atol=1e-6 * np.abs(p).max())
+
+
+def test_cached_deltas_follow_the_plain_adam_trajectory_through_mask_flips():
+  frozen, logits_fn = _problem()
+  optimizer = train.make_optimizer(0.05)  # large: masks flip within a few steps
+  step = train.make_train_step(task_logits_fn=logits_fn, optimizer=optimizer, temperature=TEMP,
+                               num_tasks=T)
+  states = {cache: train.init_state(frozen[1], optimizer=optimizer, num_tasks=T,
+                                    initial_rank_ratio=0.5, prior=0.3, cache_deltas=cache)
+            for cache in (False, True)}
+  initial = jax.device_get(states[False].mask_logits)
+  batch_iter = _make_batches([0] * T)
+  flips = 0
+  for _ in range(50):
+    batches = next(batch_iter)
+    before = jax.device_get(states[True].mask_logits)
+    metrics = {}
+    for cache in (False, True):
+      states[cache], metrics[cache] = step(frozen, states[cache], batches)
+    np.testing.assert_allclose(metrics[True]['loss'], metrics[False]['loss'], rtol=1e-5)
+    for c, p in zip(jax.tree.leaves((states[True].mask_logits, states[True].coefficients)),
+                    jax.tree.leaves((states[False].mask_logits, states[False].coefficients))):
+      np.testing.assert_allclose(c, p, rtol=1e-5, atol=1e-5)
+    flips += _flips(before, states[True].mask_logits)
+  assert flips >= 10 and _flips(initial, states[True].mask_logits) > 0
+  # No drift: the carried cache is the one rebuilt from scratch for the final masks.
+  fresh = merging.init_deltas(frozen[1], states[True].mask_logits)
+  for c, f in zip(jax.tree.leaves(states[True].deltas), jax.tree.leaves(fresh)):
+    np.testing.assert_allclose(c, f, rtol=0, atol=1e-6 * np.abs(f).max())
+
+
+def test_resume_with_cached_deltas(tmp_path):
+  frozen, logits_fn = _problem()
+  straight = _fit(frozen, logits_fn, num_steps=6, cache_deltas=True)
+  _fit(frozen, logits_fn, num_steps=3, directory=tmp_path / 'ckpt', cache_deltas=True)
+  resumed = _fit(frozen, logits_fn, num_steps=6, directory=tmp_path / 'ckpt', cache_deltas=True)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  fresh = merging.init_deltas(frozen[1], resumed.mask_logits)
+  for c, f in zip(jax.tree.leaves(resumed.deltas), jax.tree.leaves(fresh)):
+    np.testing.assert_allclose(c, f, rtol=0, atol=1e-6 * np.abs(f).max())
