@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -115,12 +115,27 @@ def make_inputs(arch: str | os.PathLike, *, tasks: int, batch: int, classes: int
                 noise=noise, seed=seed)
 
 
-def task_logits_fn(graphdef: Any, heads: np.ndarray) -> Callable[[Any, int, jax.Array], jax.Array]:
-  """(params, t, images) -> logits of task t's head on the L2-normalised tower features."""
-  def logits(params, t, images):
+FORWARDS = ('one', 'per_task')
+
+
+def logits_fn(graphdef: Any, heads: np.ndarray, forward: str) -> train.LogitsFn:
+  """The step's logits: task t's head on the L2-normalised tower features of its images.
+
+  forward='one': one tower forward over every task's images (`train.one_forward`); 'per_task': one
+  forward per task (`train.per_task`).
+  """
+  def body(params, images):
     feats = functional.call(graphdef, params, images).astype(jnp.float32)
-    return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True) @ heads[t]
-  return logits
+    return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
+
+  def head(t, features):
+    return features @ heads[t]
+
+  if forward == 'one':
+    return train.one_forward(body, head)
+  if forward == 'per_task':
+    return train.per_task(lambda params, t, images: head(t, body(params, images)))
+  raise ValueError(f'logits_fn: forward={forward!r}; expected one of {FORWARDS}')
 
 
 def window_rank(vision: clip.VisionConfig, window: float | None) -> int | None:
@@ -145,6 +160,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help='keep only the top fraction of components (learnable), the rest off')
   parser.add_argument('--cache-deltas', action=argparse.BooleanOptionalAction, default=True,
                       help="keep each task's masked delta between steps (train.init_state)")
+  parser.add_argument('--forward', choices=FORWARDS, default='one',
+                      help="'one' forward of all tasks' images through the tower, or one per task")
   parser.add_argument('--factor-dtype', choices=sorted(DTYPES), default='float32')
   parser.add_argument('--compute-dtype', choices=sorted(DTYPES), default='float32')
   parser.add_argument('--mesh-task', type=int, default=1,
@@ -218,7 +235,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
                            cache_deltas=args.cache_deltas)
   if mesh is not None:
     state = train.place_state(state, mesh)
-  step = train.make_train_step(task_logits_fn=task_logits_fn(inputs.graphdef, inputs.heads),
+  step = train.make_train_step(logits_fn=logits_fn(inputs.graphdef, inputs.heads, args.forward),
                                optimizer=optimizer, temperature=10.0, num_tasks=args.tasks,
                                mesh=mesh)
 
@@ -281,7 +298,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, object]:
   batches = tuple(jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.float32)
                   for _ in range(args.tasks))
   heads = np.zeros((args.tasks, vision.output_dim or vision.width, args.classes), np.float32)
-  step = train.make_train_step(task_logits_fn=task_logits_fn(graphdef, heads),
+  step = train.make_train_step(logits_fn=logits_fn(graphdef, heads, args.forward),
                                optimizer=optimizer, temperature=10.0, num_tasks=args.tasks)
   start = time.perf_counter()
   lowered = step.lower((origin, factors), state, batches)

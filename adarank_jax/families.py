@@ -5,6 +5,8 @@
   setup.finetuned         # T trees of the same structure
   setup.logits(params, t, batch) -> (B, classes)   # pure, jittable; t (static) picks task t's head:
                           # a zero-shot CLIP head, or fine-tuned LM t's own classifier and config
+  setup.train_logits(params, batches) -> T logits  # the same for every task at once (train.LogitsFn):
+                          # CLIP runs its image tower once over all tasks' images
   setup.predict(params, t, batch)                  # the same, jitted, for evaluation
   setup.export(params, path)                       # a merged tree -> PyTorch-loadable checkpoint(s)
 
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adarank_jax import train
 from adarank_jax import tree_util
 from adarank_jax.data import clip_tokenizer
 from adarank_jax.data import registry
@@ -42,6 +45,7 @@ class Setup:
   merged: Any                                # pretrained tree of the merged part
   finetuned: tuple[Any, ...]                 # T fine-tuned trees of the same structure
   logits: Callable[[Any, int, Any], jax.Array]
+  train_logits: train.LogitsFn               # `logits` of every task at once, for the training step
   predict: Callable[[Any, int, Any], jax.Array]  # jitted `logits` for evaluation, compiled sparingly
   export: Callable[[Any, str | os.PathLike], None]
   image_size: int = 0                        # vision: the model's input resolution
@@ -81,6 +85,9 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
 
   # The head is an argument, not a constant: one compile per head shape serves every task.
   jitted = jax.jit(apply)
+  # Training: one tower forward over the concatenated images of every task, then each task's head.
+  train_logits = train.one_forward(lambda params, batch: functional.call(graphdef, params, batch["image"]),
+                                   lambda t, features: heads_lib.classify(features, heads[t]))
 
   def predict(params, t, batch):
     return jitted(params, heads[t], batch["image"])
@@ -88,8 +95,9 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
   def export(params, path):
     openclip.export_openclip({**full, "visual": jax.device_get(params)}, path)
 
-  return Setup(kind="vision", merged=full["visual"], finetuned=tuned, logits=logits, predict=predict,
-               export=export, image_size=config.vision.image_size)
+  return Setup(kind="vision", merged=full["visual"], finetuned=tuned, logits=logits,
+               train_logits=train_logits, predict=predict, export=export,
+               image_size=config.vision.image_size)
 
 
 def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
@@ -187,5 +195,6 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
 
   return Setup(kind="text", merged={body_key: tree_util.unflatten(pre_body)},
                finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
-               logits=logits, predict=jax.jit(logits, static_argnums=1), export=export,
+               logits=logits, train_logits=train.per_task(logits),
+               predict=jax.jit(logits, static_argnums=1), export=export,
                tokenizer=str(pretrained))

@@ -122,7 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   # rate is optimizer state (train.make_optimizer), so TA and CART runs do not recompile.
   temperature = config.adarank.mask_temperature
   train_step = train.make_train_step(
-      task_logits_fn=setup.logits, optimizer=train.make_optimizer(config.adarank.ta.learning_rate),
+      logits_fn=setup.train_logits, optimizer=train.make_optimizer(config.adarank.ta.learning_rate),
       temperature=temperature, num_tasks=len(tasks), mesh=mesh)
   hard_merge = jax.jit(functools.partial(merging.merge, temperature=temperature, mask_mode="hard"))
 
@@ -194,11 +194,11 @@ def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_pa
              sources, prepare, inputs_of, mesh, train_step, hard_merge):
   """Learns masks and coefficients on the unlabeled test streams; returns the hard-merged tree."""
   hp = config.adarank[base]
-  state = train.init_state(factors, optimizer=train.make_optimizer(hp.learning_rate),
-                           num_tasks=len(config.tasks),
-                           initial_rank_ratio=hp.initial_rank_ratio, prior=hp.prior)
   placement = "task" if "task" in mesh.axis_names else "replicated"
   frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
+  state = train.init_state(frozen[1], optimizer=train.make_optimizer(hp.learning_rate),
+                           num_tasks=len(config.tasks), initial_rank_ratio=hp.initial_rank_ratio,
+                           prior=hp.prior, cache_deltas=config.adarank.cache_deltas)
   state = train.place_state(state, mesh)
 
   def make_batches(positions):

@@ -6,11 +6,14 @@ decay, on the mask logits and the coefficients only; the origin and the factors 
 
   frozen = (origin, factors)                 # never donated, never differentiated
   state = init_state(factors, optimizer=..., num_tasks=T, initial_rank_ratio=rho, prior=lam0)
-  step = make_train_step(task_logits_fn=f, optimizer=make_optimizer(1e-3), temperature=10., num_tasks=T)
+  step = make_train_step(logits_fn=per_task(f), optimizer=make_optimizer(1e-3), temperature=10.,
+                         num_tasks=T)
   state = fit(frozen, state, train_step=step, make_batches=g, num_steps=10_000, ...)
 
-`task_logits_fn(params, task_index, inputs) -> (B, C) logits` is the model-specific part (e.g. the
-CLIP image tower followed by task t's zero-shot head); `task_index` is a Python int.
+`logits_fn(params, batches) -> T logits (B_t, C_t)` is the model-specific part, made by one of:
+  per_task(task_logits_fn)        # task_logits_fn(params, t, inputs): T traced forwards
+  one_forward(body_fn, head_fn)   # one forward of the concatenated batches through the shared body,
+                                  # then head_fn(t, features of task t): one traced forward for any T
 
 Sharding: one mesh from `make_mesh`, axes ('data',) or ('data', 'task'). Every task's batch is split
 along 'data'; the factors are replicated or split along 'task' (`place_frozen`); the trainable state
@@ -38,6 +41,7 @@ from adarank_jax import objectives
 FACTOR_PLACEMENTS = ('replicated', 'task')
 
 TaskLogitsFn = Callable[[Any, int, Any], jax.Array]
+LogitsFn = Callable[[Any, Sequence[Any]], Sequence[jax.Array]]
 Callback = Callable[[int, dict[str, np.ndarray], 'TrainState'], None]
 
 
@@ -94,11 +98,38 @@ def init_state(factors: Mapping[Any, Any], *, optimizer: optax.GradientTransform
 _init_deltas = jax.jit(merging.init_deltas)
 
 
-def make_loss_fn(*, task_logits_fn: TaskLogitsFn, temperature: float, num_tasks: int,
+def per_task(task_logits_fn: TaskLogitsFn) -> LogitsFn:
+  """logits_fn running `task_logits_fn(params, t, batches[t])` for every task t (traced T times)."""
+  def logits_fn(params, batches):
+    return [task_logits_fn(params, t, batch) for t, batch in enumerate(batches)]
+  return logits_fn
+
+
+def one_forward(body_fn: Callable[[Any, Any], jax.Array],
+                head_fn: Callable[[int, jax.Array], jax.Array]) -> LogitsFn:
+  """logits_fn running the shared body once over all tasks' inputs, then each task's head.
+
+  Args:
+    body_fn: (params, inputs) -> (N, ...) features, row i from input row i (rows independent).
+    head_fn: (t, features of task t's rows) -> (B_t, C_t) logits.
+
+  The tasks' inputs (arrays or trees of arrays with a leading batch axis) are concatenated along
+  that axis, so the program holds one copy of the body whatever T is.
+  """
+  def logits_fn(params, batches):
+    sizes = [jax.tree.leaves(batch)[0].shape[0] for batch in batches]
+    inputs = jax.tree.map(lambda *xs: jnp.concatenate(xs), *batches)
+    features = body_fn(params, inputs)
+    ends = np.cumsum(sizes)
+    return [head_fn(t, features[end - size:end]) for t, (size, end) in enumerate(zip(sizes, ends))]
+  return logits_fn
+
+
+def make_loss_fn(*, logits_fn: LogitsFn, temperature: float, num_tasks: int,
                  mask_mode: str = 'ste', precision: Any = None) -> Callable[..., Any]:
   """loss_fn((mask_logits, coefficients), (origin, factors), batches, deltas=None) -> (loss, (T,) H).
 
-  `batches` is a length-T sequence; batches[t] is what `task_logits_fn(params, t, .)` takes.
+  `batches` is a length-T sequence of the tasks' inputs, as `logits_fn(params, batches)` takes them.
   `deltas`: the state's cache of per-task deltas, if it keeps one (`init_state(cache_deltas=True)`).
   `mask_mode` is passed to `merging.merge` ('ste' to train, 'soft' for the smooth surrogate).
   """
@@ -110,20 +141,19 @@ def make_loss_fn(*, task_logits_fn: TaskLogitsFn, temperature: float, num_tasks:
     origin, factors = frozen
     params = merging.merge(origin, factors, mask_logits, coefficients, temperature=temperature,
                            mask_mode=mask_mode, precision=precision, deltas=deltas)
-    entropies = jnp.stack([objectives.entropy(task_logits_fn(params, t, batches[t]))
-                           for t in range(num_tasks)])
+    entropies = jnp.stack([objectives.entropy(logits) for logits in logits_fn(params, batches)])
     return jnp.sum(entropies), entropies
 
   return loss_fn
 
 
-def make_train_step(*, task_logits_fn: TaskLogitsFn, optimizer: optax.GradientTransformation,
+def make_train_step(*, logits_fn: LogitsFn, optimizer: optax.GradientTransformation,
                     temperature: float, num_tasks: int, mesh: Mesh | None = None,
                     mask_mode: str = 'ste', precision: Any = None) -> Callable[..., Any]:
   """One jitted `step(frozen, state, batches) -> (state, metrics)`; `state` is donated.
 
   Args:
-    task_logits_fn: (params, task_index: int, inputs) -> (B, C) logits; traced once per task.
+    logits_fn: (params, batches) -> T logits; `per_task(...)` or `one_forward(...)`.
     optimizer: e.g. `make_optimizer(1e-3)`.
     temperature: mask temperature (10 in the AdaRank configs).
     num_tasks: T.
@@ -134,7 +164,7 @@ def make_train_step(*, task_logits_fn: TaskLogitsFn, optimizer: optax.GradientTr
   Returns:
     The jitted step. metrics: loss (scalar), entropy (T,), kept_fraction (scalar, after the update).
   """
-  loss_fn = make_loss_fn(task_logits_fn=task_logits_fn, temperature=temperature,
+  loss_fn = make_loss_fn(logits_fn=logits_fn, temperature=temperature,
                          num_tasks=num_tasks, mask_mode=mask_mode, precision=precision)
 
   def step(frozen, state: TrainState, batches):

@@ -15,7 +15,7 @@ METHODS = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ti
 EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",)}
 # Fields that may change when a run is resumed (they do not change what was computed so far).
 RESUMABLE = ("adarank.num_steps", "adarank.log_every", "adarank.checkpoint_every", "adarank.eval_every",
-             "data.workers", "export")
+             "adarank.cache_deltas", "data.workers", "export")
 
 
 class ConfigError(ValueError):

@@ -108,6 +108,8 @@ def base():
   config.adarank.selection = "final"        # 'final' | 'oracle' (best average TEST accuracy; labelled so)
   config.adarank.factor_dtype = "float32"   # 'float32' | 'bfloat16' storage of U, s, V
   config.adarank.rank = 0                   # keep the top-k components only (0 = full rank, as the paper)
+  config.adarank.cache_deltas = True        # keep each task's masked delta between steps: about half the
+                                            # rebuild work, one more matrix per task and decomposed matrix
   config.adarank.log_every = 50
   config.adarank.checkpoint_every = 500
 

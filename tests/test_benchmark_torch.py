@@ -40,15 +40,16 @@ def jax_side(inputs):
   select = tree_util.unflatten({path: benchmark_torch.is_decomposed(key)
                                 for path, key in keys.items()})
   factors = decomposition.decompose(tau, select)
-  task_logits_fn = benchmark.task_logits_fn(inputs.graphdef, inputs.heads)
-  loss_fn = train.make_loss_fn(task_logits_fn=task_logits_fn, temperature=TEMPERATURE,
-                               num_tasks=TASKS)
-  step = train.make_train_step(task_logits_fn=task_logits_fn, optimizer=train.make_optimizer(LR),
-                               temperature=TEMPERATURE, num_tasks=TASKS)
+  steps, value_and_grads = {}, {}
+  for forward in benchmark.FORWARDS:
+    logits_fn = benchmark.logits_fn(inputs.graphdef, inputs.heads, forward)
+    loss_fn = train.make_loss_fn(logits_fn=logits_fn, temperature=TEMPERATURE, num_tasks=TASKS)
+    steps[forward] = train.make_train_step(logits_fn=logits_fn, optimizer=train.make_optimizer(LR),
+                                           temperature=TEMPERATURE, num_tasks=TASKS)
+    value_and_grads[forward] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   return types.SimpleNamespace(
-      frozen=(origin, factors), factors=factors, step=step,
-      batches=tuple(jnp.asarray(x) for x in inputs.images),
-      value_and_grad=jax.jit(jax.value_and_grad(loss_fn, has_aux=True)))
+      frozen=(origin, factors), factors=factors, steps=steps, value_and_grads=value_and_grads,
+      batches=tuple(jnp.asarray(x) for x in inputs.images))
 
 
 def _init_state(factors, rho, cache_deltas=False):
@@ -111,8 +112,9 @@ def test_inputs_are_deterministic_and_laid_out_as_documented(inputs):
   assert 0.04 < noise < 0.06
 
 
-@pytest.mark.parametrize('rho,cache_deltas', [(1.0, False), (0.5, False), (1.0, True)])
-def test_torch_step_equals_jax_step(inputs, jax_side, rho, cache_deltas):
+@pytest.mark.parametrize('rho,cache_deltas,forward', [(1.0, False, 'per_task'), (0.5, False, 'one'),
+                                                       (1.0, True, 'one')])
+def test_torch_step_equals_jax_step(inputs, jax_side, rho, cache_deltas, forward):
   state = _init_state(jax_side.factors, rho, cache_deltas)
   official, images = benchmark_torch.build(inputs, initial_rank_ratio=rho, prior=PRIOR,
                                            temperature=TEMPERATURE, lr=LR)
@@ -125,7 +127,7 @@ def test_torch_step_equals_jax_step(inputs, jax_side, rho, cache_deltas):
                          what='initial coefficients')
 
   # Loss and gradients.
-  (loss, _), (mask_grads, coef_grads) = jax_side.value_and_grad(
+  (loss, _), (mask_grads, coef_grads) = jax_side.value_and_grads[forward](
       (state.mask_logits, state.coefficients), jax_side.frozen, jax_side.batches, state.deltas)
   torch_loss, torch_mask_grads, torch_coef_grads = benchmark_torch.loss_and_grads(official, images)
   np.testing.assert_allclose(torch_loss, float(loss), rtol=1e-5)
@@ -136,12 +138,12 @@ def test_torch_step_equals_jax_step(inputs, jax_side, rho, cache_deltas):
                          scale_atol=GRAD_SCALED_ATOL, what='coefficient gradient')
   if rho < 1:  # the masks matter: the full-rank start has another loss
     full = _init_state(jax_side.factors, 1.0)
-    (full_loss, _), _ = jax_side.value_and_grad((full.mask_logits, full.coefficients),
+    (full_loss, _), _ = jax_side.value_and_grads[forward]((full.mask_logits, full.coefficients),
                                                 jax_side.frozen, jax_side.batches)
     assert abs(float(full_loss) - float(loss)) > 1e-3
 
   # One Adam step on both sides.
-  new_state, metrics = jax_side.step(jax_side.frozen, state, jax_side.batches)
+  new_state, metrics = jax_side.steps[forward](jax_side.frozen, state, jax_side.batches)
   step_loss = official.step(images)
   np.testing.assert_allclose(step_loss, float(metrics['loss']), rtol=1e-5)
   masks1, coefs1 = official.values()

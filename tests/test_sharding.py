@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent('''
     mode, out_path = sys.argv[1], sys.argv[2]
     out = {'device_count': np.asarray(jax.device_count())}
     optimizer = train.make_optimizer(1e-3)
-    loss_fn = train.make_loss_fn(task_logits_fn=task_logits_fn, temperature=TEMP, num_tasks=T)
+    loss_fn = train.make_loss_fn(logits_fn=train.per_task(task_logits_fn), temperature=TEMP, num_tasks=T)
     for placement in (['single'] if mode == 'single' else ['replicated', 'task', 'task_cached']):
       state = train.init_state(factors, optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
                                prior=0.3)
@@ -64,7 +64,7 @@ SCRIPT = textwrap.dedent('''
       trainable = (state.mask_logits, state.coefficients)
       loss, grads = jax.jit(jax.value_and_grad(
           lambda tr: loss_fn(tr, frozen, data, state.deltas)[0]))(trainable)
-      step = train.make_train_step(task_logits_fn=task_logits_fn, optimizer=optimizer,
+      step = train.make_train_step(logits_fn=train.per_task(task_logits_fn), optimizer=optimizer,
                                    temperature=TEMP, num_tasks=T, mesh=mesh)
       new_state, metrics = step(frozen, state, data)
       out[f'{placement}/loss'] = np.asarray(loss)

@@ -67,12 +67,12 @@ def test_step_compiles_once_and_applies_adam():
   optimizer = train.make_optimizer(lr)
   state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
                            prior=0.3)
-  loss_fn = train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T)
+  loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T)
   batches = next(_make_batches([0] * T))
   grads = jax.grad(lambda tr: loss_fn(tr, frozen, batches)[0])((state.mask_logits,
                                                                  state.coefficients))
   before = jax.device_get((state.mask_logits, state.coefficients))
-  step = train.make_train_step(task_logits_fn=counting_logits_fn, optimizer=optimizer,
+  step = train.make_train_step(logits_fn=train.per_task(counting_logits_fn), optimizer=optimizer,
                                temperature=TEMP, num_tasks=T)
   state, metrics = step(frozen, state, batches)
   # First Adam step (bias-corrected m = g, v = g^2): update = -lr * g / (|g| + 1e-8).
@@ -96,7 +96,7 @@ def test_ste_loss_is_the_hard_mask_loss():
                            initial_rank_ratio=0.5, prior=0.3)
   batches = next(_make_batches([0] * T))
   trainable = (state.mask_logits, state.coefficients)
-  losses = {mode: train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T,
+  losses = {mode: train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T,
                                      mask_mode=mode)(trainable, frozen, batches)[0]
             for mode in ('ste', 'hard', 'soft')}
   np.testing.assert_allclose(losses['ste'], losses['hard'], rtol=1e-6)
@@ -113,7 +113,7 @@ def test_gradients_match_finite_differences_of_the_soft_surrogate():
     trainable = jax.tree.map(lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float64),
                              (state.mask_logits, state.coefficients))
     batches = tuple(jnp.asarray(b, jnp.float64) for b in next(_make_batches([0] * T)))
-    loss_fn = train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T,
+    loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T,
                                  mask_mode='soft')
     loss = jax.jit(lambda tr: loss_fn(tr, frozen, batches)[0])
     grads = jax.grad(loss)(trainable)
@@ -141,7 +141,7 @@ def _fit(frozen, logits_fn, *, num_steps, directory=None, callbacks=(), cache_de
   optimizer = train.make_optimizer(1e-2)
   state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
                            prior=0.3, cache_deltas=cache_deltas)
-  step = train.make_train_step(task_logits_fn=logits_fn, optimizer=optimizer, temperature=TEMP,
+  step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP,
                                num_tasks=T)
   manager = None if directory is None else checkpoint.Manager(directory)
   state = train.fit(frozen, state, train_step=step, make_batches=_make_batches,
@@ -176,10 +176,10 @@ def test_fit_lowers_the_entropy_of_a_fixed_batch():
   optimizer = train.make_optimizer(1e-2)
   state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
                            prior=0.3)
-  loss_fn = train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T,
+  loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T,
                                mask_mode='hard')
   initial = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
-  step = train.make_train_step(task_logits_fn=logits_fn, optimizer=optimizer, temperature=TEMP,
+  step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP,
                                num_tasks=T)
   state = train.fit(frozen, state, train_step=step, make_batches=lambda _: iter(lambda: batches, None),
                     num_steps=30, log_every=10, progress=False)
@@ -201,7 +201,7 @@ def test_cached_deltas_give_the_plain_rebuilds_loss_and_gradients():
   trainable = jax.tree.map(lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float32),
                            (state.mask_logits, state.coefficients))
   deltas = merging.init_deltas(frozen[1], trainable[0])
-  loss_fn = train.make_loss_fn(task_logits_fn=logits_fn, temperature=TEMP, num_tasks=T)
+  loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T)
   batches = next(_make_batches([0] * T))
   grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   (plain, _), plain_grads = grad(trainable, frozen, batches)
@@ -215,7 +215,7 @@ def test_cached_deltas_give_the_plain_rebuilds_loss_and_gradients():
 def test_cached_deltas_follow_the_plain_adam_trajectory_through_mask_flips():
   frozen, logits_fn = _problem()
   optimizer = train.make_optimizer(0.05)  # large: masks flip within a few steps
-  step = train.make_train_step(task_logits_fn=logits_fn, optimizer=optimizer, temperature=TEMP,
+  step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP,
                                num_tasks=T)
   states = {cache: train.init_state(frozen[1], optimizer=optimizer, num_tasks=T,
                                     initial_rank_ratio=0.5, prior=0.3, cache_deltas=cache)
@@ -251,3 +251,33 @@ def test_resume_with_cached_deltas(tmp_path):
   fresh = merging.init_deltas(frozen[1], resumed.mask_logits)
   for c, f in zip(jax.tree.leaves(resumed.deltas), jax.tree.leaves(fresh)):
     np.testing.assert_allclose(c, f, rtol=0, atol=1e-6 * np.abs(f).max())
+
+
+def test_one_forward_equals_per_task_forwards_and_traces_the_body_once():
+  frozen, task_logits = _problem()
+  rng = np.random.default_rng(4)
+  heads = [rng.normal(size=(6, c)).astype(np.float32) for c in CLASSES]
+  traces = []
+
+  def body(params, x):
+    traces.append(x.shape)
+    enc = params['enc']
+    return jnp.tanh(x @ enc['a']['kernel'] + enc['a']['bias']) @ enc['b']['kernel']
+
+  per_task = train.per_task(lambda params, t, x: body(params, x) @ heads[t])
+  one = train.one_forward(body, lambda t, features: features @ heads[t])
+  state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
+                           initial_rank_ratio=0.5, prior=0.3)
+  trainable = (state.mask_logits, state.coefficients)
+  sizes = (4, 2, 3)  # tasks may have batches of different sizes
+  batches = tuple(rng.normal(size=(n, 6)).astype(np.float32) for n in sizes)
+  out = {}
+  for name, logits_fn in (('per_task', per_task), ('one', one)):
+    traces.clear()
+    loss_fn = train.make_loss_fn(logits_fn=logits_fn, temperature=TEMP, num_tasks=T)
+    out[name] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable, frozen, batches)
+    assert traces == ([(n, 6) for n in sizes] if name == 'per_task' else [(sum(sizes), 6)])
+  np.testing.assert_allclose(out['one'][0][0], out['per_task'][0][0], rtol=1e-6)
+  np.testing.assert_allclose(out['one'][0][1], out['per_task'][0][1], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out['one'][1]), jax.tree.leaves(out['per_task'][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
