@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from adarank_jax import files
 from adarank_jax import tree_util
 
 
@@ -30,6 +31,12 @@ def save_tree(path: str | os.PathLike, tree: Any) -> None:
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, tree)
     checkpointer.wait_until_finished()
+
+
+def replace_tree(path: str | os.PathLike, tree: Any) -> None:
+  """Saves `tree` to the directory `path`, replacing what is there: the new tree is written aside and
+  renamed into place (files.replace_dir), so `path` holds the old tree or the new one, never a mix."""
+  files.replace_dir(Path(path).absolute(), lambda tmp: save_tree(tmp, tree))
 
 
 def load_tree(path: str | os.PathLike, target: Any = None) -> Any:

@@ -5,13 +5,17 @@ python -m adarank_jax.main --config configs/vitl14_t14.py --workdir runs/l14_t14
 python -m adarank_jax.main --config configs/demo.py          # the embedded digits benchmark
 """
 
+import os
 from pathlib import Path
+import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from adarank_jax import files
 from adarank_jax import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).",
@@ -22,10 +26,39 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete what --workdir holds 
 _EXPORT = flags.DEFINE_enum("export", None, ["", "safetensors", "pt", "hf"],
                             "Also write each merged model: OpenCLIP state dict (clip) or HF directory; "
                             "default: config.export; --export= writes none.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (or set "
+                             "ADARANK_VERBOSE=1); without it an error is one 'error: ...' message.")
 flags.mark_flags_as_required(["config"])
+VERBOSE_ENV = "ADARANK_VERBOSE"
+
+
+def _describe(error: BaseException) -> str:
+  """One line for the user: the message, and the path for a file-system error."""
+  if isinstance(error, OSError) and error.filename is not None:
+    what = error.strerror or str(error)
+    return f"{error.filename}: {what}" + (f" (-> {error.filename2})" if error.filename2 else "")
+  return str(error) or type(error).__name__
+
+
+def _verbose() -> bool:
+  return _VERBOSE.value or os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false")
 
 
 def main(argv):
+  """Runs the experiment; any failure is one `error: ...` block on stderr and exit status 1."""
+  try:
+    _main(argv)
+  except Exception as error:  # pylint: disable=broad-except
+    if _verbose():
+      traceback.print_exc()
+    print(f"error: {_describe(error)}", file=sys.stderr)
+    if not _verbose():
+      print(f"  (rerun with --verbose or {VERBOSE_ENV}=1 for the traceback)", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO; -v 0 shows it again
     logging.set_verbosity(logging.WARNING)
@@ -37,11 +70,25 @@ def main(argv):
   export = config.export if _EXPORT.value is None else _EXPORT.value
   validate.validate(config, export=export)
   continued = validate.check_workdir(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+  # One run per workdir: a second one stops here, naming the holder's pid. The OS drops the lock when
+  # this process exits, however it exits.
+  # (Multi-host runs share the workdir between their processes: no lock, no temp-file cleanup there.)
+  lock = None if config.mesh.multi_host else files.WorkdirLock(workdir).acquire()
+  if lock is not None:
+    removed = files.remove_stale_temps(workdir)  # what atomic writes of a killed run left behind
+    if removed:
+      logging.warning("removed %d temporary file(s) of an interrupted run in %s", len(removed), workdir)
+    # Again, now that no other run can change the workdir under us.
+    continued = validate.check_workdir(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
   if config.mesh.multi_host:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
   from adarank_jax import run  # pylint: disable=g-import-not-at-top  (heavy imports after validation)
-  run.run(config, workdir, continued=continued, overwrite=_OVERWRITE.value, export=export)
+  try:
+    run.run(config, workdir, continued=continued, overwrite=_OVERWRITE.value, export=export)
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 if __name__ == "__main__":

@@ -11,17 +11,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import json
 import os
 import pathlib
+import math
 import socket
 import struct
-import tempfile
 import time
 from typing import Any, TypedDict
+import warnings
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
 from adarank_jax import evaluate
+from adarank_jax import files
 
 SELECTION_FINAL = "final step"
 SELECTION_ORACLE = ("best average test accuracy over evaluation points (oracle: selected on the "
@@ -77,24 +79,12 @@ def _to_json(value: Any) -> Any:
 
 
 def _write_atomically(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-  """Calls write(tmp_path) for a temporary file next to `path`, then renames it over `path`."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  """Calls write(tmp_path) for a temporary file next to `path`, then renames it over `path` (files.py)."""
+  files.write_atomic(path, write)
 
 
 def _write_text(path: str | os.PathLike[str], text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-  _write_atomically(path, write)
+  files.write_atomic(path, text)
 
 
 def write_results_json(path: str | os.PathLike[str], results: Results) -> None:
@@ -108,8 +98,9 @@ def write_results_json(path: str | os.PathLike[str], results: Results) -> None:
 
 def read_results_json(path: str | os.PathLike[str]) -> Results:
   """Reads a file written by write_results_json."""
-  with open(path, encoding="utf-8") as f:
-    results = json.load(f)
+  results = files.read_json(path)
+  if not isinstance(results, Mapping):
+    raise ValueError(f"{path}: not a results file, expected a JSON object")
   missing = sorted(set(Results.__required_keys__) - set(results))
   if missing:
     raise ValueError(f"{path}: not a results file, missing keys {missing}")
@@ -117,7 +108,26 @@ def read_results_json(path: str | os.PathLike[str]) -> Results:
 
 
 def _percent(value: float | None) -> str:
-  return "n/a" if value is None else f"{100 * value:.1f}"
+  return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _finite(value: Any) -> bool:
+  try:
+    return math.isfinite(float(value))
+  except (TypeError, ValueError):
+    return False
+
+
+def _normalized(scores: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float | None]:
+  """evaluate.normalized_scores, but a task whose score or individual score is not finite (NaN, Inf) has no
+  ratio (None, shown "n/a"), and the average covers only the finite ratios."""
+  finite_scores = {t: v for t, v in scores.items() if _finite(v) and _finite(individual.get(t))}
+  normalized = evaluate.normalized_scores(finite_scores, individual)
+  ratios = {t: (normalized.get(t) if t in finite_scores else None) for t in scores}
+  ratios = {t: (r if r is not None and _finite(r) else None) for t, r in ratios.items()}
+  defined = [r for r in ratios.values() if r is not None]
+  ratios[evaluate.AVERAGE_KEY] = float(np.mean(defined)) if defined else None
+  return ratios
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -151,7 +161,7 @@ def markdown_table(results: Results, tasks: Sequence[str] | None = None) -> str:
     own = {task: scores[task] for task in tasks}
     score_rows.append([method] + [_percent(own[t]) for t in tasks] + [_percent(evaluate.average(own))])
     if individual:
-      normalized = evaluate.normalized_scores(own, individual)
+      normalized = _normalized(own, individual)
       score_rows[-1].append(_percent(normalized[evaluate.AVERAGE_KEY]))
       if method != INDIVIDUAL_ROW:
         normalized_rows.append([method] + [_percent(normalized[t]) for t in tasks]
@@ -284,11 +294,26 @@ def rank_heatmap(mask_logits: Mapping[str, Any], task_names: Sequence[str], path
   return counts
 
 
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """The records of a file written by write_jsonl; a torn last record is dropped with a warning naming the
+  file, a corrupt one elsewhere is an error naming it (files.read_jsonl)."""
+  return files.read_jsonl(path)
+
+
 def write_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
   """Appends `record` as one JSON line (numpy/jax scalars become numbers; NaN is written as NaN)."""
   line = json.dumps(record, default=_to_json)
-  with open(path, "a", encoding="utf-8") as f:
-    f.write(line + "\n")
+  with open(path, "ab+") as f:
+    end = f.seek(0, os.SEEK_END)
+    if end:
+      f.seek(end - 1)
+      if f.read(1) != b"\n":  # a torn last record of a killed run: cut it, or this line would join it
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1
+        f.truncate(keep)
+        warnings.warn(f"{path}: dropped a torn last record (a killed run was writing it)", stacklevel=2)
+    f.seek(0, os.SEEK_END)
+    f.write((line + "\n").encode("utf-8"))
 
 
 class MetricWriter:

@@ -6,7 +6,6 @@ Reads the ConfigDict (only this module and main.py do) and calls the library wit
 from __future__ import annotations
 
 import functools
-import json
 import math
 import shutil
 import time
@@ -22,6 +21,7 @@ from adarank_jax import checkpoint
 from adarank_jax import decomposition
 from adarank_jax import evaluate
 from adarank_jax import families
+from adarank_jax import files
 from adarank_jax import merging
 from adarank_jax import report
 from adarank_jax import task_vectors
@@ -50,13 +50,12 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
 
   # ------------------------------------------------------------------------------------------ Workdir
-  if overwrite and workdir.exists():
-    shutil.rmtree(workdir)
+  # Nothing but the cache is written before the models loaded: a run that fails to load leaves no
+  # config.json behind, so the corrected rerun is not refused as "a different config".
+  if overwrite:
+    files.clear_dir(workdir)  # keeps main.py's lock file
   workdir.mkdir(parents=True, exist_ok=True)
-  if not continued:
-    (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
   cache_dir = Path(config.cache_dir or workdir / "cache")
-  writer = report.MetricWriter(workdir)
   tasks = tuple(config.tasks)
   print(f"workdir {workdir}; {len(tasks)} tasks; methods: {', '.join(config.methods)}")
 
@@ -71,6 +70,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
     setup = families.load_lm(pretrained=config.model.pretrained, finetuned=paths, tasks=tasks,
                              dtype=config.model.dtype)
   timings = {"load_s": time.perf_counter() - start}
+  if not continued:
+    files.write_atomic(workdir / "config.json", config.to_json(indent=2) + "\n")
+  writer = report.MetricWriter(workdir)
 
   # ------------------------------------------------------------------------------------------ Data
   if setup.kind == "vision":
@@ -135,6 +137,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   for method in config.methods:
     begin = time.perf_counter()
     print(f"[{method}]")
+    if not method.startswith("adarank"):  # recomputed from scratch: its earlier records go
+      _drop_metrics(writer.jsonl_path, method, tasks, after_step=-1)
     if method == "individual":
       scores = {}
       for t in range(len(tasks)):
@@ -209,6 +213,12 @@ def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_pa
     return (tuple(inputs_of(next(s)) for s in streams) for _ in iter(int, 1))
 
   evals_path = outdir / "evals.jsonl"
+  # A resumed run continues from its last checkpoint: what the killed run logged after it is logged
+  # again, so it is dropped here (and a torn last record with it).
+  manager = checkpoint.Manager(outdir / "checkpoints")
+  restored = manager.latest_step() or 0
+  files.rewrite_jsonl(evals_path, lambda record: record["step"] <= restored)
+  _drop_metrics(writer.jsonl_path, f"adarank_{base}", config.tasks, after_step=restored)
   best = _best_evaluation(evals_path)
 
   def log(step_, metrics, state_):
@@ -226,7 +236,7 @@ def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_pa
       writer.scalars(step_, {f"adarank_{base}/eval_average": record["average"]})
       if config.adarank.selection == "oracle" and record["average"] > best["average"]:
         best.update(record)  # keep its masks on disk too, so a resumed run can still select it
-        checkpoint.save_tree(outdir / "oracle" / f"step_{step_}", trainable)
+        checkpoint.replace_tree(outdir / "oracle" / f"step_{step_}", trainable)
         for old in (outdir / "oracle").iterdir():
           if old.name != f"step_{step_}":
             shutil.rmtree(old)
@@ -234,7 +244,6 @@ def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_pa
   outdir.mkdir(parents=True, exist_ok=True)
   if config.adarank.selection == "oracle" and best["step"] < 0:
     log(0, {}, state)  # the official code's initial evaluation is an oracle candidate too
-  manager = checkpoint.Manager(outdir / "checkpoints")
   state = train.fit(frozen, state, train_step=train_step, make_batches=make_batches,
                     num_steps=config.adarank.num_steps, log_every=config.adarank.log_every,
                     checkpoint=manager, checkpoint_every=config.adarank.checkpoint_every,
@@ -246,9 +255,8 @@ def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_pa
     print(f"[adarank_{base}] oracle selection: step {best['step']} (average test score "
           f"{best['average']:.4f}, chosen on the labelled test set)")
   mask_logits, coefficients = trainable
-  masks_dir = outdir / "masks"
-  if not masks_dir.exists():
-    checkpoint.save_tree(masks_dir, {"mask_logits": mask_logits, "coefficients": coefficients})
+  # Always the final state (a resume with more steps replaces the earlier masks), atomically.
+  checkpoint.replace_tree(outdir / "masks", {"mask_logits": mask_logits, "coefficients": coefficients})
   report.rank_heatmap(tree_util.flatten(mask_logits), list(config.tasks), outdir / "rank_heatmap.png")
   return jax.device_get(hard_merge(origin, factors, mask_logits, coefficients))
 
@@ -256,9 +264,21 @@ def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_pa
 def _best_evaluation(path: Path) -> dict[str, Any]:
   """The best evaluation point logged so far (a resumed oracle run keeps its earlier points)."""
   best = {"step": -1, "average": -np.inf}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      record = json.loads(line)
-      if record["average"] > best["average"]:
-        best = record
+  for record in report.read_jsonl(path):  # a torn last record is dropped with a warning
+    if record["average"] > best["average"]:
+      best = record
   return best
+
+
+def _drop_metrics(path: Path, method: str, tasks, *, after_step: int) -> None:
+  """Drops from metrics.jsonl what an earlier run logged for `method` and will be logged again: its
+  training records after `after_step` and its final scores (step 0, keys method/<task>)."""
+  prefix = f"{method}/"
+  summary = {f"{prefix}{t}" for t in tasks}
+
+  def keep(record):
+    keys = [k for k in record if k not in ("step", "wall_time")]
+    if not keys or not all(k.startswith(prefix) for k in keys):
+      return True
+    return not (set(keys) <= summary or record["step"] > after_step)
+  files.rewrite_jsonl(path, keep)

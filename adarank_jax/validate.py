@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import ml_collections
 
+from adarank_jax import files
 from adarank_jax.data import registry
 
 FAMILIES = ("clip", "roberta", "gpt2")
@@ -34,6 +36,10 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
     if not ok:
       problems.append(message)
 
+  # Every float field: finite (NaN passes every `x > 0` test as False... and Inf passes it as True).
+  for key, value in _flat_items(config):
+    if isinstance(value, float):
+      need(math.isfinite(value), f"{key}={value!r}: expected a finite number")
   need(config.testbed.name in ("", "digits"),
        f"testbed.name={config.testbed.name!r}: expected '' or 'digits'")
   need(config.family in FAMILIES, f"family={config.family!r}: expected one of {FAMILIES}")
@@ -51,6 +57,7 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
     need(0 < hp.initial_rank_ratio <= 1,
          f"adarank.{base}.initial_rank_ratio={hp.initial_rank_ratio}: expected a value in (0, 1]")
     need(hp.learning_rate > 0, f"adarank.{base}.learning_rate={hp.learning_rate}: expected > 0")
+    need(_is_number(hp.prior), f"adarank.{base}.prior={hp.prior!r}: expected a number")
   for key in ("num_steps", "batch_size_per_task", "eval_every", "log_every", "checkpoint_every"):
     value = config.adarank[key]
     need(isinstance(value, int) and value > 0, f"adarank.{key}={value!r}: expected a positive integer")
@@ -96,6 +103,22 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _flat_items(node, prefix=""):
+  """(dotted key, value) of every leaf of a ConfigDict; tuples and lists are walked too (key[i])."""
+  for key, value in node.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      yield from _flat_items(value, f"{prefix}{key}.")
+    elif isinstance(value, (tuple, list)):
+      for i, item in enumerate(value):
+        yield f"{prefix}{key}[{i}]", item
+    else:
+      yield f"{prefix}{key}", value
+
+
 def _flat_config(config: ml_collections.ConfigDict) -> dict:
   def walk(node, prefix=""):
     out = {}
@@ -120,7 +143,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path, *, resume: b
     if resume and not overwrite:
       raise ConfigError(f"--resume: {workdir} holds no run to resume (no config.json)")
     return False
-  old = _flat_config(ml_collections.ConfigDict(json.loads(saved.read_text())))
+  try:
+    old = _flat_config(ml_collections.ConfigDict(files.read_json(saved)))
+  except (ValueError, TypeError) as error:
+    raise ConfigError(f"{saved}: cannot read the saved config of the run in {workdir} ({error}); pass "
+                      f"--overwrite to start over there") from error
   new = _flat_config(config)
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE)
   if changed:

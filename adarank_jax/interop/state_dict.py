@@ -23,6 +23,11 @@ WRAPPER_KEYS = ("state_dict", "model", "module")
 PREFIXES = ("module.", "model.")
 
 
+# How each entry point turns on run_pickled_code; the refusal names all of them.
+PICKLED_CODE_SWITCHES = ("--config.model.run_pickled_code=true (python -m adarank_jax.main), "
+                         "--run-pickled-code (python -m convert.openclip) or run_pickled_code=True (Python)")
+
+
 class CheckpointError(ValueError):
   """A checkpoint file can't be read, or holds something other than a state dict."""
 
@@ -55,7 +60,16 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def _load_torch(path: Path, *, run_pickled_code: bool) -> dict[str, np.ndarray]:
   import pickle  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  # torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol 2+ starts with 0x80).
+  # Anything else is not a checkpoint; torch.load would fail on it with e.g. "IndexError: pop from
+  # empty list".
+  with open(path, "rb") as f:
+    head = f.read(1)
+  if not zipfile.is_zipfile(path) and head != b"\x80":
+    raise CheckpointError(f"{path}: unreadable torch checkpoint: not a PyTorch/safetensors checkpoint "
+                          f"(neither a torch.save archive nor a safetensors file)")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=not run_pickled_code)
   except pickle.UnpicklingError as e:
@@ -63,8 +77,8 @@ def _load_torch(path: Path, *, run_pickled_code: bool) -> dict[str, np.ndarray]:
       raise CheckpointError(f"{path}: unreadable torch checkpoint: {_first_line(e)}") from e
     raise CheckpointError(
         f"{path}: this file is not a plain state dict (it pickles Python objects, e.g. a whole "
-        f"nn.Module). Loading it runs code from the file; if you trust it, pass run_pickled_code=True "
-        f"(CLI: --run-pickled-code). Detail: {_first_line(e)}") from e
+        f"nn.Module). Loading it runs code from the file; if you trust it, allow it with "
+        f"{PICKLED_CODE_SWITCHES}. Detail: {_first_line(e)}") from e
   except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors... on corrupt files.
     raise CheckpointError(f"{path}: unreadable torch checkpoint: {type(e).__name__}: {e}") from e
   if isinstance(obj, torch.nn.Module):
