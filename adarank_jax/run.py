@@ -16,13 +16,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from adarank_jax import baselines
 from adarank_jax import checkpoint
 from adarank_jax import decomposition
 from adarank_jax import evaluate
 from adarank_jax import families
 from adarank_jax import files
 from adarank_jax import merging
+from adarank_jax import methods
 from adarank_jax import report
 from adarank_jax import task_vectors
 from adarank_jax import train
@@ -128,7 +128,21 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
       temperature=temperature, num_tasks=len(tasks), mesh=mesh)
   hard_merge = jax.jit(functools.partial(merging.merge, temperature=temperature, mask_mode="hard"))
 
-  trains = any(m.startswith("adarank") for m in config.methods)
+  def method_inputs(method: methods.Method) -> tuple[Any, ...]:
+    """What `method` is made from (methods.NEEDS): trees, task vectors or factors, memoised."""
+    if method.needs == "pretrained":
+      return (setup.merged,)
+    if method.needs == "finetuned":
+      return (setup.finetuned,)
+    origin = methods.ORIGIN_OF[method.needs]
+    if method.needs == "tau":
+      return vectors(origin)
+    rank, dtype = None, families.DTYPES["float32"]  # static methods: full rank, float32
+    if method.trains:
+      rank, dtype = config.adarank.rank or None, families.DTYPES[config.adarank.factor_dtype]
+    return vectors(origin)[0], factors_of(origin, rank=rank, dtype=dtype)
+
+  trains = any(methods.get(m).trains for m in config.methods)
   results = report.new_results(
       name=config.name, tasks=tasks, model=config.model.name,
       steps=config.adarank.num_steps if trains else None,
@@ -137,7 +151,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   for method in config.methods:
     begin = time.perf_counter()
     print(f"[{method}]")
-    if not method.startswith("adarank"):  # recomputed from scratch: its earlier records go
+    spec = methods.get(method)
+    if not spec.trains:  # recomputed from scratch: its earlier records go
       _drop_metrics(writer.jsonl_path, method, tasks, after_step=-1)
     if method == "individual":
       scores = {}
@@ -145,31 +160,16 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
         scores.update(evaluate_params(setup.finetuned[t], only={t}))
       results["individual"] = scores
     else:
-      if method == "zero_shot":
-        params = baselines.zero_shot(setup.merged)
-      elif method == "weight_averaging":
-        params = jax.jit(task_vectors.weight_average)(setup.finetuned)
-      elif method == "task_arithmetic":
-        params = jax.jit(functools.partial(baselines.task_arithmetic,
-                                           scaling=config.merge.task_arithmetic_lambda))(
-                                               *vectors("pretrained"))
-      elif method == "ties":
-        params = jax.jit(functools.partial(baselines.ties, density=config.merge.ties_top_k,
-                                           scaling=config.merge.ties_lambda))(*vectors("pretrained"))
-      elif method == "cart":
-        params = jax.jit(functools.partial(baselines.cart, scaling=config.merge.cart_lambda,
-                                           rank_ratio=config.merge.cart_rank_ratio))(
-                                               vectors("average")[0],
-                                               factors_of("average", rank=None, dtype=None))
-      else:
-        base = method.removeprefix("adarank_")
-        params = _adarank(config, workdir / method, base=base, writer=writer,
-                          origin=vectors(_ORIGINS[base])[0],
-                          factors=factors_of(_ORIGINS[base], rank=config.adarank.rank or None,
-                                             dtype=families.DTYPES[config.adarank.factor_dtype]),
+      if spec.trains:
+        origin, factors = method_inputs(spec)
+        params = _adarank(config, workdir / method, base=method.removeprefix("adarank_"),
+                          writer=writer, origin=origin, factors=factors,
                           evaluate_params=evaluate_params, sources=sources, prepare=prepare,
                           inputs_of=inputs_of, mesh=mesh, train_step=train_step,
                           hard_merge=hard_merge)
+      else:  # a static method: its hyperparameters are its function's keywords (config.merge.<name>)
+        hyperparameters = dict(config.merge[method]) if method in config.merge else {}
+        params = jax.jit(functools.partial(spec.merge, **hyperparameters))(*method_inputs(spec))
       results["methods"][method] = evaluate_params(params)
       if export:
         setup.export(params, workdir / "export" / (
@@ -189,9 +189,6 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
         + (", export/" if export else "") + "".join(
             f", {m}/rank_heatmap.png" for m in config.methods if m.startswith("adarank")))
   return results
-
-
-_ORIGINS = {"ta": "pretrained", "cart": "average"}
 
 
 def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_params,

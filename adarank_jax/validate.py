@@ -8,12 +8,12 @@ from pathlib import Path
 
 import ml_collections
 
+from adarank_jax import baselines
 from adarank_jax import files
+from adarank_jax import methods
 from adarank_jax.data import registry
 
 FAMILIES = ("clip", "roberta", "gpt2")
-METHODS = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties", "cart",
-           "adarank_ta", "adarank_cart")
 EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",)}
 # Fields that may change when a run is resumed (they do not change what was computed so far).
 RESUMABLE = ("adarank.num_steps", "adarank.log_every", "adarank.checkpoint_every", "adarank.eval_every",
@@ -48,8 +48,8 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
   need(len(set(tasks)) == len(tasks), f"tasks: duplicates in {tasks}")
   unknown = [t for t in tasks if t not in registry.names()]
   need(not unknown, f"tasks: unknown task(s) {unknown}; known: {', '.join(registry.names())}")
-  bad_methods = [m for m in config.methods if m not in METHODS]
-  need(not bad_methods, f"methods: unknown {bad_methods}; choose from {METHODS}")
+  bad_methods = [m for m in config.methods if m not in methods.METHODS]
+  need(not bad_methods, f"methods: unknown {bad_methods}; choose from {tuple(methods.METHODS)}")
   need(len(config.methods) > 0, "methods: empty")
 
   for base in ("ta", "cart"):
@@ -73,10 +73,18 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
        f"adarank.factor_dtype={config.adarank.factor_dtype!r}: expected 'float32' or 'bfloat16'")
   need(config.model.dtype in ("float32", "bfloat16"),
        f"model.dtype={config.model.dtype!r}: expected 'float32' or 'bfloat16'")
-  need(0 < config.merge.cart_rank_ratio <= 1,
-       f"merge.cart_rank_ratio={config.merge.cart_rank_ratio}: expected a value in (0, 1]")
-  need(0 < config.merge.ties_top_k <= 1,
-       f"merge.ties_top_k={config.merge.ties_top_k}: expected a value in (0, 1]")
+  merge = config.merge
+  for key, value in (("cart.rank_ratio", merge.cart.rank_ratio), ("ties.density", merge.ties.density)):
+    need(0 < value <= 1, f"merge.{key}={value}: expected a value in (0, 1]")
+  need(0 <= merge.iso_cts.common_fraction <= 1,
+       f"merge.iso_cts.common_fraction={merge.iso_cts.common_fraction}: expected a value in [0, 1]")
+  need(merge.ties.merge in baselines.TIES_MERGES,
+       f"merge.ties.merge={merge.ties.merge!r}: expected one of {tuple(baselines.TIES_MERGES)}")
+  for name in ("tsv_m", "iso_c", "iso_cts"):
+    need(merge[name].matrices in baselines.MATRIX_RULES,
+         f"merge.{name}.matrices={merge[name].matrices!r}: expected one of {baselines.MATRIX_RULES}")
+  need(merge.iso_cts.side in ("in", "out"),
+       f"merge.iso_cts.side={merge.iso_cts.side!r}: expected 'in' or 'out'")
   need(config.eval.batch_size > 0, f"eval.batch_size={config.eval.batch_size}: expected > 0")
   need(config.eval.max_examples >= 0, f"eval.max_examples={config.eval.max_examples}: expected >= 0")
   need(config.mesh.factor_sharding in ("replicated", "task"),

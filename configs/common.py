@@ -83,18 +83,26 @@ def base():
   config.testbed.quick = False              # the seconds-long schedule (CI)
   config.testbed.seed = 0
 
-  # Methods run in this order, each evaluated on every task. Choices: zero_shot, individual,
-  # weight_averaging, task_arithmetic, ties, cart, adarank_ta, adarank_cart.
+  # Methods run in this order, each evaluated on every task: the names of adarank_jax/methods.py
+  # (zero_shot, individual, weight_averaging, task_arithmetic, ties, cart, tsv_m, iso_c, iso_cts,
+  # adarank_ta, adarank_cart).
   config.methods = ("individual", "adarank_ta")
 
   config.merge = ml_collections.ConfigDict()
   config.merge.decompose = DECOMPOSE["clip"]  # regexes of the SVD-decomposed, masked matrices
   config.merge.unmerged = UNMERGED["clip"]    # regexes of tensors kept at the origin
-  config.merge.task_arithmetic_lambda = 0.3   # static TA
-  config.merge.ties_lambda = 1.0              # static TIES (mean of agreeing entries, as the TIES paper)
-  config.merge.ties_top_k = 0.2               # fraction of entries each task keeps in TIES
-  config.merge.cart_lambda = 2.0              # static CART (SPEC section 2 table)
-  config.merge.cart_rank_ratio = 0.12
+  # Static methods' hyperparameters: config.merge.<method>.<keyword of its adarank_jax.baselines
+  # function>, with the published defaults.
+  config.merge.task_arithmetic = ml_collections.ConfigDict(dict(scaling=0.3))
+  # TIES paper: mean of the agreeing entries with lambda 1; FusionBench: merge='sum', scaling=0.3.
+  config.merge.ties = ml_collections.ConfigDict(dict(density=0.2, scaling=1.0, merge="mean"))
+  config.merge.cart = ml_collections.ConfigDict(dict(scaling=2.0, rank_ratio=0.12))  # CART repo, B/32x8
+  # TSV-M: alpha 1.0 (FusionBench); matrices: 'decomposed' (AdaRank repo) or 'all_2d' (FusionBench).
+  config.merge.tsv_m = ml_collections.ConfigDict(dict(scaling=1.0, matrices="decomposed"))
+  # Iso-C / Iso-CTS: alpha 1.5 (FusionBench, ViT-B/32 x 8), common fraction 0.8 (Iso-CTS code).
+  config.merge.iso_c = ml_collections.ConfigDict(dict(scaling=1.5, matrices="decomposed"))
+  config.merge.iso_cts = ml_collections.ConfigDict(
+      dict(scaling=1.5, common_fraction=0.8, side="out", matrices="decomposed"))
 
   config.adarank = ml_collections.ConfigDict()
   config.adarank.ta = ml_collections.ConfigDict(
@@ -144,7 +152,8 @@ def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, 
 
   Args:
     ta, cart: (prior, initial_rank_ratio, learning_rate) of AdaRank on TA / on CART.
-    cart_static: (lambda, rank_ratio) of static CART, where the CART repo has a config for it.
+    cart_static: dict(scaling=..., rank_ratio=...) of static CART, where the CART repo has a config
+      for it.
   """
   arg = parse_arg(arg, base="ta", baselines=False, quick=False)
   if arg.base not in ("ta", "cart"):
@@ -162,11 +171,11 @@ def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, 
   config.adarank.eval_every = eval_every
   config.eval.batch_size = eval_batch_size
   if cart_static is not None:
-    config.merge.cart_lambda, config.merge.cart_rank_ratio = cart_static
+    config.merge.cart.update(cart_static)
   config.methods = ("individual", f"adarank_{arg.base}")
   if arg.baselines:
     config.methods = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties",
-                      "cart", f"adarank_{arg.base}")
+                      "cart", "tsv_m", "iso_c", "iso_cts", f"adarank_{arg.base}")
   config.name = f"{model}_{len(tasks)}tasks_adarank_{arg.base}"
   if arg.quick:
     quick(config)

@@ -25,12 +25,12 @@ def get_config(arg=None):
   config.model.finetuned = located.finetuned_template
   config.tasks = digit_tasks.register_tasks()
   config.methods = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties", "cart",
-                    "adarank_ta", "adarank_cart")
+                    "tsv_m", "iso_c", "iso_cts", "adarank_ta", "adarank_cart")
   # The ViT-B/32 8-task values of SPEC section 3 (TA: prior 0.3, all components on; CART: prior 2.3,
   # top 16%), and the CART repo's static CART for 8 tasks (lambda 2.0, rank 12%). Nothing tuned here.
   config.adarank.ta.update(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3)
   config.adarank.cart.update(prior=2.3, initial_rank_ratio=0.16, learning_rate=1e-3)
-  config.merge.cart_lambda, config.merge.cart_rank_ratio = 2.0, 0.12
+  config.merge.cart.update(scaling=2.0, rank_ratio=0.12)
   config.adarank.num_steps = 500
   config.adarank.batch_size_per_task = 16
   config.adarank.eval_every = 250

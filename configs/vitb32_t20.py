@@ -15,5 +15,5 @@ def get_config(arg=None):
       batch_size=16, num_steps=10_000, eval_every=500,
       ta=(0.05, 1.0, 1e-3),    # (prior, initial rank ratio, lr) of AdaRank on TA
       cart=(2.4, 0.32, 1e-3),  # same, on CART
-      cart_static=(1.9, 0.32),  # static CART: CART repo's ViT-b-32_20_CART.yaml
+      cart_static=dict(scaling=1.9, rank_ratio=0.32),  # static CART: CART repo's ViT-b-32_20_CART.yaml
       eval_batch_size=128)

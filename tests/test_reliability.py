@@ -41,11 +41,11 @@ def _problems(**overrides):
 
 def test_validate_rejects_non_finite_floats():
   message = _problems(**{"adarank.ta.prior": float("nan"), "adarank.cart.learning_rate": float("inf"),
-                         "adarank.mask_temperature": float("inf"), "merge.ties_lambda": float("-inf")})
+                         "adarank.mask_temperature": float("inf"), "merge.ties.scaling": float("-inf")})
   assert "adarank.ta.prior=nan: expected a finite number" in message
   assert "adarank.cart.learning_rate=inf: expected a finite number" in message
   assert "adarank.mask_temperature=inf: expected a finite number" in message
-  assert "merge.ties_lambda=-inf: expected a finite number" in message
+  assert "merge.ties.scaling=-inf: expected a finite number" in message
   assert "adarank.ta.prior" not in _problems()  # the defaults are fine
 
 

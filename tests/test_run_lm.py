@@ -268,7 +268,7 @@ def test_bert_task_arithmetic_export_is_the_official_rule(bert, bert_setup):
   root, config, _, tokenizer = bert
   pretrained = _state(root / "pretrained")
   tuned = [_state(root / "finetuned" / t) for t in BERT_TASKS]
-  lam = config.merge.task_arithmetic_lambda
+  lam = config.merge.task_arithmetic.scaling
   for t, task in enumerate(BERT_TASKS):
     exported = _state(root / "work" / "export" / "task_arithmetic" / task)
     for key, value in exported.items():
