@@ -2,20 +2,39 @@
 
 Orbax writes into a temporary directory and renames it when complete, so a killed write leaves no
 half checkpoint behind: a directory either holds a whole tree or is absent.
+
+Every saved tree also carries `checksum.json` (CHECKSUM_NAME): the sha256 of each leaf's bytes, dtype
+and shape, computed from the arrays given to save. Restoring recomputes it from the arrays read back,
+so a flipped byte in a stored file (which Orbax's compressed chunks may decode without complaint into
+other numbers) raises CorruptCheckpointError naming the directory and the leaf. `Manager.restore` of
+the newest step falls back to the newest older step that verifies, with a warning naming both.
+Trees written before checksums existed (no checksum.json) restore unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
+import warnings
 
 import jax
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
 from adarank_jax import files
 from adarank_jax import tree_util
+
+CHECKSUM_NAME = "checksum.json"
+_CHECKSUM_FORMAT = "sha256 per leaf of dtype, shape and bytes, v1"
+
+
+class CorruptCheckpointError(ValueError):
+  """A saved tree's arrays differ from the checksum recorded when it was written; the message names the
+  checkpoint directory and the leaves."""
 
 
 def _restored(tree: Any) -> Any:
@@ -23,36 +42,139 @@ def _restored(tree: Any) -> Any:
   return tree_util.unflatten({k: np.asarray(v) for k, v in tree_util.flatten(tree).items()})
 
 
-def save_tree(path: str | os.PathLike, tree: Any) -> None:
-  """Saves a param tree (nested dict of arrays) to the directory `path`, which must not exist yet."""
-  path = Path(path).absolute()
-  if path.exists():
-    raise FileExistsError(f"{path}: already exists; refusing to overwrite a saved tree")
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "idx", "name"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _leaves(tree: Any) -> dict[str, Any]:
+  """'/'-joined leaf paths -> leaves (dict keys 0 and '0' give the same name, as Orbax restores them)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+
+
+def _dtype(name: str) -> np.dtype:
+  return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+
+
+def _host_array(leaf: Any) -> np.ndarray | None:
+  """The leaf as one numpy array, or None where this process does not hold all of it."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return None
+  return np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+
+
+def _digest(array: np.ndarray) -> str:
+  digest = hashlib.sha256(f"{array.dtype.name}:{tuple(array.shape)};".encode())
+  digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def checksums(tree: Any) -> dict[str, dict[str, Any]] | None:
+  """{leaf path: {"dtype", "shape", "sha256"}} of `tree`; None if some leaf spans other hosts."""
+  out = {}
+  for name, leaf in _leaves(tree).items():
+    array = _host_array(leaf)
+    if array is None:
+      return None
+    out[name] = {"dtype": array.dtype.name, "shape": list(array.shape), "sha256": _digest(array)}
+  return out
+
+
+def _write_checksum(directory: Path, tree: Any) -> None:
+  sums = checksums(tree)
+  if sums is not None and jax.process_index() == 0:
+    files.write_json(directory / CHECKSUM_NAME, {"format": _CHECKSUM_FORMAT, "leaves": sums}, indent=1)
+
+
+def verify(directory: str | os.PathLike, tree: Any) -> None:
+  """Raises CorruptCheckpointError unless `tree` (restored from `directory`) matches its checksum.json.
+
+  Nothing to check without checksum.json (a tree saved before checksums existed). A leaf restored in
+  another dtype than it was saved in is compared after casting back to the saved dtype.
+  """
+  directory = Path(directory)
+  path = directory / CHECKSUM_NAME
+  if not path.is_file():
+    return
+  try:
+    recorded = files.read_json(path)["leaves"]
+  except (files.CorruptFileError, KeyError, TypeError) as error:
+    raise CorruptCheckpointError(f"{directory}: unreadable {CHECKSUM_NAME} ({error})") from error
+  actual = _leaves(tree)
+  problems = []
+  for name in sorted(set(recorded) - set(actual)):
+    problems.append(f"{name}: saved but not restored")
+  for name in sorted(set(actual) & set(recorded)):
+    array = _host_array(actual[name])
+    if array is None:
+      continue
+    entry = recorded[name]
+    if list(array.shape) != list(entry["shape"]):
+      problems.append(f"{name}: shape {tuple(array.shape)}, saved {tuple(entry['shape'])}")
+      continue
+    saved_dtype = _dtype(entry["dtype"])
+    if array.dtype != saved_dtype:
+      array = np.ascontiguousarray(array.astype(saved_dtype))
+    if _digest(array) != entry["sha256"]:
+      problems.append(f"{name}: sha256 differs from the one recorded at save time")
+  # Leaves restored but never recorded: a restore target with more leaves than the save; not corruption.
+  if problems:
+    raise CorruptCheckpointError(
+        f"{directory}: checkpoint is corrupt (its bytes changed after it was written): "
+        + "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
+
+
+def _write_tree(path: Path, tree: Any) -> None:
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, tree)
     checkpointer.wait_until_finished()
+  _write_checksum(path, tree)
+
+
+def save_tree(path: str | os.PathLike, tree: Any) -> None:
+  """Saves a param tree (nested dict of arrays) to the directory `path`, which must not exist yet.
+
+  The tree and its checksum.json are written aside and renamed into place together.
+  """
+  path = Path(path).absolute()
+  if path.exists():
+    raise FileExistsError(f"{path}: already exists; refusing to overwrite a saved tree")
+  files.replace_dir(path, lambda tmp: _write_tree(tmp, tree))
 
 
 def replace_tree(path: str | os.PathLike, tree: Any) -> None:
   """Saves `tree` to the directory `path`, replacing what is there: the new tree is written aside and
   renamed into place (files.replace_dir), so `path` holds the old tree or the new one, never a mix."""
-  files.replace_dir(Path(path).absolute(), lambda tmp: save_tree(tmp, tree))
+  files.replace_dir(Path(path).absolute(), lambda tmp: _write_tree(tmp, tree))
 
 
 def load_tree(path: str | os.PathLike, target: Any = None) -> Any:
-  """Restores a tree saved by `save_tree`; `target` (arrays or ShapeDtypeStructs) fixes structure/dtypes."""
+  """Restores a tree saved by `save_tree`; `target` (arrays or ShapeDtypeStructs) fixes structure/dtypes.
+
+  Raises:
+    CorruptCheckpointError: the arrays read differ from the checksum recorded when it was saved.
+  """
   path = Path(path).absolute()
   if not path.is_dir():
     raise FileNotFoundError(f"{path}: no saved tree here")
   with ocp.StandardCheckpointer() as checkpointer:
     if target is None:
-      return _restored(checkpointer.restore(path))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return checkpointer.restore(path, abstract)
+      tree = _restored(checkpointer.restore(path))
+    else:
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+      tree = checkpointer.restore(path, abstract)
+  verify(path, tree)
+  return tree
 
 
 class Manager:
-  """Numbered checkpoints of a training state under one directory, keeping the newest `max_to_keep`."""
+  """Numbered checkpoints of a training state under one directory, keeping the newest `max_to_keep`.
+
+  Each step directory holds checksum.json (see the module docstring), verified by `restore`.
+  """
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
     self.directory = Path(directory).absolute()
@@ -60,10 +182,15 @@ class Manager:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
+  def step_directory(self, step: int) -> Path:
+    """Where checkpoint `step` lives."""
+    return self.directory / str(step)
+
   def save(self, step: int, tree: Any) -> None:
-    """Saves `tree` as checkpoint `step` and waits until it is complete on disk."""
+    """Saves `tree` as checkpoint `step`, with its checksum, and waits until it is complete on disk."""
     self._manager.save(step, args=ocp.args.StandardSave(tree))
     self._manager.wait_until_finished()
+    _write_checksum(self.step_directory(step), tree)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -71,10 +198,62 @@ class Manager:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def restore(self, step: int, target: Any) -> Any:
-    """Restores checkpoint `step` into the structure, dtypes (and shardings) of `target`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  def _restore_verified(self, step: int, target: Any) -> Any:
+    abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    verify(self.step_directory(step), tree)
+    return tree
+
+  def latest_valid_step(self, target: Any = None) -> int | None:
+    """The newest step whose arrays match their checksum (the step `restore(latest_step(), ...)` gives).
+
+    Args:
+      target: restore into this structure and dtypes; None: as saved.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        self._restore_verified(step, target)
+      except CorruptCheckpointError:
+        continue
+      return step
+    return None
+
+  def restore(self, step: int, target: Any, *, fallback: bool | None = None) -> Any:
+    """Restores checkpoint `step` into the structure, dtypes (and shardings) of `target`, verified.
+
+    Args:
+      step: the step to restore.
+      target: arrays or ShapeDtypeStructs.
+      fallback: when checkpoint `step` is corrupt, restore the newest older step that verifies instead
+        (with a warning naming both) and delete the corrupt one, so training resumes from there and can
+        write that step again. None (default): fall back only when `step` is the latest step (what
+        `train.fit` restores); the restored tree's own step field says which step it holds.
+
+    Raises:
+      CorruptCheckpointError: `step` is corrupt and there is no good checkpoint to fall back to (or
+        `fallback` is off); names the checkpoint directory and the leaf.
+    """
+    try:
+      return self._restore_verified(step, target)
+    except CorruptCheckpointError as error:
+      if fallback is None:
+        fallback = step == self.latest_step()
+      if not fallback:
+        raise
+      first_error = error
+    for older in sorted((s for s in self.all_steps() if s < step), reverse=True):
+      try:
+        tree = self._restore_verified(older, target)
+      except CorruptCheckpointError as error:
+        warnings.warn(str(error), stacklevel=2)
+        continue
+      self._manager.delete(step)
+      warnings.warn(f"{first_error}\n  Restored the previous good checkpoint {self.step_directory(older)} "
+                    f"instead of {self.step_directory(step)}, which was deleted; training continues "
+                    f"from step {older}.", stacklevel=2)
+      return tree
+    raise CorruptCheckpointError(f"{first_error}\n  No older checkpoint in {self.directory} verifies "
+                                 f"either; delete {self.directory} to start over.") from None
 
   def close(self) -> None:
     self._manager.close()

@@ -73,7 +73,7 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
   full = openclip.load_openclip(pretrained, model, text=True, run_pickled_code=run_pickled_code)
   tuned = tuple(openclip.load_openclip(path, model, text=False, run_pickled_code=run_pickled_code)
                 for path in finetuned)
-  heads = zero_shot_heads(config, full, tasks, cache_dir=cache_dir)
+  heads = zero_shot_heads(config, full, tasks, cache_dir=cache_dir, source=f"model config {model}")
   graphdef, _ = functional.split(
       nnx.eval_shape(lambda: clip.build(config.vision, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))))
 
@@ -101,9 +101,20 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
 
 
 def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
-                    cache_dir: str | os.PathLike) -> tuple[np.ndarray, ...]:
-  """Each task's (classes, dim) head from its class names and templates, cached per model and task."""
+                    cache_dir: str | os.PathLike, source: str = "") -> tuple[np.ndarray, ...]:
+  """Each task's (classes, dim) head from its class names and templates, cached per model and task.
+
+  Every task's token ids are checked against the text tower's vocabulary before any head is built (an
+  error names `source`, the model config, and the max id vs vocab_size); a non-finite head is an error
+  and is never cached.
+  """
   tokenize = clip_tokenizer.Tokenizer(context_length=config.text.context_length)
+  source = source or f"model config {config}"
+  for name in tasks:  # all at once, before any compute: ids beyond the vocabulary would give NaN heads
+    task = registry.get(name)
+    heads_lib.check_token_ids(
+        tokenize([template.format(c) for c in task.classnames for template in task.templates]),
+        config.text.vocab_size, source=f"{source} (task {name})")
   graphdef, _ = functional.split(nnx.eval_shape(lambda: clip.build(config, rngs=nnx.Rngs(0))))
   encode_text = jax.jit(functools.partial(functional.call, graphdef, method="encode_text"))
   fingerprint = heads_lib.fingerprint({"text": full["text"], "logit_scale": full["logit_scale"]})[:16]
@@ -115,7 +126,8 @@ def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
         encode_text_fn=lambda tokens: encode_text(full, jnp.asarray(tokens)),
         tokenize_fn=tokenize,
         classnames=task.classnames, templates=task.templates,
-        logit_scale=float(np.asarray(full["logit_scale"]))))
+        logit_scale=float(np.asarray(full["logit_scale"])), vocab_size=config.text.vocab_size,
+        source=f"{source} (task {name})"))
   return tuple(out)
 
 

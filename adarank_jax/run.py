@@ -213,7 +213,7 @@ def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_pa
   # A resumed run continues from its last checkpoint: what the killed run logged after it is logged
   # again, so it is dropped here (and a torn last record with it).
   manager = checkpoint.Manager(outdir / "checkpoints")
-  restored = manager.latest_step() or 0
+  restored = manager.latest_valid_step() or 0  # where fit resumes if the newest checkpoint is corrupt
   files.rewrite_jsonl(evals_path, lambda record: record["step"] <= restored)
   _drop_metrics(writer.jsonl_path, f"adarank_{base}", config.tasks, after_step=restored)
   best = _best_evaluation(evals_path)

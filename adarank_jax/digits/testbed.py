@@ -12,8 +12,10 @@
 
 The files live in cache_dir/digits-<full|quick>-<fingerprint>/, where the fingerprint covers the
 model config, the schedule, the seed and the source of this package; a second call with the same
-arguments reuses them. The directory is built under a temporary name and renamed when complete, so
-an interrupted build never leaves a directory that looks finished.
+arguments reuses them once `verify` finds each file's sha256 as testbed.json recorded it at build time
+(a corrupt or missing file is named and the testbed rebuilt). The directory is built under a temporary
+name and renamed when complete, so an interrupted build never leaves a directory that looks finished; a
+directory without testbed.json (left by an older, killed build) is replaced.
 
   bed = testbed.build("~/.cache/adarank_jax")
   bed.model_config, bed.pretrained, bed.finetuned("DigitsParity"), bed.finetuned_template, bed.tasks
@@ -129,11 +131,15 @@ def build(cache_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0) -
   names, directory = located.tasks, Path(located.directory)
   schedule = QUICK if quick else FULL
   kind = "quick" if quick else "full"
-  if (directory / MANIFEST).is_file():
-    print(f"Digits testbed: reusing {directory}")
-    return _testbed(directory, names)
   directory.parent.mkdir(parents=True, exist_ok=True)
   _remove_abandoned(directory)
+  if directory.exists():
+    problems = verify(directory)
+    if not problems:
+      print(f"Digits testbed: reusing {directory}")
+      return _testbed(directory, names)
+    for problem in problems:
+      print(f"Digits testbed: {problem}; rebuilding the testbed")
   print(f"Digits testbed: building {directory} ({kind} schedule, seed {seed})")
   start = time.perf_counter()
   tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", dir=directory.parent))
@@ -141,13 +147,9 @@ def build(cache_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0) -
     report = _build_into(tmp, names, schedule, seed)
     manifest = {"seed": seed, "quick": quick, "schedule": dataclasses.asdict(schedule), "tasks": names,
                 "jax_version": jax.__version__, **report,
-                "build_seconds": round(time.perf_counter() - start, 1)}
+                "build_seconds": round(time.perf_counter() - start, 1), "sha256": file_hashes(tmp)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    try:
-      os.rename(tmp, directory)
-    except OSError:  # another process completed the same build first; keep its files
-      if not (directory / MANIFEST).is_file():
-        raise
+    _install(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   print(f"Digits testbed: built in {manifest['build_seconds']:.0f} s")
@@ -156,6 +158,65 @@ def build(cache_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0) -
           f"{report['zero_shot_accuracy']['average']:.3f} / {report['finetuned_accuracy']['average']:.3f} "
           f"(per task in {directory / MANIFEST})")
   return _testbed(directory, names)
+
+
+def _install(tmp: Path, directory: Path) -> None:
+  """Renames the complete build `tmp` to `directory`. What is there already (a half-built or corrupt
+  directory) is renamed aside first and deleted; a good build another process completed meanwhile is
+  kept instead of ours."""
+  old = None
+  if directory.exists():
+    if not verify(directory):
+      return
+    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.old.", dir=directory.parent))
+    os.rename(directory, old / "build")
+  try:
+    os.rename(tmp, directory)
+  except OSError:  # another process installed its build between our checks; keep it if it is good
+    if not directory.exists() or verify(directory):
+      raise
+  finally:
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+
+
+def file_hashes(directory: str | os.PathLike) -> dict[str, str]:
+  """sha256 of every file of a build directory but testbed.json: {relative posix path: hex digest}."""
+  directory = Path(directory)
+  hashes = {}
+  for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    relative = path.relative_to(directory).as_posix()
+    if relative == MANIFEST:
+      continue
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    hashes[relative] = digest.hexdigest()
+  return hashes
+
+
+def verify(directory: str | os.PathLike) -> list[str]:
+  """What is wrong with a cached build, one line per file (naming it); [] when every file recorded in
+  testbed.json is there with the sha256 recorded at build time."""
+  directory = Path(directory)
+  manifest_path = directory / MANIFEST
+  if not manifest_path.is_file():
+    return [f"{directory}: no {MANIFEST} (an interrupted build left it)"]
+  try:
+    recorded = json.loads(manifest_path.read_text())["sha256"]
+    if not isinstance(recorded, dict) or not recorded:
+      raise ValueError("empty")
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    return [f"{manifest_path}: unreadable or records no file hashes ({type(error).__name__}: {error})"]
+  problems = []
+  actual = file_hashes(directory)
+  for relative, digest in sorted(recorded.items()):
+    if relative not in actual:
+      problems.append(f"{directory / relative}: missing")
+    elif actual[relative] != digest:
+      problems.append(f"{directory / relative}: sha256 differs from the one recorded in {MANIFEST} (corrupt)")
+  return problems
 
 
 def _testbed(directory: Path, names: tuple[str, ...]) -> Testbed:

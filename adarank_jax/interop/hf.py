@@ -213,7 +213,8 @@ def tree_from_state_dict(config: ModelConfig, state: Mapping[str, np.ndarray], *
     Nested dict of numpy arrays (kernels (in, out), conv HWIO), stored dtypes.
 
   Raises:
-    tree_util.StructureError: missing, unexpected or mis-shaped keys.
+    tree_util.StructureError: missing, unexpected or mis-shaped keys, or integer/bool
+      tensors where the architecture has float weights.
     tree_util.NonFiniteError: NaN or Inf in a used tensor.
   """
   family, shapes, table = _plan(config)
@@ -231,6 +232,9 @@ def tree_from_state_dict(config: ModelConfig, state: Mapping[str, np.ndarray], *
   except tree_util.StructureError as e:
     raise tree_util.StructureError(
         f'{e}\n  (expected the {_name(config)} layout given by config.json)') from None
+  # Every parameter of these families is floating point (integer buffers such as position_ids are in
+  # the family's `ignored` keys, never expected).
+  state_dict_lib.check_dtypes(dict.fromkeys(expected, np.float32), used, source=source)
   tree_util.check_finite(used, source=source)
   return tree_util.unflatten({path: np.ascontiguousarray(hook.to_tree(*(used[k] for k in keys)))
                               for path, (hook, keys) in table.items()})
@@ -281,6 +285,7 @@ def load_hf(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     config, tree, _ = load_converted(directory)
     flat = tree_util.flatten(tree)
     tree_util.check_structure(_plan(config)[1], flat, source=str(directory / PARAMS))
+    state_dict_lib.check_dtypes(dict.fromkeys(flat, np.float32), flat, source=str(directory / PARAMS))
     tree_util.check_finite(flat, source=str(directory / PARAMS))
     return config, tree
   config = model_config(_read_config(directory), source=str(directory / 'config.json'))

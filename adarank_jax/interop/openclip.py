@@ -98,6 +98,13 @@ def _expected(config: clip.VisionConfig | clip.CLIPConfig, *, prefix: str
   return table
 
 
+def _expected_dtypes(config: clip.VisionConfig | clip.CLIPConfig, *, prefix: str) -> dict[str, Any]:
+  """OpenCLIP key -> the architecture's dtype (float32 for every CLIP param)."""
+  is_clip = isinstance(config, clip.CLIPConfig)
+  return {_openclip_key(path, is_clip=is_clip, prefix=prefix)[0]: leaf.dtype
+          for path, leaf in tree_util.flatten(clip.abstract_params(config)).items()}
+
+
 def tree_from_state_dict(state_dict: Mapping[str, np.ndarray], vision_cfg: clip.VisionConfig,
                          text_cfg: clip.TextConfig | None = None, *, source: str) -> dict[str, Any]:
   """Validates an OpenCLIP state dict against the configs, then builds the param tree.
@@ -115,7 +122,7 @@ def tree_from_state_dict(state_dict: Mapping[str, np.ndarray], vision_cfg: clip.
 
   Raises:
     tree_util.StructureError: missing or unexpected keys, or shapes of another architecture (e.g. ViT-B/16
-      weights for a ViT-B/32 config); all of them are listed.
+      weights for a ViT-B/32 config), or integer/bool arrays for float weights; all of them are listed.
     tree_util.NonFiniteError: NaN or Inf in a tensor the tree uses.
   """
   if text_cfg is not None:
@@ -133,6 +140,8 @@ def tree_from_state_dict(state_dict: Mapping[str, np.ndarray], vision_cfg: clip.
   except tree_util.StructureError as e:
     raise tree_util.StructureError(
         f'{e}\n  The checkpoint does not match the expected OpenCLIP architecture {config}.') from None
+  state_dict_lib.check_dtypes(_expected_dtypes(config, prefix='' if text_cfg is not None else prefix), used,
+                              source=source)
   tree_util.check_finite(used, source=source)
   return tree_util.unflatten({path: _to_tree(used[key], hook) for key, (path, _, hook) in expected.items()})
 
@@ -190,7 +199,9 @@ def _load_converted(path: str | os.PathLike, config: clip.CLIPConfig, *, text: b
     tree = tree['visual']
   expected = clip.abstract_params(config if text else config.vision)
   flat = tree_util.flatten(tree)
-  tree_util.check_structure(tree_util.shapes(tree_util.flatten(expected)), flat, source=source)
+  expected_flat = tree_util.flatten(expected)
+  tree_util.check_structure(tree_util.shapes(expected_flat), flat, source=source)
+  state_dict_lib.check_dtypes({k: v.dtype for k, v in expected_flat.items()}, flat, source=source)
   tree_util.check_finite(flat, source=source)
   return tree
 

@@ -155,6 +155,34 @@ def _to_torch(array: np.ndarray):
   return torch.from_numpy(array)
 
 
+def is_floating(dtype) -> bool:
+  """numpy's floating dtypes and ml_dtypes' (bfloat16, float8_*), whose numpy kind is 'V'."""
+  dtype = np.dtype(dtype)
+  return np.issubdtype(dtype, np.floating) or (dtype.kind == "V" and "float" in dtype.name)
+
+
+def check_dtypes(expected: Mapping[str, object], actual: Mapping[str, object], *, source: str) -> None:
+  """Raises tree_util.StructureError naming `source` and every key whose kind of dtype differs from the
+  architecture's: integer or bool arrays where it has floating-point weights (any float width is fine:
+  float16/bfloat16/float32/float64), or floats where it has integer buffers.
+
+  Args:
+    expected: key -> the architecture's dtype (keys missing from `actual` are check_structure's business).
+    actual: key -> array.
+    source: the file or directory, named in the error.
+  """
+  from adarank_jax import tree_util  # pylint: disable=g-import-not-at-top
+  bad = []
+  for key in sorted(set(expected) & set(actual)):
+    want_float = is_floating(expected[key])
+    got = np.asarray(actual[key]).dtype
+    if is_floating(got) != want_float:
+      bad.append(f"{key}: dtype {got.name}, expected a {'floating-point' if want_float else 'integer'} "
+                 f"dtype (the architecture's is {np.dtype(expected[key]).name})")
+  if bad:
+    raise tree_util.StructureError(f"{source}: dtype mismatches ({len(bad)}): " + "; ".join(bad))
+
+
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
