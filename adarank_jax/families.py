@@ -70,9 +70,17 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
   """
   from adarank_jax.interop import openclip  # pylint: disable=g-import-not-at-top (needs torch for .pt)
   config = clip.load_config(model)
-  full = openclip.load_openclip(pretrained, model, text=True, run_pickled_code=run_pickled_code)
-  tuned = tuple(openclip.load_openclip(path, model, text=False, run_pickled_code=run_pickled_code)
-                for path in finetuned)
+  loaded, problems = [], []
+  for path, text in ((pretrained, True), *((path, False) for path in finetuned)):
+    try:  # every bad checkpoint is listed, not only the first
+      loaded.append(openclip.load_openclip(path, model, text=text, run_pickled_code=run_pickled_code))
+    except (ValueError, OSError) as error:
+      problems.append(str(error))
+  if problems:
+    raise ValueError(f"{len(problems)} of {1 + len(finetuned)} checkpoints cannot be used:\n  "
+                     + "\n  ".join(problems))
+  full, *tuned = loaded
+  tuned = tuple(tuned)
   heads = zero_shot_heads(config, full, tasks, cache_dir=cache_dir, source=f"model config {model}")
   graphdef, _ = functional.split(
       nnx.eval_shape(lambda: clip.build(config.vision, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))))

@@ -64,10 +64,11 @@ def _main(argv):
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value or Path("runs") / config.name)
-  if config.testbed.name == "digits":  # the embedded demo: build (or reuse) its checkpoints first
+  export = config.export if _EXPORT.value is None else _EXPORT.value
+  if config.testbed.name == "digits":  # the embedded demo: build (or reuse) its checkpoints first,
+    validate.validate(config, export=export, paths=False)  # once the values are known to be good
     from adarank_jax.digits import testbed  # pylint: disable=g-import-not-at-top
     testbed.build(testbed.default_cache_dir(), quick=config.testbed.quick, seed=config.testbed.seed)
-  export = config.export if _EXPORT.value is None else _EXPORT.value
   validate.validate(config, export=export)
   continued = validate.check_workdir(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
   # One run per workdir: a second one stops here, naming the holder's pid. The OS drops the lock when

@@ -59,6 +59,18 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   tasks = tuple(config.tasks)
   print(f"workdir {workdir}; {len(tasks)} tasks; methods: {', '.join(config.methods)}")
 
+  # ------------------------------------------------------------------------------------------ Data sets
+  # Every task's data set is opened before any checkpoint is loaded: all missing ones in one error.
+  sources, missing = [], []
+  for t in tasks:
+    try:
+      sources.append(registry.get(t).open_source(data_dir=config.data.data_dir or None))
+    except (registry.DatasetNotFoundError, registry.DatasetMismatchError) as error:
+      missing.append(str(error))
+  if missing:
+    raise validate.ConfigError(f"{len(missing)} of {len(tasks)} data sets cannot be read:\n  "
+                               + "\n  ".join(missing))
+
   # ------------------------------------------------------------------------------------------ Models
   start = time.perf_counter()
   paths = [str(validate.finetuned_path(config.model.finetuned, t)) for t in tasks]
@@ -80,7 +92,6 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   else:
     prepare = pipeline.text_preprocessor(tokenizer_dir=config.data.tokenizer or setup.tokenizer,
                                          max_length=config.data.max_length)
-  sources = [registry.get(t).open_source(data_dir=config.data.data_dir or None) for t in tasks]
   inputs_of = functools.partial(pipeline.model_inputs, kind=setup.kind)
 
   def eval_batches(t):

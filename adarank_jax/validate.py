@@ -28,8 +28,11 @@ def finetuned_path(template: str, task: str) -> Path:
   return Path(template.replace("{task}", task))
 
 
-def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
-  """Raises ConfigError listing every problem of `config` (and of `export`: --export, else config.export)."""
+def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool = True) -> None:
+  """Raises ConfigError listing every problem of `config` (and of `export`: --export, else config.export).
+
+  `paths=False` checks the values only (before a testbed that makes the checkpoints is built).
+  """
   problems = []
 
   def need(ok: bool, message: str) -> None:
@@ -93,6 +96,9 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
     allowed = EXPORTS.get(config.family, ())
     need(export in allowed, f"export={export!r}: for family {config.family!r} expected one of {allowed}")
 
+  if not paths:
+    _raise(problems)
+    return
   # Paths: every missing file at once.
   need(bool(config.model.pretrained), "model.pretrained: empty; set --config.model.pretrained=PATH")
   if config.model.pretrained:
@@ -107,6 +113,10 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "") -> None:
       missing = [str(finetuned_path(template, t)) for t in tasks if not finetuned_path(template, t).exists()]
       need(not missing, f"model.finetuned: {len(missing)} fine-tuned checkpoint(s) missing: "
            + ", ".join(missing))
+  _raise(problems)
+
+
+def _raise(problems: list[str]) -> None:
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

@@ -310,3 +310,27 @@ def test_resume_logs_every_record_once(resumed):
 def test_resume_removes_the_temp_files_of_the_killed_run(resumed):
   assert not (resumed["workdir"] / ".results.json.k1ll3d.tmp").exists()
   assert not list(resumed["workdir"].rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------------- 13: checks first
+def test_bad_values_fail_before_the_testbed_is_built(tmp_path, capsys, monkeypatch):
+  cache = tmp_path / "cache"
+  status, err = _main(capsys, f"--workdir={tmp_path / 'w'}", "--config.adarank.num_steps=0",
+                      env={"ADARANK_JAX_CACHE": str(cache)}, monkeypatch=monkeypatch)
+  assert status == 1 and "adarank.num_steps=0" in err, err
+  assert not cache.exists() or not any(cache.iterdir())  # no testbed was built for a bad config
+
+
+def test_every_missing_data_set_is_listed_before_any_checkpoint_is_loaded(tmp_path, capsys):
+  status, err = _main(capsys, f"--workdir={tmp_path / 'w'}", *_garbage_checkpoints(tmp_path),
+                      "--config.tasks=('Cars','DTD','MNIST')",
+                      f"--config.data.data_dir={tmp_path / 'no_data'}")
+  assert status == 1 and "3 of 3 data sets cannot be read" in err, err
+  assert all(task in err for task in ("Cars", "DTD", "MNIST"))
+  assert "not a PyTorch/safetensors checkpoint" not in err  # the checkpoints were not opened yet
+
+
+def test_every_bad_checkpoint_is_listed(tmp_path, capsys):
+  status, err = _main(capsys, f"--workdir={tmp_path / 'w'}", *_garbage_checkpoints(tmp_path))
+  assert status == 1 and "9 of 9 checkpoints cannot be used" in err, err
+  assert "pretrained.pt" in err and "DigitsMod3.pt" in err
