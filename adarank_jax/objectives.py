@@ -6,7 +6,6 @@ sum with no weighting and no regulariser. Labels are never seen.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +29,3 @@ def entropy(logits: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     return jnp.mean(per_row)
   weights = weights.astype(per_row.dtype)
   return jnp.sum(weights * per_row) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def total_entropy(per_task_logits: Sequence[jax.Array]) -> jax.Array:
-  """sum_t entropy(logits_t): the AdaRank loss over T tasks' (B_t, C_t) logits."""
-  return sum(entropy(logits) for logits in per_task_logits)

@@ -44,7 +44,6 @@ class Results(TypedDict):
   individual: task -> score of the task's own fine-tuned model, the reference of the normalized
     scores; empty when the fine-tuned models were not evaluated.
   timings_s: what -> seconds, e.g. {"load_s": 3.1, "adarank_ta_s": 600.0}.
-  extra: free-form JSON data, e.g. {"rank": {method: rank_summary(mask_logits)}}.
   """
   name: str
   model: str
@@ -54,7 +53,6 @@ class Results(TypedDict):
   methods: dict[str, dict[str, float]]
   individual: dict[str, float]
   timings_s: dict[str, float]
-  extra: dict[str, Any]
 
 
 def new_results(*, name: str, tasks: Sequence[str], model: str, selection: str,
@@ -65,8 +63,7 @@ def new_results(*, name: str, tasks: Sequence[str], model: str, selection: str,
   if evaluate.AVERAGE_KEY in tasks or len(set(tasks)) != len(tasks):
     raise ValueError(f"tasks must be distinct and not {evaluate.AVERAGE_KEY!r}, got {list(tasks)}")
   return Results(name=name, model=model, tasks=list(tasks), selection=selection,
-                 steps=None if steps is None else int(steps), methods={}, individual={}, timings_s={},
-                 extra={})
+                 steps=None if steps is None else int(steps), methods={}, individual={}, timings_s={})
 
 
 def _to_json(value: Any) -> Any:
@@ -205,29 +202,6 @@ def _check_mask_logits(mask_logits: Mapping[str, Any], num_tasks: int | None = N
       raise ValueError(f"mask_logits[{layer!r}] has {logits.shape[0]} task rows, expected {num_tasks} "
                        "(one per task, the same in every layer)")
   return arrays
-
-
-def rank_summary(mask_logits: Mapping[str, Any]) -> dict[str, Any]:
-  """Kept singular components (hard mask = logits > 0) per task, per layer and in total.
-
-  Args:
-    mask_logits: flat {layer_path: (T, r) logits}.
-
-  Returns:
-    {"layers": {path: {"rank": r, "kept": [T ints], "fraction_kept": [T floats]}} in `layer_order`,
-     "total": {"rank": sum of r, "kept": [T ints], "fraction_kept": [T floats]}}; lists in task order.
-  """
-  arrays = _check_mask_logits(mask_logits)
-  layers = {}
-  for layer in layer_order(arrays):
-    logits = arrays[layer]
-    kept = (logits > 0).sum(axis=1)
-    layers[layer] = {"rank": int(logits.shape[1]), "kept": kept.tolist(),
-                     "fraction_kept": (kept / logits.shape[1]).tolist()}
-  total_rank = sum(entry["rank"] for entry in layers.values())
-  total_kept = np.sum([entry["kept"] for entry in layers.values()], axis=0)
-  return {"layers": layers, "total": {"rank": total_rank, "kept": total_kept.tolist(),
-                                      "fraction_kept": (total_kept / total_rank).tolist()}}
 
 
 def _short_labels(paths: Sequence[str]) -> list[str]:

@@ -149,25 +149,3 @@ def test_batch_errors_name_the_problem():
     evaluate.evaluate_task(predict, [], metric="accuracy")
   with pytest.raises(ValueError, match="unknown metric 'f1'"):
     evaluate.evaluate_task(predict, batches, metric="f1")
-
-
-def test_evaluate_tasks_mapping_and_function_of_task():
-  tasks = {name: _linear_task(seed, num_examples=12 + seed, batch_size=8)
-           for seed, name in enumerate(["cola", "sst2"])}
-  predict_fns = {name: jax.jit(lambda inputs, w=w: inputs["x"] @ w) for name, (w, *_) in tasks.items()}
-  batches = {name: b for name, (_, b, _, _) in tasks.items()}
-  metrics = {"cola": "matthews", "sst2": "accuracy", "unused": "accuracy"}
-  scores = evaluate.evaluate_tasks(predict_fns, batches, metrics)
-  _, _, labels, reference = tasks["cola"]
-  expected_cola = sk_metrics.matthews_corrcoef(labels, reference)
-  _, _, labels, reference = tasks["sst2"]
-  expected_sst2 = np.mean(labels == reference)
-  assert list(scores) == ["cola", "sst2", evaluate.AVERAGE_KEY]
-  assert scores["cola"] == pytest.approx(expected_cola)
-  assert scores["sst2"] == pytest.approx(expected_sst2)
-  assert scores[evaluate.AVERAGE_KEY] == pytest.approx((expected_cola + expected_sst2) / 2)
-  assert evaluate.evaluate_tasks(predict_fns.__getitem__, batches, metrics) == scores
-  with pytest.raises(ValueError, match="no metric for task 'sst2'"):
-    evaluate.evaluate_tasks(predict_fns, batches, {"cola": "accuracy"})
-  with pytest.raises(ValueError, match="no predict_fn for task 'sst2'"):
-    evaluate.evaluate_tasks({"cola": predict_fns["cola"]}, batches, "accuracy")

@@ -85,7 +85,6 @@ def test_write_markdown_states_selection_and_timings(tmp_path):
 
 def test_results_json_round_trip(tmp_path):
   results = _results()
-  results["extra"]["rank"] = report.rank_summary({"block/0/kernel": np.array([[1.0, -1.0], [1.0, 1.0]])})
   path = tmp_path / "out" / "results.json"
   report.write_results_json(path, results)
   loaded = json.loads(path.read_text())
@@ -95,11 +94,10 @@ def test_results_json_round_trip(tmp_path):
   assert {k: loaded[k] for k in ("name", "model", "tasks", "selection", "steps", "timings_s")} == {
       "name": "vitb32_t8", "model": "ViT-B-32", "tasks": ["MNIST", "DTD"], "selection": "final step",
       "steps": 2000, "timings_s": {"load_s": 1.25, "adarank_ta_s": 60.0}}
-  assert loaded["extra"]["rank"]["total"] == {"rank": 2, "kept": [1, 2], "fraction_kept": [0.5, 1.0]}
   assert report.read_results_json(path) == loaded
   assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary file left behind
   (tmp_path / "bad.json").write_text('{"methods": {}}')
-  with pytest.raises(ValueError, match=r"bad.json: not a results file, missing keys \['extra', 'individual'"):
+  with pytest.raises(ValueError, match=r"bad.json: not a results file, missing keys \['individual'"):
     report.read_results_json(tmp_path / "bad.json")
 
 
@@ -158,20 +156,6 @@ def test_rank_heatmap_rejects_bad_input(tmp_path):
   with pytest.raises(ValueError, match=r"layers \['nope'\] are not in mask_logits"):
     report.rank_heatmap(logits, ["a", "b", "c"], tmp_path / "r.png", layer_names=["nope"])
   assert not (tmp_path / "r.png").exists()
-
-
-def test_rank_summary():
-  logits = {"l0": np.array([[0.1, -0.1, 0.1, 0.1], [-0.1, -0.1, -0.1, 0.1]]),
-            "l1": np.array([[0.1, 0.1], [0.1, 0.0]])}  # 0.0 is not > 0: dropped
-  summary = report.rank_summary(logits)
-  assert summary == {
-      "layers": {"l0": {"rank": 4, "kept": [3, 1], "fraction_kept": [0.75, 0.25]},
-                 "l1": {"rank": 2, "kept": [2, 1], "fraction_kept": [1.0, 0.5]}},
-      "total": {"rank": 6, "kept": [5, 2], "fraction_kept": [5 / 6, 2 / 6]},
-  }
-  json.dumps(summary)  # JSON-ready: plain ints and floats
-  with pytest.raises(ValueError, match=r"mask_logits\['l1'\] has 1 task rows, expected 2"):
-    report.rank_summary({"l0": np.zeros((2, 4)), "l1": np.zeros((1, 4))})
 
 
 def test_write_jsonl_appends(tmp_path):

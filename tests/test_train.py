@@ -51,8 +51,6 @@ def test_entropy_against_numpy():
   np.testing.assert_allclose(objectives.entropy(jnp.asarray(logits), jnp.asarray(weights)),
                              rows[[0, 1, 3]].mean(), rtol=1e-6)
   np.testing.assert_allclose(objectives.entropy(jnp.zeros((2, 4))), np.log(4), rtol=1e-6)
-  np.testing.assert_allclose(objectives.total_entropy([logits, logits[:2]]),
-                             rows.mean() + rows[:2].mean(), rtol=1e-6)
 
 
 def test_step_compiles_once_and_applies_adam():
