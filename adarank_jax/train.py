@@ -53,7 +53,6 @@ class TrainState(NamedTuple):
     mask_logits: {path: (T, r)} float32 per SVD leaf.
     coefficients: {path: (T,)} float32 per merged leaf.
     opt_state: Adam state over (mask_logits, coefficients).
-    data_positions: (T,) int32, batches consumed from each task's stream.
     deltas: None, or the cache of per-task deltas U_t diag(b_t s_t) V_t^T, (T, m, n) per SVD leaf
       (`merging.init_deltas`): derived from the factors and the logits, so never checkpointed.
   """
@@ -61,7 +60,6 @@ class TrainState(NamedTuple):
   mask_logits: Any
   coefficients: Any
   opt_state: Any
-  data_positions: jax.Array
   deltas: Any = None
 
 
@@ -91,7 +89,6 @@ def init_state(factors: Mapping[Any, Any], *, optimizer: optax.GradientTransform
   return TrainState(step=jnp.zeros((), jnp.int32), mask_logits=mask_logits,
                     coefficients=coefficients,
                     opt_state=optimizer.init((mask_logits, coefficients)),
-                    data_positions=jnp.zeros((num_tasks,), jnp.int32),
                     deltas=_init_deltas(factors, mask_logits) if cache_deltas else None)
 
 
@@ -178,7 +175,7 @@ def make_train_step(*, logits_fn: LogitsFn, optimizer: optax.GradientTransformat
       deltas = merging.refresh_deltas(frozen[1], deltas, state.mask_logits, mask_logits,
                                       precision=precision)
     new_state = TrainState(step=state.step + 1, mask_logits=mask_logits, coefficients=coefficients,
-                           opt_state=opt_state, data_positions=state.data_positions + 1,
+                           opt_state=opt_state,
                            deltas=deltas)
     metrics = {'loss': loss, 'entropy': entropies,
                'kept_fraction': masking.kept_fraction(mask_logits)}
@@ -261,7 +258,7 @@ def place_batches(batches: Any, mesh: Mesh) -> Any:
 
 
 def save_state(manager: checkpoint_lib.Manager, state: TrainState) -> None:
-  """Checkpoints step, mask_logits, coefficients, opt_state and data_positions at `state.step`.
+  """Checkpoints step, mask_logits, coefficients and opt_state at `state.step`.
 
   Cached deltas are not saved: `restore_state` rebuilds them from the factors and the logits.
   """
@@ -320,7 +317,8 @@ def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[...,
   if checkpoint is not None and (latest := checkpoint.latest_step()) is not None:
     state = restore_state(checkpoint, latest, state, frozen[1])
   start = int(jax.device_get(state.step))
-  positions = tuple(int(p) for p in jax.device_get(state.data_positions))
+  num_tasks = jax.tree.leaves(state.coefficients)[0].shape[0]
+  positions = (start,) * num_tasks  # every step takes one batch of every task
   batch_iter = make_batches(positions)
   last_time, last_step = time.perf_counter(), start
   with tqdm.tqdm(total=num_steps, initial=start, disable=not progress, desc='adarank') as bar:
