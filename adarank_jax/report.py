@@ -12,8 +12,6 @@ import json
 import os
 import pathlib
 import math
-import socket
-import struct
 import time
 from typing import Any, TypedDict
 import warnings
@@ -327,76 +325,22 @@ class MetricWriter:
 
 
 class _EventFile:
-  """A TensorBoard event file of scalar summaries, written directly (no TensorFlow, no tensorboardX).
-
-  tensorboardX imports torch whenever it is installed (2 s); the format is small enough to write here: a
-  TFRecord file (per record: uint64 length, masked CRC-32C of the length, the bytes, masked CRC-32C of the
-  bytes) of `Event` protocol buffers (tensorflow/core/util/event.proto): wall_time = 1 (double), step = 2
-  (int64), file_version = 3 (string, the first record), summary = 5 {repeated value = 1 {tag = 1 (string),
-  simple_value = 2 (float)}}. tests/test_report.py parses the files with the protobuf classes.
-  """
+  """Scalar summaries in a TensorBoard event file, through the `tensorboard` package's own writer (it
+  imports neither TensorFlow nor torch)."""
 
   def __init__(self, logdir: pathlib.Path):
-    logdir.mkdir(parents=True, exist_ok=True)
-    self._file = open(logdir / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}",
-                      "wb")
-    self._write(_proto_field(1, 1, struct.pack("<d", time.time())) + _proto_field(3, 2, b"brain.Event:2"))
+    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._writer = event_file_writer.EventFileWriter(str(logdir))
 
   def scalars(self, step: int, values: Mapping[str, float], wall_time: float) -> None:
-    with np.errstate(over="ignore"):  # beyond float32's range: inf, as TensorBoard would show it
-      summary = b"".join(
-          _proto_field(1, 2, _proto_field(1, 2, tag.encode()) + _proto_field(2, 5, np.asarray(v, "<f4").tobytes()))
-          for tag, v in values.items())
-    self._write(_proto_field(1, 1, struct.pack("<d", wall_time)) + _proto_field(2, 0, step)
-                + _proto_field(5, 2, summary))
-
-  def _write(self, event: bytes) -> None:
-    length = struct.pack("<Q", len(event))
-    self._file.write(length + struct.pack("<I", _masked_crc(length)) + event
-                     + struct.pack("<I", _masked_crc(event)))
+    summary = self._summary_pb2.Summary(value=[
+        self._summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+    self._writer.add_event(self._event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
 
   def flush(self) -> None:
-    self._file.flush()
+    self._writer.flush()
 
   def close(self) -> None:
-    self._file.close()
-
-
-def _proto_field(number: int, wire_type: int, value: int | bytes) -> bytes:
-  """One protocol-buffer field: wire type 0 (varint, value an int >= 0), 1 / 5 (8 / 4 packed bytes) or 2
-  (length-delimited bytes)."""
-  if wire_type == 0:
-    return _varint(number << 3) + _varint(value)
-  if wire_type == 2:
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
-  return _varint(number << 3 | wire_type) + value
-
-
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  while value > 0x7F:
-    out.append(value & 0x7F | 0x80)
-    value >>= 7
-  return bytes(out + bytes([value]))
-
-
-def _crc32c_table() -> tuple[int, ...]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = crc >> 1 ^ (0x82F63B78 if crc & 1 else 0)  # CRC-32C (Castagnoli), reflected polynomial
-    table.append(crc)
-  return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def _masked_crc(data: bytes) -> int:
-  """TFRecord's masked CRC-32C of `data`."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ crc >> 8
-  crc ^= 0xFFFFFFFF
-  return ((crc >> 15 | crc << 17) + 0xA282EAD8) & 0xFFFFFFFF
+    self._writer.close()
