@@ -151,7 +151,7 @@ def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, 
   quick=true shrinks the run to a smoke test.
 
   Args:
-    ta, cart: (prior, initial_rank_ratio, learning_rate) of AdaRank on TA / on CART.
+    ta, cart: dict(prior=..., initial_rank_ratio=..., learning_rate=...) of AdaRank on TA / on CART.
     cart_static: dict(scaling=..., rank_ratio=...) of static CART, where the CART repo has a config
       for it.
   """
@@ -164,8 +164,8 @@ def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, 
   config.tasks = tasks
   config.merge.decompose = DECOMPOSE[family]
   config.merge.unmerged = UNMERGED[family]
-  for name, (prior, rho, lr) in (("ta", ta), ("cart", cart)):
-    config.adarank[name].update(prior=prior, initial_rank_ratio=rho, learning_rate=lr)
+  config.adarank.ta.update(ta)
+  config.adarank.cart.update(cart)
   config.adarank.batch_size_per_task = batch_size
   config.adarank.num_steps = num_steps
   config.adarank.eval_every = eval_every

@@ -12,6 +12,6 @@ def get_config(arg=None):
   return common.experiment(
       arg, family="gpt2", model="GPT-2", tasks=common.GLUE_7,
       batch_size=8, num_steps=5_000, eval_every=500,
-      ta=(0.3, 1.0, 5e-5),    # (prior, initial rank ratio, lr) of AdaRank on TA
-      cart=(1.3, 0.01, 5e-5),  # same, on CART
+      ta=dict(prior=0.3, initial_rank_ratio=1.0, learning_rate=5e-5),  # AdaRank on TA
+      cart=dict(prior=1.3, initial_rank_ratio=0.01, learning_rate=5e-5),  # AdaRank on CART
       eval_batch_size=64)
