@@ -196,12 +196,17 @@ def _peak_memory() -> dict[str, float | None]:
 
 
 def _decompose(inputs: Inputs, *, origin: str, rank: int | None, dtype: Any) -> tuple[Any, Any]:
-  """(origin tree, factors), holding one fine-tuned model at a time."""
-  finetuned = [inputs.finetuned(t) for t in range(inputs.num_tasks)]
-  base, tau = task_vectors.task_vectors(inputs.pretrained, finetuned, origin=origin)
-  del finetuned
-  factors = decomposition.decompose(tau, tree_util.select(tau, SVD_PATTERNS), rank=rank,
-                                    dtype=dtype)
+  """(origin tree, factors), streaming: one fine-tuned model and one task vector at a time."""
+  tasks = range(inputs.num_tasks)
+  if origin == 'pretrained':
+    base = inputs.pretrained
+  else:  # the mean of the fine-tuned models, accumulated one model at a time
+    base = jax.tree.map(np.zeros_like, inputs.pretrained)
+    for t in tasks:
+      base = jax.tree.map(lambda acc, x: acc + x / inputs.num_tasks, base, inputs.finetuned(t))
+  tau = (jax.tree.map(np.subtract, inputs.finetuned(t), base) for t in tasks)
+  factors = decomposition.decompose_streaming(tree_util.select(base, SVD_PATTERNS), tau,
+                                              num_tasks=inputs.num_tasks, rank=rank, dtype=dtype)
   return base, jax.block_until_ready(factors)
 
 
