@@ -386,14 +386,23 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 def suite(name: str, extra: Sequence[str] = ()) -> list[dict[str, object]]:
   """Every configuration of SUITES[name] side by side, then the compile times for T = 8, 14, 20."""
   print('machine:', json.dumps(_machine()), flush=True)
-  rows = [side_by_side(label, [*argv, *extra]) for label, argv in SUITES[name]]
+  rows = []
+  for label, argv in SUITES[name]:
+    try:
+      rows.append(side_by_side(label, [*argv, *extra]))
+    except RuntimeError as error:  # e.g. out of memory: report it and go on with the next one
+      print(f'{label}: FAILED\n{error}', flush=True)
   print(markdown(rows))
-  print('\n| model | tasks | trace | compile |\n|---|---:|---:|---:|')
+  print('\n| model | tasks | trace | compile | host peak RSS |\n|---|---:|---:|---:|---:|')
   for arch, tasks in COMPILE_SUITE:
-    result = _subprocess('adarank_jax.benchmark', ['--arch', arch, '--tasks', str(tasks),
-                                                   '--batch', '16', '--compile-only', *extra])
-    print(f"| {arch} | {tasks} | {result['trace_s']:.1f} s | {result['compile_s']:.1f} s |",
-          flush=True)
+    try:
+      result = _subprocess('adarank_jax.benchmark', ['--arch', arch, '--tasks', str(tasks),
+                                                     '--batch', '16', '--compile-only', *extra])
+    except RuntimeError as error:
+      print(f'| {arch} | {tasks} | FAILED: {str(error).splitlines()[0]} | | |', flush=True)
+      continue
+    print(f"| {arch} | {tasks} | {result['trace_s']:.1f} s | {result['compile_s']:.1f} s | "
+          f"{result['host_peak_rss_gb']:.1f} GB |", flush=True)
   return rows
 
 
