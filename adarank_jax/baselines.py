@@ -1,4 +1,4 @@
-"""Static (training-free) merges built from the same pieces as AdaRank (SPEC sections 2 and 9).
+"""Static (training-free) merges built from the same pieces as AdaRank (docs/algorithm.md, sections 2 and 9).
 
 Every function is pure over param trees and jittable (hyperparameters are Python values: bind them
 with functools.partial before jax.jit). `origin`, `tau` and `factors` come from
@@ -16,8 +16,8 @@ the one place an update is added to the origin.
   iso_cts(origin, tau, scaling, common_fraction, ...) theta_0 + alpha Iso-CTS(tau)          (Iso-CTS)
 
 Which leaves count as matrices (TSV-M, Iso-C, Iso-CTS), argument `matrices`:
-  'decomposed' (default; the AdaRank repo's rule, SPEC section 9): the SVD leaves of a factor tree,
-      i.e. whatever `select` the caller gave `decompose` (the attn/mlp kernels in this project).
+  'decomposed' (default; the AdaRank repo's rule, docs/algorithm.md, section 9): the SVD leaves of a
+      factor tree, i.e. whatever `select` the caller gave `decompose` (the attn/mlp kernels in this project).
       Every dense leaf is merged as the mean of its task vectors.
   'all_2d' (FusionBench's and the official TSV / Iso code's rule): additionally every dense leaf
       that is a matrix per task ((T, m, n)) is treated as a matrix and decomposed here.
@@ -93,7 +93,7 @@ def cart_rank(svd: SVD, rank_ratio: float) -> int:
 
 def cart(origin: Mapping[Any, Any], factors: Mapping[Any, Any], *, scaling: float,
          rank_ratio: float) -> dict[Any, Any]:
-  """CART: theta_avg + scaling * sum_t LR_k(taubar_t) (SPEC section 2).
+  """CART: theta_avg + scaling * sum_t LR_k(taubar_t) (docs/algorithm.md, section 2).
 
   Args:
     origin: theta_avg (from `task_vectors(..., origin='average')`).
@@ -307,7 +307,8 @@ def tsv_m(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float =
     origin: theta_0 (from `task_vectors(..., origin='pretrained')`).
     tau: dense task vectors, or a factor tree from `decompose` (SVD leaves are used as they are;
       they need >= k stored components, so decompose at full rank or with rank >= k).
-    scaling: alpha; 1.0 (FusionBench `TaskSingularVectorMerging.yaml` `alpha: 1`, SPEC section 9).
+    scaling: alpha; 1.0 (FusionBench `TaskSingularVectorMerging.yaml` `alpha: 1`; docs/algorithm.md,
+      section 9).
       The official TSV code instead picks alpha on validation data from {0.1, 0.2, ..., 3.0}.
     matrices: 'decomposed' (default, the AdaRank repo's rule) or 'all_2d' (FusionBench's and the
       official code's rule); see the module docstring.

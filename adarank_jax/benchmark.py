@@ -41,7 +41,7 @@ from adarank_jax import decomposition, task_vectors, train, tree_util
 from adarank_jax.decomposition import SVD
 from adarank_jax.models import clip, functional
 
-# The SVD rule of the official code (SPEC section 1) on the Flax image-tower layout.
+# The SVD rule of the official code (docs/algorithm.md, section 1) on the Flax image-tower layout.
 SVD_PATTERNS = (r'transformer/resblocks/\d+/attn/(in_proj|out_proj)/kernel',
                 r'transformer/resblocks/\d+/mlp/(c_fc|c_proj)/kernel')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

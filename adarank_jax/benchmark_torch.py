@@ -1,7 +1,7 @@
 """PyTorch baseline of the AdaRank training step, in the official formulation (for measurement only).
 
 This module re-states, in PyTorch, the step of the official AdaRank vision code
-(david3684/AdaRank, `vision/src/models/merge_vit/adaptive.py`; SPEC sections 3-4), so that
+(david3684/AdaRank, `vision/src/models/merge_vit/adaptive.py`; docs/algorithm.md, sections 3-4), so that
 `adarank_jax.benchmark` can be timed side by side with it on identical inputs. It is a baseline for
 measurement and for an equality test (`tests/test_benchmark_torch.py`); it is not used by any
 merging run.

@@ -1,4 +1,4 @@
-"""Per-task thin SVD of selected task-vector matrices (SPEC section 3, "Decomposition").
+"""Per-task thin SVD of selected task-vector matrices (docs/algorithm.md, section 3, "Decomposition").
 
 For each selected leaf tau of shape (T, m, n): tau_t = U_t diag(s_t) V_t^T with r = min(m, n)
 components (torch.linalg.svd(full_matrices=False) in the reference code), optionally truncated to
@@ -24,6 +24,7 @@ same machinery fed one chunk that holds every task.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import functools
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+import scipy.linalg.cython_lapack
 import threadpoolctl
 
 from adarank_jax import tree_util
@@ -336,7 +338,7 @@ def _xla_chunk(chunk: Mapping[str, Any], paths: list[str], start: int, outputs: 
 
 
 # ------------------------------------------------------------------------------------------------
-# Host path: scipy's LAPACK gesdd, matrix by matrix, in a thread pool.
+# Host path: LAPACK gesdd (scipy's), matrix by matrix, in a thread pool.
 
 
 class _HostContext:
@@ -379,7 +381,7 @@ def _host_chunk(pool: concurrent.futures.ThreadPoolExecutor, chunk: Mapping[str,
   for future in concurrent.futures.as_completed(futures):
     try:
       future.result()
-    except (np.linalg.LinAlgError, ValueError) as error:  # scipy: ValueError for a NaN entry
+    except (np.linalg.LinAlgError, ValueError) as error:
       path, t = futures[future]
       raise ValueError(f'decompose: the SVD of {path!r}, task {t}, failed ({error}); NaN or Inf '
                        'in the task vector?') from error
@@ -391,9 +393,10 @@ def _host_svd(matrix: np.ndarray, u_out: np.ndarray, s_out: np.ndarray, vt_out: 
   m, n = matrix.shape
   tall = matrix.T if m < n else matrix  # gesdd is fastest on the tall orientation
   try:
-    u, s, vt = _gesdd(tall, 'gesdd')
+    u, s, vt = _sgesdd(tall)
   except np.linalg.LinAlgError:  # gesdd's rare convergence failures: retry with the QR-based gesvd
-    u, s, vt = _gesdd(tall, 'gesvd')
+    u, s, vt = scipy.linalg.svd(np.asarray(tall, np.float32), full_matrices=False,
+                                check_finite=False, lapack_driver='gesvd')
   if m < n:  # tau^T = U S Vt  =>  tau = Vt^T S U^T
     u, vt = vt.T, u.T
   k = s_out.shape[0]
@@ -402,7 +405,53 @@ def _host_svd(matrix: np.ndarray, u_out: np.ndarray, s_out: np.ndarray, vt_out: 
   vt_out[...] = vt[:k]
 
 
-def _gesdd(matrix: np.ndarray, driver: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  work = np.array(matrix, dtype=np.float32, order='F')  # our copy: LAPACK may overwrite it
-  return scipy.linalg.svd(work, full_matrices=False, overwrite_a=True, check_finite=False,
-                          lapack_driver=driver)
+@functools.cache
+def _lapack(name: str) -> Any:
+  """scipy's LAPACK routine `name` as a ctypes function, which releases the GIL while it runs.
+
+  scipy.linalg.svd holds the GIL inside LAPACK, so threads calling it run one at a time; the
+  routines scipy exports for Cython (`cython_lapack.__pyx_capi__`, what jaxlib uses too) do not.
+  Every argument is a pointer (Fortran calling convention, 32-bit ints).
+  """
+  capsule = scipy.linalg.cython_lapack.__pyx_capi__[name]
+  get_name = ctypes.pythonapi.PyCapsule_GetName
+  get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+  get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+  get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+  pointer = get_pointer(capsule, get_name(capsule))
+  num_args = get_name(capsule).count(b',') + 1
+  return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * num_args)(pointer)
+
+
+def _sgesdd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """LAPACK sgesdd(jobz='S') of an (m, n) matrix: u (m, r), s (r,), vt (r, n), r = min(m, n).
+
+  Raises:
+    np.linalg.LinAlgError: gesdd did not converge (info > 0).
+    ValueError: LAPACK rejected an argument (info < 0; -4 is a NaN in the matrix).
+  """
+  a = np.array(matrix, dtype=np.float32, order='F')  # our copy: gesdd overwrites it
+  m, n = a.shape
+  r = min(m, n)
+  s = np.empty(r, np.float32)
+  u = np.empty((m, r), np.float32, order='F')
+  vt = np.empty((r, n), np.float32, order='F')
+  iwork = np.empty(8 * r, np.intc)
+  info = np.zeros(1, np.intc)
+  dims = np.array([m, n, max(m, 1), max(m, 1), max(r, 1)], np.intc)  # m, n, lda, ldu, ldvt
+  jobz = ctypes.c_char(b'S')
+  ptr = lambda x: x.ctypes.data
+  def call(work: np.ndarray, lwork: np.ndarray) -> None:
+    _lapack('sgesdd')(ctypes.addressof(jobz), ptr(dims), ptr(dims[1:]), ptr(a), ptr(dims[2:]),
+                      ptr(s), ptr(u), ptr(dims[3:]), ptr(vt), ptr(dims[4:]), ptr(work),
+                      ptr(lwork), ptr(iwork), ptr(info))
+  query = np.zeros(1, np.float32)
+  call(query, np.array([-1], np.intc))  # workspace query
+  lwork = int(np.ceil(query[0] * np.float32(1 + 1e-6)))  # float32 may round the size down
+  call(np.empty(max(lwork, 1), np.float32), np.array([lwork], np.intc))
+  if info[0] > 0:
+    raise np.linalg.LinAlgError(f'gesdd did not converge (info={info[0]})')
+  if info[0] < 0:
+    raise ValueError(f'gesdd: argument {-info[0]} had an illegal value'
+                     + (' (a NaN in the matrix)' if info[0] == -4 else ''))
+  return u, s, vt

@@ -1,6 +1,6 @@
 """Binary masks over singular components, learned through a straight-through estimator.
 
-SPEC section 3: one real logit per (task, component) of every decomposed matrix, shape (T, r).
+docs/algorithm.md, section 3: one real logit per (task, component) of every decomposed matrix, shape (T, r).
 The forward pass uses the hard mask b = 1[logit > 0] (= 1[sigmoid(logit / temperature) > 0.5]);
 the backward pass differentiates the soft mask p = sigmoid(logit / temperature):
   dmask/dlogit = sigmoid'(logit / temperature) / temperature.

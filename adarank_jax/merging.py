@@ -1,6 +1,6 @@
 """Rebuilds merged weights from the origin, the task factors, the masks and the coefficients.
 
-SPEC section 3, with lambda_{t,k} one coefficient per task per tensor:
+docs/algorithm.md, section 3, with lambda_{t,k} one coefficient per task per tensor:
   SVD leaf k:   W_k = origin_k + sum_t lambda_{t,k} U_{t,k} diag(b_{t,k} * s_{t,k}) V_{t,k}^T
   dense leaf k: W_k = origin_k + sum_t lambda_{t,k} tau_{t,k}
 The SVD sum is ONE matmul: (m, T*r) @ (T*r, n), with the columns of U scaled by lambda * b * s.

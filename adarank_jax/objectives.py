@@ -1,4 +1,4 @@
-"""The test-time objective: Shannon entropy of each task head's predictions (SPEC section 4).
+"""The test-time objective: Shannon entropy of each task head's predictions (docs/algorithm.md, section 4).
 
 H_t = mean over the batch of -sum_c softmax(z)_c log_softmax(z)_c; total loss = sum_t H_t, a plain
 sum with no weighting and no regulariser. Labels are never seen.

@@ -1,6 +1,6 @@
 """Task vectors: fine-tuned minus origin, stacked on a leading task axis.
 
-Two origins (SPEC section 2):
+Two origins (docs/algorithm.md, section 2):
   'pretrained' (Task Arithmetic): origin = theta_0,          tau_t = theta_t - theta_0.
   'average'    (CART):            origin = mean_t theta_t,   tau_t = theta_t - origin.
 Integer leaves (step counters, position ids) have no task vector: they are left out of `tau`

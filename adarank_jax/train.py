@@ -1,4 +1,4 @@
-"""Test-time training of AdaRank's masks and coefficients (SPEC section 4).
+"""Test-time training of AdaRank's masks and coefficients (docs/algorithm.md, section 4).
 
 The loss is sum_t H_t, the batch-mean prediction entropy of each task's head on weights rebuilt by
 `merging.merge` (straight-through masks). Adam (0.9, 0.999), no schedule, no clipping, no weight

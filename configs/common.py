@@ -1,7 +1,7 @@
 """Every config field, its default and its meaning; experiment files only change values.
 
 Library code never reads a ConfigDict: only adarank_jax/main.py and adarank_jax/run.py do, and they pass
-explicit arguments on. Hyperparameters per experiment are ../shared/SPEC.md section 3's table.
+explicit arguments on. Hyperparameters per experiment are the table of docs/algorithm.md, section 3.
 """
 
 import ml_collections
@@ -145,7 +145,7 @@ def quick(config):
 
 def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, ta, cart,
                cart_static=None, eval_batch_size=128):
-  """A paper experiment from its numbers (SPEC section 3 table).
+  """A paper experiment from its numbers (docs/algorithm.md, section 3 table).
 
   Config args: base=ta|cart picks the AdaRank base merge; baselines=true adds the static baselines;
   quick=true shrinks the run to a smoke test.

@@ -1,4 +1,4 @@
-"""AdaRank, GPT-2 merged over the 7 GLUE tasks (SPEC section 3: GPT-2 rows).
+"""AdaRank, GPT-2 merged over the 7 GLUE tasks (docs/algorithm.md, section 3: GPT-2 rows).
 
 python -m adarank_jax.main --config configs/gpt2_glue.py --workdir runs/gpt2_glue \
     --config.model.pretrained=PRETRAINED_HF_DIR --config.model.finetuned='FINETUNED/{task}' \

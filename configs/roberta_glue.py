@@ -1,4 +1,4 @@
-"""AdaRank, RoBERTa-base merged over the 7 GLUE tasks (SPEC section 3: RoBERTa-base rows).
+"""AdaRank, RoBERTa-base merged over the 7 GLUE tasks (docs/algorithm.md, section 3: RoBERTa-base rows).
 
 python -m adarank_jax.main --config configs/roberta_glue.py --workdir runs/roberta_glue \
     --config.model.pretrained=PRETRAINED_HF_DIR --config.model.finetuned='FINETUNED/{task}' \

@@ -1,4 +1,4 @@
-"""AdaRank, ViT-B-32 merged over the 20-task suite (SPEC section 3: B_T20).
+"""AdaRank, ViT-B-32 merged over the 20-task suite (docs/algorithm.md, section 3: B_T20).
 
 python -m adarank_jax.main --config configs/vitb32_t20.py --workdir runs/vitb32_t20 \
     --config.model.pretrained=PRETRAINED.pt --config.model.finetuned='FINETUNED/{task}/finetuned.pt' \

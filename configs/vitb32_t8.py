@@ -1,4 +1,4 @@
-"""AdaRank, ViT-B-32 merged over the 8-task suite (SPEC section 3: B_T8).
+"""AdaRank, ViT-B-32 merged over the 8-task suite (docs/algorithm.md, section 3: B_T8).
 
 python -m adarank_jax.main --config configs/vitb32_t8.py --workdir runs/vitb32_t8 \
     --config.model.pretrained=PRETRAINED.pt --config.model.finetuned='FINETUNED/{task}/finetuned.pt' \

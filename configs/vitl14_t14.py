@@ -1,4 +1,4 @@
-"""AdaRank, ViT-L-14 merged over the 14-task suite (SPEC section 3: L_T14).
+"""AdaRank, ViT-L-14 merged over the 14-task suite (docs/algorithm.md, section 3: L_T14).
 
 python -m adarank_jax.main --config configs/vitl14_t14.py --workdir runs/vitl14_t14 \
     --config.model.pretrained=PRETRAINED.pt --config.model.finetuned='FINETUNED/{task}/finetuned.pt' \

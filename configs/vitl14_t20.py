@@ -1,4 +1,4 @@
-"""AdaRank, ViT-L-14 merged over the 20-task suite (SPEC section 3: L_T20).
+"""AdaRank, ViT-L-14 merged over the 20-task suite (docs/algorithm.md, section 3: L_T20).
 
 python -m adarank_jax.main --config configs/vitl14_t20.py --workdir runs/vitl14_t20 \
     --config.model.pretrained=PRETRAINED.pt --config.model.finetuned='FINETUNED/{task}/finetuned.pt' \

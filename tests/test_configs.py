@@ -1,4 +1,5 @@
-"""Every experiment config loads, carries SPEC's numbers, and bad configs fail before any compute."""
+"""Every experiment config loads, carries the numbers of docs/algorithm.md (section 3), and bad configs
+fail before any compute."""
 
 import importlib
 import json
@@ -11,8 +12,8 @@ from configs import common
 EXPERIMENTS = ("vitb32_t8", "vitb32_t14", "vitb32_t20", "vitl14_t8", "vitl14_t14", "vitl14_t20",
                "roberta_glue", "gpt2_glue")
 
-# SPEC section 3: (batch, steps, eval every, TA (prior, rho, lr), CART (prior, rho, lr)).
-SPEC = {
+# docs/algorithm.md, section 3: (batch, steps, eval every, TA (prior, rho, lr), CART (prior, rho, lr)).
+TABLE = {
     "vitb32_t8": (16, 10_000, 500, (0.3, 1.0, 1e-3), (2.3, 0.16, 1e-3)),
     "vitb32_t14": (16, 10_000, 500, (0.3, 1.0, 1e-3), (2.8, 0.32, 1e-3)),
     "vitb32_t20": (16, 10_000, 500, (0.05, 1.0, 1e-3), (2.4, 0.32, 1e-3)),
@@ -31,7 +32,7 @@ def _get(name, arg=None):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_numbers_match_spec(name):
   config = _get(name)
-  batch, steps, every, ta, cart = SPEC[name]
+  batch, steps, every, ta, cart = TABLE[name]
   assert config.adarank.batch_size_per_task == batch
   assert config.adarank.num_steps == steps and config.adarank.eval_every == every
   assert (config.adarank.ta.prior, config.adarank.ta.initial_rank_ratio,

@@ -139,7 +139,7 @@ def _run(config, root, tasks, workdir):
   return config, results
 
 
-# SPEC section 1, as the official code writes it over state-dict keys: (not merged, kept dense).
+# docs/algorithm.md, section 1, as the official code writes it over state-dict keys: (not merged, kept dense).
 OFFICIAL_RULES = {"roberta": ((r".*classifier.*", r".*embeddings*."),
                               ("bias", "LayerNorm", "token_type_embeddings")),
                   "gpt2": ((r".*score.*", r".*wte*.", r".*wpe*."), ("ln", "bias"))}
@@ -155,7 +155,7 @@ DECODER = dict(vocab_size=99, n_embd=16, n_layer=2, n_head=2, n_positions=40, pa
                                                       ("bert", "roberta", ENCODER),
                                                       ("gpt2", "gpt2", DECODER)])
 def test_decompose_and_unmerged_patterns_are_the_official_rule(model_type, family, kwargs, tmp_path):
-  """Over every merged tensor of a tiny classifier, the config's patterns give SPEC section 1."""
+  """Over every merged tensor of a tiny classifier, the config's patterns give docs/algorithm.md §1."""
   model = transformers.AutoModelForSequenceClassification.from_config(
       transformers.AutoConfig.for_model(model_type, **kwargs))
   model.save_pretrained(tmp_path)
