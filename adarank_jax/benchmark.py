@@ -195,6 +195,16 @@ def _peak_memory() -> dict[str, float | None]:
           'device_peak_gb': None if device is None else round(device / 2**30, 3)}
 
 
+def _step_memory(compiled: Any) -> dict[str, float] | None:
+  """XLA's account of a compiled step's buffers in GB: arguments, outputs, the outputs aliased to
+  (donated) arguments, and temporaries."""
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return None
+  return {name: round(getattr(memory, f'{name}_size_in_bytes') / 2**30, 3)
+          for name in ('argument', 'output', 'alias', 'temp')}
+
+
 def _decompose(inputs: Inputs, *, origin: str, rank: int | None, dtype: Any) -> tuple[Any, Any]:
   """(origin tree, factors), streaming: one fine-tuned model and one task vector at a time."""
   tasks = range(inputs.num_tasks)
@@ -249,6 +259,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
   result['compile_s'] = time.perf_counter() - start
   cost = compiled.cost_analysis() or {}
   result['step_gflop'] = round(cost['flops'] / 1e9, 1) if 'flops' in cost else None
+  result['step_memory_gb'] = _step_memory(compiled)
   start = time.perf_counter()
   state, metrics = compiled(frozen, state, batches)
   jax.block_until_ready(metrics)
@@ -309,9 +320,10 @@ def compile_only(args: argparse.Namespace) -> dict[str, object]:
   lowered = step.lower((origin, factors), state, batches)
   trace_s = time.perf_counter() - start
   start = time.perf_counter()
-  lowered.compile()
+  compiled = lowered.compile()
   result = {'args': vars(args), 'machine': _machine(), 'trace_s': trace_s,
             'compile_s': time.perf_counter() - start, **_peak_memory()}
+  result['step_memory_gb'] = _step_memory(compiled)
   print(f"{args.arch} x {args.tasks} tasks, batch {args.batch}: trace {trace_s:.1f} s, "
         f"compile {result['compile_s']:.1f} s")
   print('result:', json.dumps(result))
