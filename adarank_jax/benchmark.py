@@ -362,7 +362,9 @@ def _ratio(torch_value: Any, jax_value: Any) -> str:
 def side_by_side(label: str, argv: Sequence[str]) -> dict[str, object]:
   """Both sides of one configuration, each in its own process; prints and returns the comparison."""
   ours = _subprocess('adarank_jax.benchmark', argv)
+  print('adarank_jax result:', json.dumps(ours), flush=True)
   theirs = _subprocess('adarank_jax.benchmark_torch', _torch_argv(argv))
+  print('pytorch result:', json.dumps(theirs), flush=True)
   row = {'label': label, 'jax': ours, 'torch': theirs,
          'step_speedup': theirs['step_s_median'] / ours['step_s_median'],
          'decompose_speedup': theirs['decompose_s'] / ours['decompose_s'],

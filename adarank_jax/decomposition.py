@@ -5,9 +5,9 @@ components (torch.linalg.svd(full_matrices=False) in the reference code), option
 the top `rank`. Leaves that are not selected stay dense (T, ...) task vectors.
 
 Two ways to compute it (`method`, resolved by `resolve_method`):
-  'host' (default on a CPU backend): LAPACK gesdd through scipy, one matrix at a time in a pool of
-      `workers` threads (LAPACK releases the GIL) with single-threaded BLAS, each thread writing
-      straight into preallocated output arrays. Every matrix is decomposed in its tall orientation
+  'host' (default on a CPU backend): LAPACK gesdd (scipy's, called so that it releases the GIL),
+      one matrix at a time in a pool of `workers` threads with single-threaded BLAS, each thread
+      writing straight into preallocated output arrays. Every matrix is decomposed in its tall orientation
       (tau_t^T when m < n). Peak memory: the factors plus about two matrices per worker. On the
       2-core dev machine this beats both XLA's SVD and batched torch.linalg.svd (see
       `adarank_jax.benchmark_svd`).
@@ -103,11 +103,7 @@ def decompose(tau: Mapping[Any, Any], select: Mapping[Any, Any], *, rank: int | 
       on T, rank < 1, or `method` is unknown.
   """
   tau_flat = tree_util.flatten(tau)
-  sizes = {np.shape(leaf)[0] for leaf in tau_flat.values() if np.ndim(leaf)}
-  if len(sizes) > 1:
-    raise ValueError(f'decompose: leaves of `tau` disagree on the number of tasks: {sorted(sizes)}')
-  num_tasks = sizes.pop() if sizes else 0
-  return _decompose([tau_flat], select, num_tasks=num_tasks, rank=rank, dtype=dtype,
+  return _decompose([tau_flat], select, num_tasks=_chunk_size(tau_flat), rank=rank, dtype=dtype,
                     method=method, workers=workers)
 
 
@@ -226,10 +222,14 @@ def _check_chunk(chunk: Mapping[str, Any], layout: Mapping[str, tuple[int, ...]]
 
 
 def _chunk_size(chunk: Mapping[str, Any]) -> int:
+  """The length of the leaves' common leading (task) axis."""
+  scalars = sorted(path for path, leaf in chunk.items() if not np.ndim(leaf))
+  if scalars:
+    raise ValueError(f'decompose: leaves {scalars} have no task axis')
   sizes = {np.shape(leaf)[0] for leaf in chunk.values()}
-  if len(sizes) != 1:
+  if len(sizes) > 1:
     raise ValueError(f'decompose: leaves disagree on the number of tasks: {sorted(sizes)}')
-  return sizes.pop()
+  return sizes.pop() if sizes else 0
 
 
 class _Outputs:
@@ -362,7 +362,6 @@ class _HostContext:
       self.limits.restore_original_limits()
 
 
-
 def _host_chunk(pool: concurrent.futures.ThreadPoolExecutor, chunk: Mapping[str, Any],
                 paths: list[str], start: int, outputs: _Outputs, *, rank: int | None,
                 dtype: Any) -> None:
@@ -414,13 +413,13 @@ def _lapack(name: str) -> Any:
   Every argument is a pointer (Fortran calling convention, 32-bit ints).
   """
   capsule = scipy.linalg.cython_lapack.__pyx_capi__[name]
-  get_name = ctypes.pythonapi.PyCapsule_GetName
-  get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-  get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-  get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-  pointer = get_pointer(capsule, get_name(capsule))
-  num_args = get_name(capsule).count(b',') + 1
-  return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * num_args)(pointer)
+  get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+      ('PyCapsule_GetName', ctypes.pythonapi))
+  get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+      ('PyCapsule_GetPointer', ctypes.pythonapi))
+  signature = get_name(capsule)  # b'void (char *, int *, ...)'
+  return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * (signature.count(b',') + 1))(
+      get_pointer(capsule, signature))
 
 
 def _sgesdd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

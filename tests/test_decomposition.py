@@ -82,6 +82,8 @@ def test_errors(tau, method):
     decompose(tau, tree_util.select(tau, [r'layers/0/bias']), method=method)
   with pytest.raises(ValueError, match='rank=0'):
     decompose(tau, _select(tau), rank=0, method=method)
+  with pytest.raises(ValueError, match=r'disagree on the number of tasks: \[2, 3\]'):
+    decompose({**tau, 'proj': tau['proj'][:2]}, _select(tau), method=method)
 
 
 def _tasks(tau, t):
