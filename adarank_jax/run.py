@@ -252,10 +252,13 @@ def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_pa
   outdir.mkdir(parents=True, exist_ok=True)
   if config.adarank.selection == "oracle" and best["step"] < 0:
     log(0, {}, state)  # the official code's initial evaluation is an oracle candidate too
-  state = train.fit(frozen, state, train_step=train_step, make_batches=make_batches,
-                    num_steps=config.adarank.num_steps, log_every=config.adarank.log_every,
-                    checkpoint=manager, checkpoint_every=config.adarank.checkpoint_every,
-                    callbacks=(log,), mesh=mesh)
+  try:
+    state = train.fit(frozen, state, train_step=train_step, make_batches=make_batches,
+                      num_steps=config.adarank.num_steps, log_every=config.adarank.log_every,
+                      checkpoint=manager, checkpoint_every=config.adarank.checkpoint_every,
+                      callbacks=(log,), mesh=mesh)
+  except train.NonFiniteLossError as error:
+    raise train.NonFiniteLossError(f"adarank_{base}: {error}") from error
   manager.close()
   trainable = jax.device_get((state.mask_logits, state.coefficients))
   if config.adarank.selection == "oracle":

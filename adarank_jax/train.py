@@ -283,6 +283,17 @@ def restore_state(manager: checkpoint_lib.Manager, step: int, target: TrainState
 _refresh_deltas = jax.jit(merging.refresh_deltas, donate_argnums=1)
 
 
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf."""
+
+
+def _check_finite(step: int, loss: Any) -> None:
+  if not np.isfinite(loss):
+    raise NonFiniteLossError(f'step {step}: the loss is {float(loss)}; stopped before logging or '
+                             'checkpointing this state (check the prior, the learning rate and '
+                             'the inputs)')
+
+
 def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[..., Any],
         make_batches: Callable[[tuple[int, ...]], Iterator[Any]], num_steps: int,
         log_every: int = 50, checkpoint: checkpoint_lib.Manager | None = None,
@@ -328,6 +339,10 @@ def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[...,
         batches = place_batches(batches, mesh)
       state, metrics = train_step(frozen, state, batches)
       bar.update(1)
+      saving = checkpoint is not None and (
+          step == num_steps or (checkpoint_every and step % checkpoint_every == 0))
+      if saving or step % log_every == 0 or step == num_steps:  # never log or keep a non-finite state
+        _check_finite(step, jax.device_get(metrics['loss']))
       if step % log_every == 0 or step == num_steps:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
@@ -337,7 +352,6 @@ def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[...,
                         steps_per_s=f"{float(metrics['steps_per_s']):.2f}")
         for callback in callbacks:
           callback(step, metrics, state)
-      if checkpoint is not None and (
-          step == num_steps or (checkpoint_every and step % checkpoint_every == 0)):
+      if saving:
         save_state(checkpoint, state)
   return state

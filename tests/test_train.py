@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from adarank_jax import checkpoint, merging, objectives, train, tree_util
 from adarank_jax.decomposition import decompose
@@ -279,3 +280,18 @@ def test_one_forward_equals_per_task_forwards_and_traces_the_body_once():
   np.testing.assert_allclose(out['one'][0][1], out['per_task'][0][1], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(out['one'][1]), jax.tree.leaves(out['per_task'][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_non_finite_loss_stops_fit_before_it_is_checkpointed(tmp_path):
+  frozen, logits_fn = _problem()
+  optimizer = train.make_optimizer(1e-2)
+  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
+                           prior=float('nan'))  # a NaN coefficient makes every loss NaN
+  step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer,
+                               temperature=TEMP, num_tasks=T)
+  manager = checkpoint.Manager(tmp_path / 'ckpt')
+  with pytest.raises(train.NonFiniteLossError, match='step 1: the loss is nan'):
+    train.fit(frozen, state, train_step=step, make_batches=_make_batches, num_steps=4,
+              log_every=2, checkpoint=manager, checkpoint_every=1, progress=False)
+  assert manager.all_steps() == []
+  manager.close()
