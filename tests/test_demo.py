@@ -13,7 +13,8 @@ from pathlib import Path
 from adarank_jax.digits import tasks as digit_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("zero_shot", "weight_averaging", "task_arithmetic", "ties", "cart", "adarank_ta", "adarank_cart")
+METHODS = ("zero_shot", "weight_averaging", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts",
+           "adarank_ta", "adarank_cart")
 
 
 def test_demo_quick_writes_every_result(tmp_path):
