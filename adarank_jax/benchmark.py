@@ -118,11 +118,13 @@ def make_inputs(arch: str | os.PathLike, *, tasks: int, batch: int, classes: int
 FORWARDS = ('one', 'per_task')
 
 
-def logits_fn(graphdef: Any, heads: np.ndarray, forward: str) -> train.LogitsFn:
+def logits_fn(graphdef: Any, heads: np.ndarray, forward: str,
+              tasks_per_call: int | None = None, remat: bool = False) -> train.LogitsFn:
   """The step's logits: task t's head on the L2-normalised tower features of its images.
 
-  forward='one': one tower forward over every task's images (`train.one_forward`); 'per_task': one
-  forward per task (`train.per_task`).
+  forward='one': the tower traced once (`train.one_forward`), called on every task's images at once
+  or on `tasks_per_call` tasks at a time, optionally rematerialised; 'per_task': one traced forward
+  per task (`train.per_task`).
   """
   def body(params, images):
     feats = functional.call(graphdef, params, images).astype(jnp.float32)
@@ -132,7 +134,7 @@ def logits_fn(graphdef: Any, heads: np.ndarray, forward: str) -> train.LogitsFn:
     return features @ heads[t]
 
   if forward == 'one':
-    return train.one_forward(body, head)
+    return train.one_forward(body, head, tasks_per_call=tasks_per_call, remat=remat)
   if forward == 'per_task':
     return train.per_task(lambda params, t, images: head(t, body(params, images)))
   raise ValueError(f'logits_fn: forward={forward!r}; expected one of {FORWARDS}')
@@ -162,6 +164,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="keep each task's masked delta between steps (train.init_state)")
   parser.add_argument('--forward', choices=FORWARDS, default='one',
                       help="'one' forward of all tasks' images through the tower, or one per task")
+  parser.add_argument('--tasks-per-call', type=int, default=None,
+                      help="with --forward one: the tower's call size in tasks (default: all)")
+  parser.add_argument('--remat', action='store_true',
+                      help="with --forward one: recompute the tower's activations in the backward pass")
   parser.add_argument('--factor-dtype', choices=sorted(DTYPES), default='float32')
   parser.add_argument('--compute-dtype', choices=sorted(DTYPES), default='float32')
   parser.add_argument('--mesh-task', type=int, default=1,
@@ -234,7 +240,9 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
                                rank=window_rank(inputs.vision, args.window),
                                dtype=DTYPES[args.factor_dtype])
   result['decompose_s'] = time.perf_counter() - start
-  print(f"task vectors + decomposition {result['decompose_s']:.2f} s")
+  result['decompose_peak_rss_gb'] = _peak_memory()['host_peak_rss_gb']  # the peak so far
+  print(f"task vectors + decomposition {result['decompose_s']:.2f} s (peak RSS so far "
+        f"{result['decompose_peak_rss_gb']} GB)")
 
   optimizer = train.make_optimizer(1e-3)
   frozen = (origin, factors)
@@ -250,7 +258,8 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
                            cache_deltas=args.cache_deltas)
   if mesh is not None:
     state = train.place_state(state, mesh)
-  step = train.make_train_step(logits_fn=logits_fn(inputs.graphdef, inputs.heads, args.forward),
+  step = train.make_train_step(logits_fn=logits_fn(inputs.graphdef, inputs.heads, args.forward,
+                                                   args.tasks_per_call, args.remat),
                                optimizer=optimizer, temperature=10.0, num_tasks=args.tasks,
                                mesh=mesh)
 
@@ -281,7 +290,8 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
         f"median of {args.steps} steps {result['step_s_median'] or 0:.3f} s = "
         f"{result['steps_per_s'] or 0:.3f} steps/s; loss {result['loss']:.4f}")
   print(f"peak memory: host RSS {result['host_peak_rss_gb']} GB, "
-        f"device {result['device_peak_gb']} GB")
+        f"device {result['device_peak_gb']} GB; XLA's account of the step (GB): "
+        f"{result['step_memory_gb']}")
   print('result:', json.dumps(result))
   return result
 
@@ -314,7 +324,8 @@ def compile_only(args: argparse.Namespace) -> dict[str, object]:
   batches = tuple(jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.float32)
                   for _ in range(args.tasks))
   heads = np.zeros((args.tasks, vision.output_dim or vision.width, args.classes), np.float32)
-  step = train.make_train_step(logits_fn=logits_fn(graphdef, heads, args.forward),
+  step = train.make_train_step(logits_fn=logits_fn(graphdef, heads, args.forward, args.tasks_per_call,
+                                                   args.remat),
                                optimizer=optimizer, temperature=10.0, num_tasks=args.tasks)
   start = time.perf_counter()
   lowered = step.lower((origin, factors), state, batches)

@@ -35,11 +35,29 @@ from adarank_jax import tree_util
 from adarank_jax.decomposition import SVD, is_svd
 
 
-def init_coefficients(factors: Mapping[Any, Any], *, num_tasks: int, prior: float
-                      ) -> dict[Any, Any]:
-  """lambda: a float32 (T,) array filled with `prior` for every leaf (SVD and dense) of `factors`."""
+COEFFICIENTS = ('tensor', 'task')
+
+
+def init_coefficients(factors: Mapping[Any, Any], *, num_tasks: int, prior: float,
+                      per: str = 'tensor') -> Any:
+  """lambda filled with `prior`: per='tensor' a float32 (T,) array for every leaf (SVD and dense) of
+  `factors` (AdaRank, layer-wise AdaMerging); per='task' one (T,) array for all of them (task-wise
+  AdaMerging). `merge` takes either form."""
+  if per == 'task':
+    return jnp.full((num_tasks,), prior, jnp.float32)
+  if per != 'tensor':
+    raise ValueError(f'init_coefficients: per={per!r}; expected one of {COEFFICIENTS}')
   return tree_util.unflatten({
       path: jnp.full((num_tasks,), prior, jnp.float32) for path in tree_util.flatten(factors)})
+
+
+def clamp(x: jax.Array, low: float, high: float) -> jax.Array:
+  """x clipped to [low, high] with torch.clamp's gradient: 1 inside the closed interval, 0 outside.
+
+  AdaMerging clamps its coefficients this way in the forward pass, so a coefficient pushed past a
+  bound stays there (its gradient is zero from then on).
+  """
+  return jnp.where(x < low, low, jnp.where(x > high, high, x)).astype(x.dtype)
 
 
 def _compute_dtype(*arrays: Any) -> Any:
@@ -129,8 +147,9 @@ def _lookup(flat: Mapping[str, Any], path: str, what: str, shape: tuple[int, ...
 
 
 def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Mapping[Any, Any],
-          coefficients: Mapping[Any, Any], *, temperature: float, mask_mode: str = 'ste',
-          precision: Any = None, deltas: Mapping[Any, Any] | None = None) -> dict[Any, Any]:
+          coefficients: Any, *, temperature: float, mask_mode: str = 'ste',
+          precision: Any = None, deltas: Mapping[Any, Any] | None = None,
+          coefficient_range: tuple[float, float] | None = None) -> dict[Any, Any]:
   """The merged param tree (pure; jittable and differentiable in mask_logits and coefficients).
 
   Args:
@@ -138,7 +157,8 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
     factors: tree from `decomposition.decompose` whose paths are a subset of origin's: SVD leaves
       (u (T,m,r), s (T,r), vt (T,r,n)) for matrices of shape (m, n), dense (T, ...) elsewhere.
     mask_logits: (T, r) logits for every SVD path of `factors` (`masking.init_logits`).
-    coefficients: (T,) lambda for every path of `factors` (`init_coefficients`).
+    coefficients: (T,) lambda for every path of `factors`, or one (T,) array shared by every path
+      (`init_coefficients`, per='tensor' or 'task').
     temperature: mask temperature (10 in the AdaRank configs).
     mask_mode: 'ste' (training: hard forward, sigmoid gradient), 'hard' (evaluation and export)
       or 'soft' (the sigmoid itself: a smooth surrogate).
@@ -146,6 +166,8 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
     deltas: optional cached per-task deltas, (T, m, n) for every SVD path, equal to
       `masked_deltas(factor, hard_mask(logits))` (`init_deltas` / `refresh_deltas`); the SVD leaves
       are then summed from them (`cached_svd_delta`). Only with the hard-forward modes 'ste'/'hard'.
+    coefficient_range: (low, high): every lambda is used as `clamp(lambda, low, high)` (AdaMerging's
+      [0, 1]); None uses them as they are (AdaRank).
 
   Returns:
     A tree with origin's structure and dtypes; leaves absent from `factors` are origin's own.
@@ -161,7 +183,12 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
   mask_fn = masking.MASK_FNS[mask_mode]
   delta_cache = {} if deltas is None else tree_util.flatten(deltas)
   logit_flat = tree_util.flatten(mask_logits)
-  coef_flat = tree_util.flatten(coefficients)
+  if isinstance(coefficients, Mapping):
+    coef_flat = tree_util.flatten(coefficients)
+  else:  # one (T,) array for every tensor
+    coef_flat = dict.fromkeys(tree_util.flatten(factors), coefficients)
+  if coefficient_range is not None:
+    coef_flat = {path: clamp(lam, *coefficient_range) for path, lam in coef_flat.items()}
 
   def delta(path: str, factor: Any, shape: tuple[int, ...]) -> jax.Array:
     if is_svd(factor):

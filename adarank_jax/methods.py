@@ -3,7 +3,10 @@
 Validation, the run, the config docs and the README's method list all read `METHODS`. A static
 method's hyperparameters are the keyword arguments of its function, set in the config under
 `config.merge.<name>` with the same names (`config.merge.ties.density` feeds `baselines.ties(...,
-density=...)`); AdaRank's live under `config.adarank.<base>`.
+density=...)`); a trained method's live in the config section its `Training.section` names
+(`config.adarank.ta`, `config.adarank.cart`, `config.adamerging`), and it trains for
+`config.<section[0]>.num_steps` steps with the loop settings of `config.adarank` (batch, evaluation,
+logging, checkpoints, data fraction).
 
 Inputs a method needs (`Method.needs`):
   'pretrained'  theta_0 alone                       'finetuned'  the T fine-tuned trees
@@ -27,6 +30,24 @@ ORIGIN_OF = {'tau': 'pretrained', 'factors': 'pretrained', 'cart': 'average'}
 
 
 @dataclasses.dataclass(frozen=True)
+class Training:
+  """How a trained method's state is made and used (train.init_state, train.make_train_step).
+
+  Attributes:
+    section: the config keys of its hyperparameters: prior, learning_rate (and, with masks,
+      initial_rank_ratio), e.g. ('adarank', 'ta').
+    masks: learns masks over the factors' singular components (AdaRank); False: coefficients only,
+      over dense task vectors (AdaMerging).
+    coefficients: 'tensor' (one lambda per task per tensor) or 'task' (one per task).
+    coefficient_range: (low, high) clamp of every lambda in the forward pass, or None.
+  """
+  section: tuple[str, ...]
+  masks: bool
+  coefficients: str = 'tensor'
+  coefficient_range: tuple[float, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """One row of the method table.
 
@@ -36,13 +57,17 @@ class Method:
     needs: which inputs it is made from (see the module doc).
     merge: the function that makes its param tree: `merge(*inputs, **hyperparameters)`; None for the
       rows the run makes itself (`individual`, the trained methods).
-    trains: learns on unlabeled test data (AdaRank's masks and coefficients).
+    training: for a method that learns on unlabeled test data, how (see `Training`); None: static.
   """
   name: str
   summary: str
   needs: str
   merge: Callable[..., Any] | None = None
-  trains: bool = False
+  training: Training | None = None
+
+  @property
+  def trains(self) -> bool:
+    return self.training is not None
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -61,10 +86,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            baselines.iso_c),
     Method('iso_cts', 'Iso-C with common and task-specific subspaces (Marczak et al., 2025)',
            'factors', baselines.iso_cts),
+    Method('adamerging_task', 'AdaMerging, task-wise: one learned lambda in [0, 1] per task over TA '
+           '(Yang et al., 2024)', 'tau',
+           training=Training(('adamerging',), masks=False, coefficients='task',
+                             coefficient_range=(0.0, 1.0))),
+    Method('adamerging_layer', 'AdaMerging, layer-wise: one learned lambda in [0, 1] per task per '
+           'tensor over TA (Yang et al., 2024)', 'tau',
+           training=Training(('adamerging',), masks=False, coefficient_range=(0.0, 1.0))),
     Method('adarank_ta', 'AdaRank on Task Arithmetic: learned masks and coefficients (Lee et al., '
-           '2025)', 'factors', trains=True),
+           '2025)', 'factors', training=Training(('adarank', 'ta'), masks=True)),
     Method('adarank_cart', 'AdaRank on CART: learned masks and coefficients (Lee et al., 2025)', 'cart',
-           trains=True),
+           training=Training(('adarank', 'cart'), masks=True)),
 )}
 
 STATIC = tuple(name for name, m in METHODS.items() if m.merge is not None)

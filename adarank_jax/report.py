@@ -26,7 +26,12 @@ from adarank_jax import files
 SELECTION_FINAL = "final step"
 SELECTION_ORACLE = ("best average test accuracy over evaluation points (oracle: selected on the "
                     "labelled test set)")
-SELECTIONS = (SELECTION_FINAL, SELECTION_ORACLE)
+SELECTION_VALIDATION = ("best average accuracy over evaluation points on labelled validation splits "
+                        "held out of the tasks' training data")
+# config.adarank.selection -> how results.json and results.md describe it.
+SELECTION_OF = {"final": SELECTION_FINAL, "oracle": SELECTION_ORACLE,
+                "validation": SELECTION_VALIDATION}
+SELECTIONS = tuple(SELECTION_OF.values())
 INDIVIDUAL_ROW = "individual"  # the fine-tuned reference row of the tables
 MAX_ANNOTATED_CELLS = 400  # the heatmap writes the count in each cell up to this many cells
 
@@ -36,7 +41,8 @@ class Results(TypedDict):
 
   name: the config name.  model: e.g. "ViT-B-32".  tasks: the task names, in table order.
   selection: how the reported AdaRank step was chosen, one of SELECTIONS.
-  steps: optimization steps of the reported model, None where nothing was trained.
+  steps: trained method -> optimization steps of its run (empty when nothing was trained).
+  selected_steps: trained method -> the step of its reported model (the last one for "final").
   methods: method -> task -> score, in the order the methods were run; the caller fills it
     (`results["methods"][method] = scores`).
   individual: task -> score of the task's own fine-tuned model, the reference of the normalized
@@ -47,21 +53,23 @@ class Results(TypedDict):
   model: str
   tasks: list[str]
   selection: str
-  steps: int | None
+  steps: dict[str, int]
+  selected_steps: dict[str, int]
   methods: dict[str, dict[str, float]]
   individual: dict[str, float]
   timings_s: dict[str, float]
 
 
 def new_results(*, name: str, tasks: Sequence[str], model: str, selection: str,
-                steps: int | None = None) -> Results:
+                steps: Mapping[str, int] | None = None) -> Results:
   """An empty Results (no methods, no individual scores yet)."""
   if selection not in SELECTIONS:
     raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
   if evaluate.AVERAGE_KEY in tasks or len(set(tasks)) != len(tasks):
     raise ValueError(f"tasks must be distinct and not {evaluate.AVERAGE_KEY!r}, got {list(tasks)}")
   return Results(name=name, model=model, tasks=list(tasks), selection=selection,
-                 steps=None if steps is None else int(steps), methods={}, individual={}, timings_s={})
+                 steps={k: int(v) for k, v in (steps or {}).items()}, selected_steps={},
+                 methods={}, individual={}, timings_s={})
 
 
 def _to_json(value: Any) -> Any:
@@ -174,7 +182,9 @@ def write_markdown(path: str | os.PathLike[str], results: Results) -> None:
     raise TypeError(f"write_markdown({str(path)!r}, ...) takes the Results dict (it renders the metadata and "
                     f"the tables itself), got a {type(results).__name__}")
   timings = ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items()) or "not recorded"
-  steps = "none (no training)" if results["steps"] is None else str(results["steps"])
+  selected = results["selected_steps"]
+  steps = ", ".join(f"{k} {v}" + (f" (reported: step {selected[k]})" if selected.get(k, v) != v else "")
+                    for k, v in results["steps"].items()) or "none (no training)"
   header = (f"# {results['name']}\n\n"
             f"- model: {results['model']}\n"
             f"- selection: {results['selection']}\n"

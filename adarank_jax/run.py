@@ -61,12 +61,22 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
 
   # ------------------------------------------------------------------------------------------ Data sets
   # Every task's data set is opened before any checkpoint is loaded: all missing ones in one error.
-  sources, missing = [], []
+  # The evaluation (and adaptation) split of each task, and its validation split for
+  # selection=validation (registry.Task.validation_split).
+  sources, validation_sources, missing = [], [], []
   for t in tasks:
-    try:
-      sources.append(registry.get(t).open_source(data_dir=config.data.data_dir or None))
-    except (registry.DatasetNotFoundError, registry.DatasetMismatchError) as error:
-      missing.append(str(error))
+    task = registry.get(t)
+    splits = [(sources, task.split)]
+    if config.adarank.selection == "validation":
+      if not task.validation_split:
+        missing.append(f"Task {t}: no validation split is registered; selection=validation needs one")
+        continue
+      splits.append((validation_sources, task.validation_split))
+    for out, split in splits:
+      try:
+        out.append(task.open_source(split, data_dir=config.data.data_dir or None))
+      except (registry.DatasetNotFoundError, registry.DatasetMismatchError) as error:
+        missing.append(str(error))
   if missing:
     raise validate.ConfigError(f"{len(missing)} of {len(tasks)} data sets cannot be read:\n  "
                                + "\n  ".join(missing))
@@ -94,18 +104,17 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
                                          max_length=config.data.max_length)
   inputs_of = functools.partial(pipeline.model_inputs, kind=setup.kind)
 
-  def eval_batches(t):
-    return pipeline.eval_batches(sources[t], prepare=prepare, batch_size=config.eval.batch_size,
-                                 max_examples=config.eval.max_examples, workers=config.data.workers)
-
-
-  def evaluate_params(params, only=None) -> dict[str, float]:
+  def evaluate_params(params, only=None, on=sources) -> dict[str, float]:
+    """Scores on every task (or the tasks in `only`) of the splits `on` (default: the test splits)."""
     scores = {}
     for t, name in enumerate(tasks):
       if only is None or t in only:
+        batches = pipeline.eval_batches(on[t], prepare=prepare, batch_size=config.eval.batch_size,
+                                        max_examples=config.eval.max_examples,
+                                        workers=config.data.workers)
         scores[name] = evaluate.evaluate_task(
-            lambda batch, t=t: setup.predict(params, t, inputs_of(batch)),
-            eval_batches(t), metric=registry.get(name).metric)
+            lambda batch, t=t: setup.predict(params, t, inputs_of(batch)), batches,
+            metric=registry.get(name).metric)
     return scores
 
   # ------------------------------------------------------------------------------------------ Methods
@@ -131,13 +140,22 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
       timings[f"decompose_{origin}_s"] = time.perf_counter() - begin
     return memo[key]
 
-  # One compiled training step and one compiled hard merge serve every AdaRank base: the learning
-  # rate is optimizer state (train.make_optimizer), so TA and CART runs do not recompile.
+  # One compiled training step and one compiled hard merge per kind of training: the learning rate is
+  # optimizer state (train.make_optimizer), so AdaRank on TA and on CART share them.
   temperature = config.adarank.mask_temperature
-  train_step = train.make_train_step(
-      logits_fn=setup.train_logits, optimizer=train.make_optimizer(config.adarank.ta.learning_rate),
-      temperature=temperature, num_tasks=len(tasks), mesh=mesh)
-  hard_merge = jax.jit(functools.partial(merging.merge, temperature=temperature, mask_mode="hard"))
+  compiled: dict[Any, Any] = {}
+
+  def step_and_merge(training: methods.Training):
+    learn = config.adarank.learn if training.masks else "coefficients"
+    key = (learn, training.coefficient_range)
+    if key not in compiled:
+      compiled[key] = (
+          train.make_train_step(logits_fn=setup.train_logits, optimizer=train.make_optimizer(1e-3),
+                                temperature=temperature, num_tasks=len(tasks), mesh=mesh, learn=learn,
+                                coefficient_range=training.coefficient_range),
+          jax.jit(functools.partial(merging.merge, temperature=temperature, mask_mode="hard",
+                                    coefficient_range=training.coefficient_range)))
+    return compiled[key]
 
   def method_inputs(method: methods.Method) -> tuple[Any, ...]:
     """What `method` is made from (methods.NEEDS): trees, task vectors or factors, memoised."""
@@ -153,12 +171,11 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
       rank, dtype = config.adarank.rank or None, families.DTYPES[config.adarank.factor_dtype]
     return vectors(origin)[0], factors_of(origin, rank=rank, dtype=dtype)
 
-  trains = any(methods.get(m).trains for m in config.methods)
   results = report.new_results(
       name=config.name, tasks=tasks, model=config.model.name,
-      steps=config.adarank.num_steps if trains else None,
-      selection=("best average test accuracy over evaluation points (oracle: selected on the "
-                 "labelled test set)") if config.adarank.selection == "oracle" else "final step")
+      steps={m: config[methods.get(m).training.section[0]].num_steps
+             for m in config.methods if methods.get(m).trains},
+      selection=report.SELECTION_OF[config.adarank.selection])
   for method in config.methods:
     begin = time.perf_counter()
     print(f"[{method}]")
@@ -173,11 +190,12 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
     else:
       if spec.trains:
         origin, factors = method_inputs(spec)
-        params = _adarank(config, workdir / method, base=method.removeprefix("adarank_"),
-                          writer=writer, origin=origin, factors=factors,
-                          evaluate_params=evaluate_params, sources=sources, prepare=prepare,
-                          inputs_of=inputs_of, mesh=mesh, train_step=train_step,
-                          hard_merge=hard_merge)
+        train_step, hard_merge = step_and_merge(spec.training)
+        params, results["selected_steps"][method] = _adapt(
+            config, workdir / method, spec, writer=writer, origin=origin,
+            factors=factors, evaluate_params=evaluate_params, sources=sources,
+            validation_sources=validation_sources, prepare=prepare, inputs_of=inputs_of, mesh=mesh,
+            train_step=train_step, hard_merge=hard_merge)
       else:  # a static method: its hyperparameters are its function's keywords (config.merge.<name>)
         hyperparameters = dict(config.merge[method]) if method in config.merge else {}
         params = jax.jit(functools.partial(spec.merge, **hyperparameters))(*method_inputs(spec))
@@ -198,85 +216,120 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   print(table)
   print(f"\nwritten to {workdir}: results.json, results.md"
         + (", export/" if export else "") + "".join(
-            f", {m}/rank_heatmap.png" for m in config.methods if m.startswith("adarank")))
+            f", {m}/rank_heatmap.png" for m in config.methods
+            if methods.get(m).trains and methods.get(m).training.masks))
   return results
 
 
-def _adarank(config, outdir: Path, *, base, writer, origin, factors, evaluate_params,
-             sources, prepare, inputs_of, mesh, train_step, hard_merge):
-  """Learns masks and coefficients on the unlabeled test streams; returns the hard-merged tree."""
-  hp = config.adarank[base]
+def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factors, evaluate_params,
+           sources, validation_sources, prepare, inputs_of, mesh, train_step, hard_merge):
+  """Learns a trained method's state on the unlabeled test streams; returns the hard-merged tree of
+  the reported model (config.adarank.selection) and its step."""
+  name, training = spec.name, spec.training
+  hp = config
+  for key in training.section:
+    hp = hp[key]
+  num_steps = config[training.section[0]].num_steps
   placement = "task" if "task" in mesh.axis_names else "replicated"
   frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
-  state = train.init_state(frozen[1], optimizer=train.make_optimizer(hp.learning_rate),
-                           num_tasks=len(config.tasks), initial_rank_ratio=hp.initial_rank_ratio,
-                           prior=hp.prior, cache_deltas=config.adarank.cache_deltas)
+  state = train.init_state(
+      frozen[1], optimizer=train.make_optimizer(hp.learning_rate), num_tasks=len(config.tasks),
+      initial_rank_ratio=hp.initial_rank_ratio if training.masks else 1.0, prior=hp.prior,
+      coefficients_per=training.coefficients, cache_deltas=config.adarank.cache_deltas)
   state = train.place_state(state, mesh)
+  # The adaptation data: each task's whole test split, or a seeded subset of it (data_fraction).
+  adaptation = [pipeline.subset(src, config.adarank.data_fraction, seed=config.seed + t)
+                for t, src in enumerate(sources)]
 
   def make_batches(positions):
     streams = [pipeline.adaptation_stream(
         src, prepare=prepare, batch_size=config.adarank.batch_size_per_task,
         seed=config.seed + t, start_batch=positions[t], workers=config.data.workers)
-        for t, src in enumerate(sources)]
+        for t, src in enumerate(adaptation)]
     return (tuple(inputs_of(next(s)) for s in streams) for _ in iter(int, 1))
 
-  evals_path = outdir / "evals.jsonl"
-  # A resumed run continues from its last checkpoint: what the killed run logged after it is logged
-  # again, so it is dropped here (and a torn last record with it).
+  # Evaluation points: every eval_every steps (and step 0 when a step is selected), each scored on
+  # the test splits and, for selection=validation, on the labelled validation splits. A resumed run
+  # continues from its last checkpoint: what the killed run logged after it is logged again, so it
+  # is dropped here (a torn last record with it), and so are the candidate models it kept.
+  selection = config.adarank.selection
+  evals_path, candidates = outdir / "evals.jsonl", outdir / "selected"
   manager = checkpoint.Manager(outdir / "checkpoints")
-  restored = manager.latest_valid_step() or 0  # where fit resumes if the newest checkpoint is corrupt
+  state = train.resume(manager, state, frozen[1])
+  restored = int(jax.device_get(state.step))
   files.rewrite_jsonl(evals_path, lambda record: record["step"] <= restored)
-  _drop_metrics(writer.jsonl_path, f"adarank_{base}", config.tasks, after_step=restored)
-  best = _best_evaluation(evals_path)
+  _drop_metrics(writer.jsonl_path, name, config.tasks, after_step=restored)
+  for old in candidates.glob("step_*") if candidates.is_dir() else ():
+    if int(old.name.removeprefix("step_")) > restored:
+      shutil.rmtree(old)
+  best = _best_evaluation(evals_path, SELECTION_KEYS.get(selection))
 
-  def log(step_, metrics, state_):
-    scalars = {}
-    for key, value in metrics.items():  # per-task vectors (the entropies) become one scalar per task
-      value = np.asarray(value)
-      scalars.update({f"adarank_{base}/{key}/{task}": v for task, v in zip(config.tasks, value)}
-                     if value.ndim else {f"adarank_{base}/{key}": value})
-    writer.scalars(step_, scalars)
-    if step_ % config.adarank.eval_every == 0:
-      trainable = jax.device_get((state_.mask_logits, state_.coefficients))
-      scores = evaluate_params(hard_merge(origin, factors, *trainable))
-      record = {"step": step_, "scores": scores, "average": evaluate.average(scores)}
-      report.write_jsonl(evals_path, record)
-      writer.scalars(step_, {f"adarank_{base}/eval_average": record["average"]})
-      if config.adarank.selection == "oracle" and record["average"] > best["average"]:
-        best.update(record)  # keep its masks on disk too, so a resumed run can still select it
-        checkpoint.replace_tree(outdir / "oracle" / f"step_{step_}", trainable)
-        for old in (outdir / "oracle").iterdir():
-          if old.name != f"step_{step_}":
-            shutil.rmtree(old)
+  def evaluation_point(step: int, trainable) -> None:
+    params = hard_merge(origin, factors, *trainable)
+    scores = evaluate_params(params)
+    record = {"step": step, "scores": scores, "average": evaluate.average(scores)}
+    if selection == "validation":
+      record["validation"] = evaluate_params(params, on=validation_sources)
+      record["validation_average"] = evaluate.average(record["validation"])
+    report.write_jsonl(evals_path, record)
+    writer.scalars(step, {f"{name}/{k}": record[k] for k in ("average", "validation_average")
+                          if k in record})
+    key = SELECTION_KEYS.get(selection)
+    if key and record[key] > best[key]:  # a candidate: its model is kept until the run ends
+      best.update(record)
+      checkpoint.replace_tree(candidates / f"step_{step}", trainable)
 
   outdir.mkdir(parents=True, exist_ok=True)
-  if config.adarank.selection == "oracle" and best["step"] < 0:
-    log(0, {}, state)  # the official code's initial evaluation is an oracle candidate too
+  if selection != "final" and restored == 0 and best["step"] < 0:
+    # The initial state is a candidate too (the official code evaluates it first).
+    evaluation_point(0, jax.device_get((state.mask_logits, state.coefficients)))
+  points = train.fit(frozen, state, train_step=train_step, make_batches=make_batches,
+                     num_steps=num_steps, log_every=config.adarank.log_every, checkpoint=manager,
+                     checkpoint_every=config.adarank.checkpoint_every, mesh=mesh)
   try:
-    state = train.fit(frozen, state, train_step=train_step, make_batches=make_batches,
-                      num_steps=config.adarank.num_steps, log_every=config.adarank.log_every,
-                      checkpoint=manager, checkpoint_every=config.adarank.checkpoint_every,
-                      callbacks=(log,), mesh=mesh)
+    for point in points:  # the loop body runs at every logging point, before its checkpoint
+      scalars = {}
+      for key, value in point.metrics.items():  # per-task vectors (entropies): a scalar per task
+        value = np.asarray(value)
+        scalars.update({f"{name}/{key}/{task}": v for task, v in zip(config.tasks, value)}
+                       if value.ndim else {f"{name}/{key}": value})
+      writer.scalars(point.step, scalars)
+      if point.step % config.adarank.eval_every == 0:
+        evaluation_point(point.step,
+                         jax.device_get((point.state.mask_logits, point.state.coefficients)))
+      state = point.state
   except train.NonFiniteLossError as error:
-    raise train.NonFiniteLossError(f"adarank_{base}: {error}") from error
+    raise train.NonFiniteLossError(f"{name}: {error}") from error
   manager.close()
   trainable = jax.device_get((state.mask_logits, state.coefficients))
-  if config.adarank.selection == "oracle":
-    trainable = checkpoint.load_tree(outdir / "oracle" / f"step_{best['step']}", trainable)
-    print(f"[adarank_{base}] oracle selection: step {best['step']} (average test score "
-          f"{best['average']:.4f}, chosen on the labelled test set)")
+  if selection != "final":
+    trainable = checkpoint.load_tree(candidates / f"step_{best['step']}", trainable)
+    on = ("the labelled test set: an oracle" if selection == "oracle"
+          else "the labelled validation splits")
+    print(f"[{name}] {selection} selection: step {best['step']} (average "
+          f"{best[SELECTION_KEYS[selection]]:.4f} on {on})")
+    for old in candidates.iterdir():
+      if old.name != f"step_{best['step']}":
+        shutil.rmtree(old)
   mask_logits, coefficients = trainable
-  # Always the final state (a resume with more steps replaces the earlier masks), atomically.
+  # The reported model (final or selected), atomically: a resume with more steps replaces it.
   checkpoint.replace_tree(outdir / "masks", {"mask_logits": mask_logits, "coefficients": coefficients})
-  report.rank_heatmap(tree_util.flatten(mask_logits), list(config.tasks), outdir / "rank_heatmap.png")
-  return jax.device_get(hard_merge(origin, factors, mask_logits, coefficients))
+  if training.masks:
+    report.rank_heatmap(tree_util.flatten(mask_logits), list(config.tasks),
+                        outdir / "rank_heatmap.png")
+  return (jax.device_get(hard_merge(origin, factors, mask_logits, coefficients)),
+          num_steps if selection == "final" else best["step"])
 
 
-def _best_evaluation(path: Path) -> dict[str, Any]:
-  """The best evaluation point logged so far (a resumed oracle run keeps its earlier points)."""
-  best = {"step": -1, "average": -np.inf}
-  for record in report.read_jsonl(path):  # a torn last record is dropped with a warning
-    if record["average"] > best["average"]:
+# The evaluation record's score that each selection maximises ('final' takes the last step).
+SELECTION_KEYS = {"oracle": "average", "validation": "validation_average"}
+
+
+def _best_evaluation(path: Path, key: str | None) -> dict[str, Any]:
+  """The evaluation point with the highest `key` logged so far (a resumed run keeps its points)."""
+  best = {"step": -1, key: -np.inf}
+  for record in report.read_jsonl(path) if key else ():  # a torn last record: dropped, with a warning
+    if record[key] > best[key]:
       best = record
   return best
 

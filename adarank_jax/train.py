@@ -8,12 +8,14 @@ decay, on the mask logits and the coefficients only; the origin and the factors 
   state = init_state(factors, optimizer=..., num_tasks=T, initial_rank_ratio=rho, prior=lam0)
   step = make_train_step(logits_fn=per_task(f), optimizer=make_optimizer(1e-3), temperature=10.,
                          num_tasks=T)
-  state = fit(frozen, state, train_step=step, make_batches=g, num_steps=10_000, ...)
+  for point in fit(frozen, state, train_step=step, make_batches=g, num_steps=10_000, ...):
+    ...                                      # log, evaluate and select inline (train.Logged)
 
 `logits_fn(params, batches) -> T logits (B_t, C_t)` is the model-specific part, made by one of:
   per_task(task_logits_fn)        # task_logits_fn(params, t, inputs): T traced forwards
-  one_forward(body_fn, head_fn)   # one forward of the concatenated batches through the shared body,
-                                  # then head_fn(t, features of task t): one traced forward for any T
+  one_forward(body_fn, head_fn)   # the shared body on the concatenated batches (or, with
+                                  # tasks_per_call=k, on k tasks at a time in a lax.map), then
+                                  # head_fn(t, features of task t): one traced body for any T
 
 Sharding: one mesh from `make_mesh`, axes ('data',) or ('data', 'task'). Every task's batch is split
 along 'data'; the factors are replicated or split along 'task' (`place_frozen`); the trainable state
@@ -42,7 +44,6 @@ FACTOR_PLACEMENTS = ('replicated', 'task')
 
 TaskLogitsFn = Callable[[Any, int, Any], jax.Array]
 LogitsFn = Callable[[Any, Sequence[Any]], Sequence[jax.Array]]
-Callback = Callable[[int, dict[str, np.ndarray], 'TrainState'], None]
 
 
 class TrainState(NamedTuple):
@@ -75,8 +76,12 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 def init_state(factors: Mapping[Any, Any], *, optimizer: optax.GradientTransformation,
                num_tasks: int, initial_rank_ratio: float, prior: float,
-               cache_deltas: bool = False) -> TrainState:
+               coefficients_per: str = 'tensor', cache_deltas: bool = False) -> TrainState:
   """Step 0: logits +-0.1 from `initial_rank_ratio`, every coefficient = `prior`, fresh Adam.
+
+  `coefficients_per`: 'tensor' (one lambda per task per tensor) or 'task' (one per task, shared by
+  every tensor: task-wise AdaMerging); see `merging.init_coefficients`. Factors without SVD leaves
+  (AdaMerging's dense task vectors) give no mask logits.
 
   With `cache_deltas` the state also holds every task's masked delta of every SVD leaf (one more
   float32 matrix per task and decomposed matrix, e.g. 2.7 GB for ViT-B/32 x 8 tasks), computed
@@ -85,7 +90,8 @@ def init_state(factors: Mapping[Any, Any], *, optimizer: optax.GradientTransform
   """
   mask_logits = masking.init_logits(factors, initial_rank_ratio=initial_rank_ratio,
                                     num_tasks=num_tasks)
-  coefficients = merging.init_coefficients(factors, num_tasks=num_tasks, prior=prior)
+  coefficients = merging.init_coefficients(factors, num_tasks=num_tasks, prior=prior,
+                                           per=coefficients_per)
   return TrainState(step=jnp.zeros((), jnp.int32), mask_logits=mask_logits,
                     coefficients=coefficients,
                     opt_state=optimizer.init((mask_logits, coefficients)),
@@ -103,41 +109,75 @@ def per_task(task_logits_fn: TaskLogitsFn) -> LogitsFn:
 
 
 def one_forward(body_fn: Callable[[Any, Any], jax.Array],
-                head_fn: Callable[[int, jax.Array], jax.Array]) -> LogitsFn:
-  """logits_fn running the shared body once over all tasks' inputs, then each task's head.
+                head_fn: Callable[[int, jax.Array], jax.Array], *,
+                tasks_per_call: int | None = None, remat: bool = False) -> LogitsFn:
+  """logits_fn running the shared body, traced once, over all tasks' inputs, then each task's head.
 
   Args:
     body_fn: (params, inputs) -> (N, ...) features, row i from input row i (rows independent).
     head_fn: (t, features of task t's rows) -> (B_t, C_t) logits.
+    tasks_per_call: None: one call of the body on the concatenated inputs of all T tasks. k: the
+      body runs T / k times in a `lax.map`, each call on k tasks' rows (k must divide T, and every
+      task's inputs must have the same shapes). Smaller calls keep the activations in cache (on
+      CPU, k = 1 at 16 images per task is faster than one call on all of them); the program holds
+      one copy of the body either way.
+    remat: rematerialise the body (`jax.checkpoint`): the backward pass recomputes its activations
+      instead of keeping them, about one more forward of compute for a fraction of the memory (with
+      `tasks_per_call`, only one call's activations are alive at a time).
 
   The tasks' inputs (arrays or trees of arrays with a leading batch axis) are concatenated along
-  that axis, so the program holds one copy of the body whatever T is.
+  that axis. The result is the same for every `tasks_per_call` up to float rounding.
   """
+  body = jax.checkpoint(body_fn) if remat else body_fn
+
   def logits_fn(params, batches):
     sizes = [jax.tree.leaves(batch)[0].shape[0] for batch in batches]
-    inputs = jax.tree.map(lambda *xs: jnp.concatenate(xs), *batches)
-    features = body_fn(params, inputs)
+    if tasks_per_call is None:
+      features = body(params, jax.tree.map(lambda *xs: jnp.concatenate(xs), *batches))
+    else:
+      groups, rest = divmod(len(batches), tasks_per_call)
+      if tasks_per_call < 1 or rest or len(set(sizes)) > 1:
+        raise ValueError(f'one_forward: tasks_per_call={tasks_per_call} must divide the '
+                         f'{len(batches)} tasks, whose batches must be equal (sizes {sizes})')
+      rows = tasks_per_call * sizes[0]
+      grouped = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(groups, rows, *xs[0].shape[1:]),
+                             *batches)
+      features = jax.lax.map(lambda inputs: body(params, inputs), grouped)
+      features = features.reshape(groups * rows, *features.shape[2:])
     ends = np.cumsum(sizes)
     return [head_fn(t, features[end - size:end]) for t, (size, end) in enumerate(zip(sizes, ends))]
   return logits_fn
 
 
+LEARN = ('both', 'masks', 'coefficients')
+
+
 def make_loss_fn(*, logits_fn: LogitsFn, temperature: float, num_tasks: int,
-                 mask_mode: str = 'ste', precision: Any = None) -> Callable[..., Any]:
+                 mask_mode: str = 'ste', precision: Any = None, learn: str = 'both',
+                 coefficient_range: tuple[float, float] | None = None) -> Callable[..., Any]:
   """loss_fn((mask_logits, coefficients), (origin, factors), batches, deltas=None) -> (loss, (T,) H).
 
   `batches` is a length-T sequence of the tasks' inputs, as `logits_fn(params, batches)` takes them.
   `deltas`: the state's cache of per-task deltas, if it keeps one (`init_state(cache_deltas=True)`).
   `mask_mode` is passed to `merging.merge` ('ste' to train, 'soft' for the smooth surrogate).
+  `learn`: 'both' (AdaRank), or 'masks' / 'coefficients' alone (the ablations: the other part gets
+  no gradient, so Adam leaves it at its initial value). `coefficient_range`: see `merging.merge`.
   """
+  if learn not in LEARN:
+    raise ValueError(f'make_loss_fn: learn={learn!r}; expected one of {LEARN}')
 
   def loss_fn(trainable, frozen, batches, deltas=None):
     if len(batches) != num_tasks:
       raise ValueError(f'loss: got {len(batches)} task batches; expected num_tasks={num_tasks}')
     mask_logits, coefficients = trainable
+    if learn == 'coefficients':
+      mask_logits = jax.lax.stop_gradient(mask_logits)
+    elif learn == 'masks':
+      coefficients = jax.lax.stop_gradient(coefficients)
     origin, factors = frozen
     params = merging.merge(origin, factors, mask_logits, coefficients, temperature=temperature,
-                           mask_mode=mask_mode, precision=precision, deltas=deltas)
+                           mask_mode=mask_mode, precision=precision, deltas=deltas,
+                           coefficient_range=coefficient_range)
     entropies = jnp.stack([objectives.entropy(logits) for logits in logits_fn(params, batches)])
     return jnp.sum(entropies), entropies
 
@@ -146,7 +186,8 @@ def make_loss_fn(*, logits_fn: LogitsFn, temperature: float, num_tasks: int,
 
 def make_train_step(*, logits_fn: LogitsFn, optimizer: optax.GradientTransformation,
                     temperature: float, num_tasks: int, mesh: Mesh | None = None,
-                    mask_mode: str = 'ste', precision: Any = None) -> Callable[..., Any]:
+                    mask_mode: str = 'ste', precision: Any = None, learn: str = 'both',
+                    coefficient_range: tuple[float, float] | None = None) -> Callable[..., Any]:
   """One jitted `step(frozen, state, batches) -> (state, metrics)`; `state` is donated.
 
   Args:
@@ -157,12 +198,14 @@ def make_train_step(*, logits_fn: LogitsFn, optimizer: optax.GradientTransformat
     mesh: optional mesh from `make_mesh`; the new state and the metrics come out replicated on it.
     mask_mode: 'ste' (AdaRank) or 'soft'; see `merging.merge`.
     precision: matmul precision of the weight rebuild; see `merging.svd_delta`.
+    learn, coefficient_range: see `make_loss_fn`.
 
   Returns:
     The jitted step. metrics: loss (scalar), entropy (T,), kept_fraction (scalar, after the update).
   """
   loss_fn = make_loss_fn(logits_fn=logits_fn, temperature=temperature,
-                         num_tasks=num_tasks, mask_mode=mask_mode, precision=precision)
+                         num_tasks=num_tasks, mask_mode=mask_mode, precision=precision,
+                         learn=learn, coefficient_range=coefficient_range)
 
   def step(frozen, state: TrainState, batches):
     trainable = (state.mask_logits, state.coefficients)
@@ -283,6 +326,14 @@ def restore_state(manager: checkpoint_lib.Manager, step: int, target: TrainState
 _refresh_deltas = jax.jit(merging.refresh_deltas, donate_argnums=1)
 
 
+def resume(manager: checkpoint_lib.Manager, state: TrainState, factors: Mapping[Any, Any]
+           ) -> TrainState:
+  """The latest checkpoint's state (see `restore_state`; a corrupt newest step falls back to the one
+  before), or `state` itself when `manager` holds none."""
+  latest = manager.latest_step()
+  return state if latest is None else restore_state(manager, latest, state, factors)
+
+
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf."""
 
@@ -294,45 +345,59 @@ def _check_finite(step: int, loss: Any) -> None:
                              'the inputs)')
 
 
+class Logged(NamedTuple):
+  """What `fit` yields at a logging point: the step, its numpy metrics (loss, entropy (T,),
+  kept_fraction, steps_per_s) and the state after it. The state's buffers are donated to the next
+  step: copy (jax.device_get) whatever must outlive the loop body."""
+  step: int
+  metrics: dict[str, np.ndarray]
+  state: TrainState
+
+
 def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[..., Any],
         make_batches: Callable[[tuple[int, ...]], Iterator[Any]], num_steps: int,
         log_every: int = 50, checkpoint: checkpoint_lib.Manager | None = None,
-        checkpoint_every: int | None = None, callbacks: Sequence[Callback] = (),
-        mesh: Mesh | None = None, progress: bool = True) -> TrainState:
-  """Runs `train_step` until `state.step == num_steps`, resuming from the latest checkpoint.
+        checkpoint_every: int | None = None, mesh: Mesh | None = None,
+        progress: bool = True) -> Iterator[Logged]:
+  """Runs `train_step` from `state.step` to `num_steps` and yields a `Logged` every `log_every` steps
+  and at the last step. The caller resumes first, then logs, evaluates and selects inline:
 
-  The host waits on the device only every `log_every` steps (one `jax.device_get` of the metrics)
-  and when checkpointing; in between, steps are dispatched asynchronously.
+    state = train.resume(manager, state, factors)     # the latest checkpoint's state, if any
+    for point in train.fit(frozen, state, checkpoint=manager, ...):
+      writer.scalars(point.step, point.metrics)
+      if point.step % eval_every == 0:
+        evaluate(point.state)
+      state = point.state                              # the final state after the loop
+
+  A checkpoint due at a logging point is written after the loop body has run, so what the body
+  records for that step (an evaluation, a selected model) is never behind the checkpoint. The host
+  waits on the device only at logging points and when checkpointing; in between, steps are
+  dispatched asynchronously.
 
   Args:
     frozen: (origin, factors), already placed (see `place_frozen`) when a mesh is used.
-    state: the initial state (`init_state`); when `checkpoint` holds a saved step it is only the
-      restore target (structure, dtypes, shardings), and training resumes from the saved state.
+    state: the state to continue from (`init_state`, or `resume`'s); nothing runs (and nothing is
+      yielded) if it is already at `num_steps`.
     train_step: from `make_train_step`.
     make_batches: positions -> iterator of length-T batch sequences, starting after
       `positions[t]` batches of task t (so a resumed run sees the same data as an uninterrupted one).
     num_steps: total number of steps (not steps still to go).
-    log_every: metric fetch / progress / callback interval in steps.
+    log_every: logging interval in steps.
     checkpoint: optional `checkpoint.Manager`; the state is saved every `checkpoint_every` steps
-      and at the end.
+      and at the last step (after that point's loop body).
     checkpoint_every: save interval in steps (None: only at the end).
-    callbacks: functions `callback(step, metrics, state)` called every `log_every` steps with
-      numpy metrics (loss, entropy (T,), kept_fraction, steps_per_s). `state`'s buffers are
-      donated to the next step: copy (jax.device_get) whatever must outlive the call.
     mesh: when given, every batch is placed with `place_batches` before the step.
     progress: show a tqdm bar with the loss and steps/s.
 
-  Returns:
-    The state after `num_steps` steps.
+  Raises:
+    NonFiniteLossError: at the first logging or checkpointing point whose loss is NaN or Inf.
   """
-  if checkpoint is not None and (latest := checkpoint.latest_step()) is not None:
-    state = restore_state(checkpoint, latest, state, frozen[1])
   start = int(jax.device_get(state.step))
   num_tasks = jax.tree.leaves(state.coefficients)[0].shape[0]
   positions = (start,) * num_tasks  # every step takes one batch of every task
   batch_iter = make_batches(positions)
   last_time, last_step = time.perf_counter(), start
-  with tqdm.tqdm(total=num_steps, initial=start, disable=not progress, desc='adarank') as bar:
+  with tqdm.tqdm(total=num_steps, initial=start, disable=not progress, desc='train') as bar:
     for step in range(start + 1, num_steps + 1):
       batches = next(batch_iter)
       if mesh is not None:
@@ -347,11 +412,9 @@ def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[...,
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
         metrics['steps_per_s'] = np.asarray((step - last_step) / max(now - last_time, 1e-9))
-        last_time, last_step = now, step
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
                         steps_per_s=f"{float(metrics['steps_per_s']):.2f}")
-        for callback in callbacks:
-          callback(step, metrics, state)
+        yield Logged(step, metrics, state)
+        last_time, last_step = time.perf_counter(), step  # the loop body's time is not training's
       if saving:
         save_state(checkpoint, state)
-  return state

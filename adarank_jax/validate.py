@@ -11,12 +11,14 @@ import ml_collections
 from adarank_jax import baselines
 from adarank_jax import files
 from adarank_jax import methods
+from adarank_jax import train as train_lib
 from adarank_jax.data import registry
 
 FAMILIES = ("clip", "roberta", "gpt2")
+SELECTIONS = ("final", "oracle", "validation")  # config.adarank.selection (see run.py)
 EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",)}
 # Fields that may change when a run is resumed (they do not change what was computed so far).
-RESUMABLE = ("adarank.num_steps", "adarank.log_every", "adarank.checkpoint_every", "adarank.eval_every",
+RESUMABLE = ("adarank.num_steps", "adamerging.num_steps", "adarank.log_every", "adarank.checkpoint_every", "adarank.eval_every",
              "adarank.cache_deltas", "data.workers", "export")
 
 
@@ -61,17 +63,25 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
          f"adarank.{base}.initial_rank_ratio={hp.initial_rank_ratio}: expected a value in (0, 1]")
     need(hp.learning_rate > 0, f"adarank.{base}.learning_rate={hp.learning_rate}: expected > 0")
     need(_is_number(hp.prior), f"adarank.{base}.prior={hp.prior!r}: expected a number")
-  for key in ("num_steps", "batch_size_per_task", "eval_every", "log_every", "checkpoint_every"):
-    value = config.adarank[key]
-    need(isinstance(value, int) and value > 0, f"adarank.{key}={value!r}: expected a positive integer")
+  need(config.adamerging.learning_rate > 0,
+       f"adamerging.learning_rate={config.adamerging.learning_rate}: expected > 0")
+  need(_is_number(config.adamerging.prior), f"adamerging.prior={config.adamerging.prior!r}: expected a number")
+  for section, key in [("adarank", k) for k in ("num_steps", "batch_size_per_task", "eval_every",
+                                                "log_every", "checkpoint_every")] + [("adamerging", "num_steps")]:
+    value = config[section][key]
+    need(isinstance(value, int) and value > 0, f"{section}.{key}={value!r}: expected a positive integer")
+  need(config.adarank.learn in train_lib.LEARN,
+       f"adarank.learn={config.adarank.learn!r}: expected one of {train_lib.LEARN}")
+  need(0 < config.adarank.data_fraction <= 1,
+       f"adarank.data_fraction={config.adarank.data_fraction}: expected a value in (0, 1]")
   need(config.adarank.eval_every % config.adarank.log_every == 0,
        f"adarank.eval_every={config.adarank.eval_every}: expected a multiple of adarank.log_every="
        f"{config.adarank.log_every} (evaluation runs at logging points)")
   need(config.adarank.mask_temperature > 0,
        f"adarank.mask_temperature={config.adarank.mask_temperature}: expected > 0")
   need(config.adarank.rank >= 0, f"adarank.rank={config.adarank.rank}: expected >= 0 (0 = full rank)")
-  need(config.adarank.selection in ("final", "oracle"),
-       f"adarank.selection={config.adarank.selection!r}: expected 'final' or 'oracle'")
+  need(config.adarank.selection in SELECTIONS,
+       f"adarank.selection={config.adarank.selection!r}: expected one of {SELECTIONS}")
   need(config.adarank.factor_dtype in ("float32", "bfloat16"),
        f"adarank.factor_dtype={config.adarank.factor_dtype!r}: expected 'float32' or 'bfloat16'")
   need(config.model.dtype in ("float32", "bfloat16"),

@@ -85,7 +85,7 @@ def base():
 
   # Methods run in this order, each evaluated on every task: the names of adarank_jax/methods.py
   # (zero_shot, individual, weight_averaging, task_arithmetic, ties, cart, tsv_m, iso_c, iso_cts,
-  # adarank_ta, adarank_cart).
+  # adamerging_task, adamerging_layer, adarank_ta, adarank_cart).
   config.methods = ("individual", "adarank_ta")
 
   config.merge = ml_collections.ConfigDict()
@@ -113,13 +113,25 @@ def base():
   config.adarank.num_steps = 10_000
   config.adarank.batch_size_per_task = 16
   config.adarank.eval_every = 500           # evaluation points (all reported in the log)
-  config.adarank.selection = "final"        # 'final' | 'oracle' (best average TEST accuracy; labelled so)
+  config.adarank.selection = "final"        # 'final' | 'validation' (best average accuracy on labelled
+                                            # validation splits) | 'oracle' (best average TEST accuracy;
+                                            # labelled so)
   config.adarank.factor_dtype = "float32"   # 'float32' | 'bfloat16' storage of U, s, V
   config.adarank.rank = 0                   # keep the top-k components only (0 = full rank, as the paper)
   config.adarank.cache_deltas = True        # keep each task's masked delta between steps: about half the
                                             # rebuild work, one more matrix per task and decomposed matrix
   config.adarank.log_every = 50
   config.adarank.checkpoint_every = 500
+  # Ablations (AdaRank paper, Tables 5-7): what is learned ('both' | 'masks': coefficients frozen at
+  # the prior | 'coefficients': masks frozen at their initial state); the window is adarank.rank; the
+  # fraction of each task's test split that adaptation draws from (a seeded subset; evaluation always
+  # uses the whole split). The data fraction and the loop settings above serve AdaMerging too.
+  config.adarank.learn = "both"
+  config.adarank.data_fraction = 1.0
+
+  # AdaMerging (Yang et al., 2024; official code): lambda clamped to [0, 1], prior 0.3, Adam lr 1e-3,
+  # 500 steps of batch adarank.batch_size_per_task (16 per task in the official runs).
+  config.adamerging = ml_collections.ConfigDict(dict(prior=0.3, learning_rate=1e-3, num_steps=500))
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128
@@ -134,6 +146,7 @@ def base():
 def quick(config):
   """Shrinks a config to a smoke run of seconds (same code path)."""
   config.adarank.num_steps = 4
+  config.adamerging.num_steps = 4
   config.adarank.eval_every = 2
   config.adarank.log_every = 1
   config.adarank.checkpoint_every = 2
@@ -147,8 +160,8 @@ def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, 
                cart_static=None, eval_batch_size=128):
   """A paper experiment from its numbers (docs/algorithm.md, section 3 table).
 
-  Config args: base=ta|cart picks the AdaRank base merge; baselines=true adds the static baselines;
-  quick=true shrinks the run to a smoke test.
+  Config args: base=ta|cart picks the AdaRank base merge; baselines=true adds the static baselines
+  and AdaMerging (task-wise and layer-wise); quick=true shrinks the run to a smoke test.
 
   Args:
     ta, cart: dict(prior=..., initial_rank_ratio=..., learning_rate=...) of AdaRank on TA / on CART.
@@ -175,7 +188,8 @@ def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, 
   config.methods = ("individual", f"adarank_{arg.base}")
   if arg.baselines:
     config.methods = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties",
-                      "cart", "tsv_m", "iso_c", "iso_cts", f"adarank_{arg.base}")
+                      "cart", "tsv_m", "iso_c", "iso_cts", "adamerging_task", "adamerging_layer",
+                      f"adarank_{arg.base}")
   config.name = f"{model}_{len(tasks)}tasks_adarank_{arg.base}"
   if arg.quick:
     quick(config)

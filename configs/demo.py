@@ -25,13 +25,15 @@ def get_config(arg=None):
   config.model.finetuned = located.finetuned_template
   config.tasks = digit_tasks.register_tasks()
   config.methods = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties", "cart",
-                    "tsv_m", "iso_c", "iso_cts", "adarank_ta", "adarank_cart")
+                    "tsv_m", "iso_c", "iso_cts", "adamerging_task", "adamerging_layer", "adarank_ta",
+                    "adarank_cart")
   # The ViT-B/32 8-task values of docs/algorithm.md, section 3 (TA: prior 0.3, all components on;
   # CART: prior 2.3, top 16%), and the CART repo's static CART for 8 tasks (lambda 2.0, rank 12%). Nothing tuned here.
   config.adarank.ta.update(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3)
   config.adarank.cart.update(prior=2.3, initial_rank_ratio=0.16, learning_rate=1e-3)
   config.merge.cart.update(scaling=2.0, rank_ratio=0.12)
   config.adarank.num_steps = 500
+  config.adamerging.num_steps = 500  # AdaMerging's own schedule (also its official step count)
   config.adarank.batch_size_per_task = 16
   config.adarank.eval_every = 250
   config.adarank.log_every = 50
@@ -40,5 +42,6 @@ def get_config(arg=None):
   config.export = "safetensors"  # every merged model, as an OpenCLIP state dict open_clip loads
   if arg.quick:
     config.adarank.update(num_steps=6, eval_every=6, log_every=3, checkpoint_every=3)
+    config.adamerging.num_steps = 6
     config.eval.update(batch_size=128, max_examples=128)
   return config

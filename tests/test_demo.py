@@ -14,7 +14,7 @@ from adarank_jax.digits import tasks as digit_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("zero_shot", "weight_averaging", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts",
-           "adarank_ta", "adarank_cart")
+           "adamerging_task", "adamerging_layer", "adarank_ta", "adarank_cart")
 
 
 def test_demo_quick_writes_every_result(tmp_path):
@@ -36,8 +36,11 @@ def test_demo_quick_writes_every_result(tmp_path):
   table = (workdir / "results.md").read_text()
   assert all(f"| {m} |" in table for m in METHODS) and "Norm. avg." in table
   assert "| adarank_cart |" in proc.stdout  # the table is printed too
-  for method in ("adarank_ta", "adarank_cart"):
-    assert (workdir / method / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  for method in ("adamerging_task", "adamerging_layer", "adarank_ta", "adarank_cart"):
     assert (workdir / method / "masks").is_dir()
     assert (workdir / "export" / f"{method}.safetensors").stat().st_size > 0
+    if method.startswith("adarank"):
+      assert (workdir / method / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert results["steps"] == {"adamerging_task": 6, "adamerging_layer": 6, "adarank_ta": 6,
+                              "adarank_cart": 6}
   assert (workdir / "metrics.jsonl").read_text().count("\n") > 0

@@ -35,14 +35,20 @@ def test_tasks_registered_with_class_counts():
   for name, count in CLASS_COUNTS.items():
     task = registry.get(name)
     assert (task.kind, task.num_classes, len(task.classnames), task.split) == ("vision", count, count, "test")
-    train, test = task.open_source("train"), task.open_source()
-    assert (len(train), len(test)) == (1078, 719)
+    assert task.validation_split == "validation"
+    train, validation, test = (task.open_source(split) for split in ("train", "validation", "test"))
+    assert (len(train), len(validation), len(test)) == (970, 108, 719)  # 1,797 images, disjoint
     labels = np.array([test[i]["label"] for i in range(len(test))])
     assert set(labels.tolist()) == set(range(count))
     image = test[0]["image"]
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] in (1, 3)
-  with pytest.raises(ValueError, match="unknown split 'validation'"):
-    registry.get("Digits").open_source("validation")
+  with pytest.raises(ValueError, match="unknown split 'val'"):
+    registry.get("Digits").open_source("val")
+  _, _, splits = tasks._digits()  # pylint: disable=protected-access
+  assert not set(splits["train"]) & set(splits["validation"]) and not set(splits["test"]) & (
+      set(splits["train"]) | set(splits["validation"]))
+  digits = tasks.digit_values("validation")
+  assert np.bincount(digits, minlength=10).min() >= 9  # stratified: every digit is there
 
 
 def test_tasks_differ_in_inputs_and_labels():
@@ -60,7 +66,7 @@ def test_tasks_differ_in_inputs_and_labels():
   for name in tasks.TASKS[1:]:
     assert np.abs(pixels(name) - plain_pixels).mean() > 0.2, name
   # Train and test hold different images.
-  train_images = set(map(bytes, tasks.arrays("Digits", "train")[0].reshape(1078, -1)))
+  train_images = set(map(bytes, tasks.arrays("Digits", "train")[0].reshape(970, -1)))
   assert not train_images & set(map(bytes, plain.reshape(719, -1)))
 
 

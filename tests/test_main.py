@@ -106,6 +106,44 @@ def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_p
       np.testing.assert_array_equal(a[key], b[key], err_msg=f"{method} {key}")
 
 
+def test_cli_validation_selection_survives_a_kill_between_evaluation_points(checkpoints, tmp_path):
+  extra = ("--config.adarank.selection=validation", "--config.methods=('adamerging_task', 'adarank_ta')",
+           "--config.adamerging.num_steps=6", "--config.adarank.learn=both")
+  straight = _cli(checkpoints, tmp_path / "straight", *extra)
+  assert straight.returncode == 0, straight.stdout + straight.stderr
+  results = json.loads((tmp_path / "straight/results.json").read_text())
+  assert results["selection"].startswith("best average accuracy over evaluation points on labelled "
+                                         "validation splits")
+  assert "validation selection: step" in straight.stdout
+  records = [json.loads(line) for line in (tmp_path / "straight/adarank_ta/evals.jsonl").open()]
+  assert [r["step"] for r in records] == [0, 2, 4, 6]
+  best = max(records, key=lambda r: r["validation_average"])  # the first of equal scores wins
+  assert results["selected_steps"]["adarank_ta"] == best["step"]
+  assert set(records[0]["validation"]) == set(TASKS)
+  assert [p.name for p in (tmp_path / "straight/adarank_ta/selected").iterdir()] == [f"step_{best['step']}"]
+
+  proc = _cli(checkpoints, tmp_path / "killed", *extra, wait=False)
+  step_dir = tmp_path / "killed/adarank_ta/checkpoints/2"
+  deadline = time.time() + 500
+  while not step_dir.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.1)
+  assert step_dir.exists(), proc.communicate()[0].decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = _cli(checkpoints, tmp_path / "killed", "--resume", *extra)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  again = json.loads((tmp_path / "killed/results.json").read_text())
+  assert again["selected_steps"] == results["selected_steps"]
+  assert again["methods"] == results["methods"]
+  resumed_records = [json.loads(line) for line in (tmp_path / "killed/adarank_ta/evals.jsonl").open()]
+  assert [r["step"] for r in resumed_records] == [0, 2, 4, 6]  # nothing lost, nothing twice
+  for method in ("adamerging_task", "adarank_ta"):
+    a, b = _masks(tmp_path / "straight", method), _masks(tmp_path / "killed", method)
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"{method} {key}")
+
+
 def test_cli_bad_input_fails_before_compute(checkpoints, tmp_path):
   missing = _cli(checkpoints, tmp_path / "w", "--config.model.finetuned=/nonexistent/{task}.pt")
   assert missing.returncode != 0

@@ -20,3 +20,10 @@ def test_readme_config_files_exist():
                "roberta_glue", "gpt2_glue", "demo"):
     assert f"{name}.py" in readme or f"{name}" in readme
     assert (ROOT / "configs" / f"{name}.py").exists()
+
+
+def test_readme_lists_every_method_of_the_table():
+  from adarank_jax import methods
+  readme = (ROOT / "README.md").read_text()
+  for name in methods.METHODS:
+    assert f"`{name}`" in readme, name

@@ -181,6 +181,21 @@ def test_prepare_image_folder_round_trip(tmp_path):
     registry.get("RenderedSST2").open_source("train", data_dir=tmp_path / "data")
 
 
+def test_validation_splits_are_registered_and_sliced_by_tfds(tmp_path):
+  for name in registry.TASKS_20 + registry.GLUE_7:
+    task = registry.get(name)
+    assert task.validation_split == ("val" if task.tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER)
+                                     else registry.TFDS_VALIDATION), name
+  manual = tmp_path / "manual"
+  _write_folder(manual, "test", images_per_class=4)
+  _write_folder(manual, "val", images_per_class=2)
+  registry.prepare_image_folder("RenderedSST2", tmp_path / "data", manual_dir=manual)
+  task = registry.get("RenderedSST2")
+  assert len(task.open_source(task.validation_split, data_dir=tmp_path / "data")) == 4
+  # tfds slicing reaches the data source, as "train[90%:]" does for the tfds tasks.
+  assert len(task.open_source("test[75%:]", data_dir=tmp_path / "data")) == 2
+
+
 def test_prepare_image_folder_rejects_wrong_class_count(tmp_path):
   os.makedirs(tmp_path / "manual" / "fer2013" / "test" / "0")
   Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "manual" / "fer2013" / "test" / "0" / "a.png")

@@ -102,7 +102,7 @@ def test_best_evaluation_tolerates_a_torn_evals_file(tmp_path):
   path = tmp_path / "evals.jsonl"
   path.write_text('{"step": 2, "scores": {}, "average": 0.5}\n{"step": 4, "scores"')
   with pytest.warns(UserWarning, match="evals.jsonl"):
-    assert run._best_evaluation(path)["step"] == 2
+    assert run._best_evaluation(path, "average")["step"] == 2
 
 
 def test_corrupt_json_files_are_named(tmp_path):
@@ -289,7 +289,7 @@ def resumed(tmp_path_factory):
 def test_resume_with_more_steps_replaces_the_masks(resumed):
   from adarank_jax import tree_util
   workdir = resumed["workdir"]
-  assert report.read_results_json(workdir / "results.json")["steps"] == 9
+  assert report.read_results_json(workdir / "results.json")["steps"] == {"adarank_ta": 9}
   new = tree_util.flatten(checkpoint.load_tree(workdir / "adarank_ta" / "masks"))
   old = tree_util.flatten(resumed["first_masks"])
   assert new.keys() == old.keys()

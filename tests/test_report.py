@@ -15,7 +15,7 @@ TASKS = ["MNIST", "DTD"]
 
 def _results():
   results = report.new_results(name="vitb32_t8", tasks=TASKS, model="ViT-B-32",
-                               selection=report.SELECTION_FINAL, steps=2000)
+                               selection=report.SELECTION_FINAL, steps={"adarank_ta": 2000})
   results["individual"] = {"MNIST": 0.996, "DTD": 0.8}
   results["methods"]["task_arithmetic"] = {"MNIST": 0.97, "DTD": 0.52}
   results["methods"]["adarank_ta"] = {"MNIST": np.float32(0.992), "DTD": 0.7, evaluate.AVERAGE_KEY: 0.84}
@@ -65,14 +65,14 @@ def test_markdown_table_missing_task_raises():
 
 def test_write_markdown_states_selection_and_timings(tmp_path):
   results = report.new_results(name="dbg", tasks=TASKS, model="tiny", selection=report.SELECTION_ORACLE,
-                               steps=3)
+                               steps={"adarank_cart": 3})
   results["individual"] = {"MNIST": 1.0, "DTD": 0.5}
   results["methods"]["adarank_cart"] = {"MNIST": 0.5, "DTD": 0.5}
   results["timings_s"] = {"adarank_cart_s": 2.0}
   report.write_markdown(tmp_path / "results.md", results)
   text = (tmp_path / "results.md").read_text()
   assert text.startswith("# dbg\n\n- model: tiny\n- selection: best average test accuracy over evaluation "
-                         "points (oracle: selected on the labelled test set)\n- steps: 3\n"
+                         "points (oracle: selected on the labelled test set)\n- steps: adarank_cart 3\n"
                          "- timings (s): adarank_cart_s 2.0\n")
   assert text.endswith(report.markdown_table(results))
   assert "| adarank_cart | 50.0 | 50.0 | 50.0 | 75.0 |" in text
@@ -90,7 +90,7 @@ def test_results_json_round_trip(tmp_path):
   assert loaded["individual"] == {"MNIST": 0.996, "DTD": 0.8}
   assert {k: loaded[k] for k in ("name", "model", "tasks", "selection", "steps", "timings_s")} == {
       "name": "vitb32_t8", "model": "ViT-B-32", "tasks": ["MNIST", "DTD"], "selection": "final step",
-      "steps": 2000, "timings_s": {"load_s": 1.25, "adarank_ta_s": 60.0}}
+      "steps": {"adarank_ta": 2000}, "timings_s": {"load_s": 1.25, "adarank_ta_s": 60.0}}
   assert report.read_results_json(path) == loaded
   assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary file left behind
   (tmp_path / "bad.json").write_text('{"methods": {}}')

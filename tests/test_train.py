@@ -136,16 +136,21 @@ def test_gradients_match_finite_differences_of_the_soft_surrogate():
     assert checked >= 12 and any(np.abs(g).max() > 1e-4 for g in grad_leaves)
 
 
-def _fit(frozen, logits_fn, *, num_steps, directory=None, callbacks=(), cache_deltas=False):
+def _fit(frozen, logits_fn, *, num_steps, directory=None, logged=None, cache_deltas=False):
   optimizer = train.make_optimizer(1e-2)
   state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
                            prior=0.3, cache_deltas=cache_deltas)
   step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP,
                                num_tasks=T)
   manager = None if directory is None else checkpoint.Manager(directory)
-  state = train.fit(frozen, state, train_step=step, make_batches=_make_batches,
-                    num_steps=num_steps, log_every=2, checkpoint=manager, checkpoint_every=3,
-                    callbacks=callbacks, progress=False)
+  if manager is not None:
+    state = train.resume(manager, state, frozen[1])
+  for point in train.fit(frozen, state, train_step=step, make_batches=_make_batches,
+                         num_steps=num_steps, log_every=2, checkpoint=manager, checkpoint_every=3,
+                         progress=False):
+    if logged is not None:
+      logged.append((point.step, point.metrics))
+    state = point.state
   if manager is not None:
     manager.close()
   return jax.device_get(state)
@@ -154,8 +159,7 @@ def _fit(frozen, logits_fn, *, num_steps, directory=None, callbacks=(), cache_de
 def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
   frozen, logits_fn = _problem()
   logged = []
-  straight = _fit(frozen, logits_fn, num_steps=6,
-                  callbacks=[lambda step, metrics, _: logged.append((step, metrics))])
+  straight = _fit(frozen, logits_fn, num_steps=6, logged=logged)
   assert [s for s, _ in logged] == [2, 4, 6]
   assert set(logged[0][1]) == {'loss', 'entropy', 'kept_fraction', 'steps_per_s'}
   first = _fit(frozen, logits_fn, num_steps=3, directory=tmp_path / 'ckpt')
@@ -180,8 +184,10 @@ def test_fit_lowers_the_entropy_of_a_fixed_batch():
   initial = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
   step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP,
                                num_tasks=T)
-  state = train.fit(frozen, state, train_step=step, make_batches=lambda _: iter(lambda: batches, None),
-                    num_steps=30, log_every=10, progress=False)
+  *_, last = train.fit(frozen, state, train_step=step,
+                       make_batches=lambda _: iter(lambda: batches, None), num_steps=30,
+                       log_every=10, progress=False)
+  state = last.state
   final = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
   assert final < 0.8 * initial
 
@@ -282,6 +288,42 @@ def test_one_forward_equals_per_task_forwards_and_traces_the_body_once():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize('tasks_per_call,remat', [(1, False), (3, False), (1, True)])
+def test_one_forward_in_groups_of_tasks_equals_per_task_forwards(tasks_per_call, remat):
+  frozen, _ = _problem()
+  rng = np.random.default_rng(5)
+  heads = [rng.normal(size=(6, c)).astype(np.float32) for c in CLASSES]
+  traces = []
+
+  def body(params, x):
+    traces.append(x.shape)
+    enc = params['enc']
+    return jnp.tanh(x @ enc['a']['kernel'] + enc['a']['bias']) @ enc['b']['kernel']
+
+  per_task = train.per_task(lambda params, t, x: body(params, x) @ heads[t])
+  grouped = train.one_forward(body, lambda t, features: features @ heads[t],
+                              tasks_per_call=tasks_per_call, remat=remat)
+  state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
+                           initial_rank_ratio=0.5, prior=0.3)
+  trainable = (state.mask_logits, state.coefficients)
+  batches = tuple(rng.normal(size=(4, 6)).astype(np.float32) for _ in range(T))
+  out = {}
+  for name, logits_fn in (('per_task', per_task), ('grouped', grouped)):
+    traces.clear()
+    loss_fn = train.make_loss_fn(logits_fn=logits_fn, temperature=TEMP, num_tasks=T)
+    out[name] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable, frozen, batches)
+  assert traces == [(4 * tasks_per_call, 6)]  # the body is traced once, on k tasks' rows
+  loss_fn = train.make_loss_fn(logits_fn=grouped, temperature=TEMP, num_tasks=T)
+  program = str(jax.make_jaxpr(loss_fn)(trainable, frozen, batches))
+  assert ('remat' in program) == remat  # jax.checkpoint's primitive
+  np.testing.assert_allclose(out['grouped'][0][1], out['per_task'][0][1], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out['grouped'][1]), jax.tree.leaves(out['per_task'][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  uneven = (batches[0], batches[1], batches[2][:3])
+  with pytest.raises(ValueError, match='tasks_per_call'):
+    train.make_loss_fn(logits_fn=grouped, temperature=TEMP, num_tasks=T)(trainable, frozen, uneven)
+
+
 def test_a_non_finite_loss_stops_fit_before_it_is_checkpointed(tmp_path):
   frozen, logits_fn = _problem()
   optimizer = train.make_optimizer(1e-2)
@@ -291,7 +333,7 @@ def test_a_non_finite_loss_stops_fit_before_it_is_checkpointed(tmp_path):
                                temperature=TEMP, num_tasks=T)
   manager = checkpoint.Manager(tmp_path / 'ckpt')
   with pytest.raises(train.NonFiniteLossError, match='step 1: the loss is nan'):
-    train.fit(frozen, state, train_step=step, make_batches=_make_batches, num_steps=4,
-              log_every=2, checkpoint=manager, checkpoint_every=1, progress=False)
+    list(train.fit(frozen, state, train_step=step, make_batches=_make_batches, num_steps=4,
+                   log_every=2, checkpoint=manager, checkpoint_every=1, progress=False))
   assert manager.all_steps() == []
   manager.close()

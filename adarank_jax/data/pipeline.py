@@ -122,6 +122,30 @@ def eval_batches(source: registry.Source, *, prepare: Prepare, batch_size: int, 
     prefetcher.close()
 
 
+class Subset:
+  """The examples of `source` at `indices`, as a source of its own."""
+
+  def __init__(self, source: registry.Source, indices: np.ndarray):
+    self._source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._source[int(self.indices[index])]
+
+
+def subset(source: registry.Source, fraction: float, *, seed: int) -> registry.Source:
+  """`source` itself for fraction 1; else a seeded random max(1, round(fraction * N)) of its examples
+  (in their original order): the data-fraction ablation's adaptation data."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"subset: fraction={fraction}; expected a value in (0, 1]")
+  if fraction == 1:
+    return source
+  count = max(1, round(fraction * len(source)))
+  return Subset(source, np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False)))
+
+
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   """The example order of `epoch`: a permutation that depends only on (seed, epoch)."""
   return np.random.default_rng((seed, epoch)).permutation(num_examples)

@@ -73,6 +73,12 @@ class Task:
     kind: "vision" or "text".
     num_classes: number of labels.
     split: the split the papers evaluate (and adapt) on, a tfds split string.
+    validation_split: the labelled split that selection=validation scores, held out of the task's
+      training data; "" if the task has none. Built-in tfds tasks: the last 10% of "train" (tfds
+      slicing, "train[90%:]"); image-folder tasks: an optional "val" folder (EuroSAT's Task
+      Arithmetic split has one). Caveat: the public fine-tuned checkpoints were trained on their own
+      random 90% of "train", so most of these examples were seen in fine-tuning; the selection
+      still never reads a test label, but its validation scores run high.
     reader: `reader(task, split, data_dir) -> Source`; `read_tfds` for every built-in task.
     tfds_name: "builder/config" that `read_tfds` opens ("" for other readers).
     classnames: vision: class names in label order, as the reference code writes them.
@@ -87,6 +93,7 @@ class Task:
   num_classes: int
   split: str
   reader: Reader
+  validation_split: str = ""
   tfds_name: str = ""
   classnames: tuple[str, ...] = ()
   templates: tuple[str, ...] = ()
@@ -325,19 +332,21 @@ def prepare_image_folder(task_name: str, data_dir: str | os.PathLike[str],
 _TFDS_HINT = "on a machine with TensorFlow (the [tf] extra): tfds build {name} --data_dir=<data_dir>"
 _FOLDER_HINT = ("put the images in {layout} with <config>={config}, then run "
                 "python -m adarank_jax.data.registry --task={task} --data_dir=<data_dir> "
-                "(no TensorFlow needed). {source}")
+                "(no TensorFlow needed). {source} For selection=validation, also a val/ folder of "
+                "labelled images held out of the training data.")
 
 
-def _folder(config: str, task: str, source: str) -> tuple[str, str, str]:
+def _folder(config: str, task: str, source: str) -> tuple[str, str, str, str]:
   hint = _FOLDER_HINT.format(layout=IMAGE_FOLDER_LAYOUT, config=config, task=task, source=source)
-  return f"{IMAGE_FOLDER_BUILDER}/{config}", "test", hint
+  return f"{IMAGE_FOLDER_BUILDER}/{config}", "test", "val", hint
 
 
-def _tfds(name: str, split: str = "test") -> tuple[str, str, str]:
-  return name, split, _TFDS_HINT.format(name=name)
+def _tfds(name: str, split: str = "test") -> tuple[str, str, str, str]:
+  return name, split, TFDS_VALIDATION, _TFDS_HINT.format(name=name)
 
 
-# name -> (tfds builder, split, how to prepare)
+TFDS_VALIDATION = "train[90%:]"  # the validation split of the built-in tfds tasks (see Task)
+# name -> (tfds builder, split, validation split, how to prepare)
 _VISION = {
     "Cars": _tfds("cars196"),
     "DTD": _tfds("dtd"),
@@ -383,13 +392,15 @@ _GLUE = {
 
 
 def _register_builtin() -> None:
-  for name, (tfds_name, split, hint) in _VISION.items():
+  for name, (tfds_name, split, validation_split, hint) in _VISION.items():
     classnames = vision_tasks.CLASSNAMES[name]
-    register(Task(name=name, kind="vision", num_classes=len(classnames), split=split, reader=read_tfds,
+    register(Task(name=name, kind="vision", num_classes=len(classnames), split=split,
+                  validation_split=validation_split, reader=read_tfds,
                   tfds_name=tfds_name, classnames=classnames, templates=vision_tasks.TEMPLATES[name],
                   prepare=hint))
   for name, (config, split, num_classes, fields) in _GLUE.items():
-    register(Task(name=name, kind="text", num_classes=num_classes, split=split, reader=read_tfds,
+    register(Task(name=name, kind="text", num_classes=num_classes, split=split,
+                  validation_split=TFDS_VALIDATION, reader=read_tfds,
                   tfds_name=f"glue/{config}", metric="matthews" if name == "cola" else "accuracy",
                   text_fields=fields, prepare=_TFDS_HINT.format(name=f"glue/{config}")))
 

@@ -13,8 +13,10 @@ vision tasks do:
   DigitsMagnitude   16x16, Gaussian blur                       0-4 / 5-9 (2)
   DigitsMod3        8x8 RGB, random stroke and ground colours  the digit modulo 3 (3)
 
-Every task uses the same stratified 60/40 train/test split of the 1,797 images (fixed seed
-`DATA_SEED`), so no test image is seen by pretraining or fine-tuning of any task. Random
+Every task uses the same stratified 60/40 split of the 1,797 images into training and test
+images (fixed seed `DATA_SEED`), and a stratified tenth of the training images is held out as the
+labelled validation split (as Task Arithmetic's {Task}Val sets are): pretraining and fine-tuning
+see only "train", so neither a test nor a validation image is seen by any model of the testbed. Random
 transforms (noise, offsets, colours) are drawn once per image from a per-task seed. The class
 names of the three relabelled tasks list their digits in words ("one, three, five, seven or
 nine"), the words the pretrained model's captions use, so their zero-shot heads carry some signal.
@@ -37,7 +39,8 @@ from adarank_jax.data import registry
 
 DATA_SEED = 0
 TEST_FRACTION = 0.4
-SPLITS = ("train", "test")
+VALIDATION_FRACTION = 0.1  # of the training images (Task Arithmetic holds out 10% of train)
+SPLITS = ("train", "validation", "test")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Captions the pretrained model sees: only plain descriptions of the digit's value.
 PRETRAIN_TEMPLATES = ("a photo of the digit {}.", "the number {}.", "a handwritten {}.", "{}")
@@ -153,7 +156,10 @@ def _digits() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
   digits = data.target.astype(np.int64)
   train, test = model_selection.train_test_split(
       np.arange(len(digits)), test_size=TEST_FRACTION, stratify=digits, random_state=DATA_SEED)
-  return data.images.astype(np.float64), digits, {"train": np.sort(train), "test": np.sort(test)}
+  train, validation = model_selection.train_test_split(
+      train, test_size=VALIDATION_FRACTION, stratify=digits[train], random_state=DATA_SEED)
+  return data.images.astype(np.float64), digits, {
+      "train": np.sort(train), "validation": np.sort(validation), "test": np.sort(test)}
 
 
 @functools.cache
@@ -162,7 +168,7 @@ def arrays(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
   Args:
     name: one of `TASKS`.
-    split: "train" or "test".
+    split: one of SPLITS.
 
   Returns:
     images: uint8 (N, H, W, C), C in (1, 3); labels: int64 (N,) in [0, num_classes).
@@ -218,7 +224,8 @@ def register_tasks() -> tuple[str, ...]:
   for name, spec in _SPECS.items():
     if name not in known:
       registry.register(registry.Task(
-          name=name, kind="vision", num_classes=len(spec.classnames), split="test", reader=_read,
+          name=name, kind="vision", num_classes=len(spec.classnames), split="test",
+          validation_split="validation", reader=_read,
           classnames=spec.classnames, templates=spec.templates,
           prepare="nothing to prepare: built in memory from sklearn.datasets.load_digits"))
   return TASKS
