@@ -48,10 +48,12 @@ __all__ = [
   'cart_rank',
   'iso_c',
   'iso_cts',
+  'iso_cts_components',
   'iso_cts_split',
   'task_arithmetic',
   'ties',
   'tsv_m',
+  'tsv_m_components',
   'tsv_rank',
   'weight_average',
   'zero_shot',
@@ -264,8 +266,9 @@ def tsv_rank(rank: int, tasks: int) -> int:
   return max(1, rank // tasks)
 
 
-def _tsv_delta(leaf: Any) -> jax.Array:
-  """U_perp diag(s_cat) V_perp^T of one matrix leaf (SVD factors, or dense (T, m, n))."""
+def _tsv_svd(leaf: Any) -> SVD:
+  """TSV-M's whitened components of one matrix leaf (SVD factors, or dense (T, m, n)), per task:
+  u (T, m, k) = task t's columns of U_perp, s (T, k), vt (T, k, n) = its rows of V_perp^T."""
   if is_svd(leaf):
     dtype = _math_dtype(*leaf)
     u, s, vt = (x.astype(dtype) for x in leaf)
@@ -278,9 +281,31 @@ def _tsv_delta(leaf: Any) -> jax.Array:
     raise ValueError(f'tsv_m: the factors hold {stored} components; TSV-M keeps k = max(1, '
                      f'min({m}, {n}) // {tasks}) = {k} per task: decompose with rank >= {k}')
   u_cat = jnp.transpose(u[..., :k], (1, 0, 2)).reshape(m, tasks * k)       # (m, T*k)
-  s_cat = s[:, :k].reshape(tasks * k)                                       # (T*k,)
   vt_cat = vt[:, :k, :].reshape(tasks * k, n)                               # (T*k, n)
-  return jnp.matmul(_polar(u_cat) * s_cat, _polar(vt_cat), precision=_HIGHEST)
+  u_perp = jnp.transpose(_polar(u_cat).reshape(m, tasks, k), (1, 0, 2))     # (T, m, k)
+  vt_perp = _polar(vt_cat).reshape(tasks, k, n)                             # (T, k, n)
+  return SVD(u_perp, s[:, :k], vt_perp)
+
+
+def tsv_m_components(tau: Mapping[Any, Any], *, matrices: str = 'decomposed') -> dict[Any, Any]:
+  """TSV-M as per-task components: sum_t of them is TSV-M's merged update at alpha = 1.
+
+  Matrix leaves: SVD(u, s, vt) with task t's k = max(1, floor(r / T)) whitened components (the
+  columns of U_perp and rows of V_perp^T that came from task t, with its own singular values), so
+  sum_t u_t diag(s_t) vt_t = U_perp diag(s_cat) V_perp^T. Other leaves: tau_t / T (their sum is the
+  mean). This is the base AdaRank masks on TSV-M (`methods`: adarank_tsv_m): the masks select among
+  each task's whitened components, and all-on masks with every coefficient alpha give `tsv_m`.
+  """
+  _check_matrices('tsv_m', matrices)
+
+  def components(leaf: Any) -> Any:
+    if _is_matrix(leaf, matrices):
+      return _tsv_svd(leaf)
+    leaf = jnp.asarray(leaf)
+    return leaf.astype(_math_dtype(leaf)) / leaf.shape[0]
+
+  return tree_util.unflatten({path: components(leaf)
+                              for path, leaf in tree_util.flatten(tau).items()})
 
 
 def tsv_m(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float = 1.0,
@@ -313,12 +338,8 @@ def tsv_m(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float =
     matrices: 'decomposed' (default, the AdaRank repo's rule) or 'all_2d' (FusionBench's and the
       official code's rule); see the module docstring.
   """
-  _check_matrices('tsv_m', matrices)
-
-  def delta(leaf: Any) -> jax.Array:
-    return scaling * (_tsv_delta(leaf) if _is_matrix(leaf, matrices) else _mean_over_tasks(leaf))
-
-  return add_deltas(origin, tau, lambda _, leaf, __: delta(leaf), name='tsv_m')
+  return add_deltas(origin, tsv_m_components(tau, matrices=matrices),
+                    lambda _, leaf, __: _sum_over_tasks(leaf, scaling), name='tsv_m')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,7 +404,10 @@ def iso_cts_split(rank: int, tasks: int, common_fraction: float) -> tuple[int, i
   return common, per_task
 
 
-def _iso_cts_delta(leaf: Any, common_fraction: float, side: str) -> jax.Array:
+def _iso_cts_svd(leaf: Any, common_fraction: float, side: str) -> SVD:
+  """Iso-CTS's merged matrix of one leaf as T + 1 rows of components (steps 1-7 of `iso_cts`):
+  row t < T holds the s whitened directions that came from task t, row T the k_c common ones, each
+  with the isotropic value mean(S_all); rows are zero-padded to max(s, k_c) components."""
   tau = _dense(leaf)                                                        # (T, m, n)
   if side == 'out':          # this project's kernels are (in, out): the paper's Delta is kernel^T
     tau = jnp.swapaxes(tau, -1, -2)
@@ -403,8 +427,50 @@ def _iso_cts_delta(leaf: Any, common_fraction: float, side: str) -> jax.Array:
     vt_all = jnp.concatenate([vt_t[:, :per_task, :].reshape(tasks * per_task, n), vt_c], axis=0)
   else:
     u_all, s_all, vt_all = u_c, s_c, vt_c
-  merged = s_all.mean() * jnp.matmul(_polar(u_all), _polar(vt_all), precision=_HIGHEST)
-  return merged.T if side == 'out' else merged
+  u_perp, vt_perp = _polar(u_all), _polar(vt_all)
+  width = max(per_task, common)
+  starts = [t * per_task for t in range(tasks)] + [tasks * per_task]
+  sizes = [per_task] * tasks + [common]
+
+  def rows(x, axis):  # (T + 1, ...) blocks of x along `axis`, each zero-padded to `width`
+    blocks = [jax.lax.slice_in_dim(x, a, a + size, axis=axis) for a, size in zip(starts, sizes)]
+    padding = [[(0, 0)] * x.ndim for _ in blocks]
+    for pad, size in zip(padding, sizes):
+      pad[axis] = (0, width - size)
+    return jnp.stack([jnp.pad(b, pad) for b, pad in zip(blocks, padding)])
+
+  u_rows, vt_rows = rows(u_perp, 1), rows(vt_perp, 0)                      # (T+1, m, w), (T+1, w, n)
+  s_rows = rows(jnp.full((tasks * per_task + common,), s_all.mean(), s_all.dtype), 0)
+  if side == 'out':  # back to the (in, out) kernel layout: (U V^T)^T = V U^T
+    return SVD(jnp.swapaxes(vt_rows, -1, -2), s_rows, jnp.swapaxes(u_rows, -1, -2))
+  return SVD(u_rows, s_rows, vt_rows)
+
+
+def iso_cts_components(tau: Mapping[Any, Any], *, common_fraction: float = 0.8, side: str = 'out',
+                       matrices: str = 'decomposed') -> dict[Any, Any]:
+  """Iso-CTS as T + 1 rows of components: their sum is Iso-CTS's merged update at alpha = 1.
+
+  Matrix leaves: SVD leaves with T + 1 rows (`_iso_cts_svd`): row t < T the task-specific
+  directions of task t, row T the common subspace, every component with the isotropic singular
+  value. Other leaves: T + 1 rows tau_t / T and a zero row (their sum is the mean). This is the base
+  AdaRank masks on Iso-CTS (`methods`: adarank_iso_cts), with one extra mask row and coefficient for
+  the common directions; all-on masks with every coefficient alpha give `iso_cts`.
+  """
+  _check_matrices('iso_cts', matrices)
+  if not 0.0 <= common_fraction <= 1.0:
+    raise ValueError(f'iso_cts: common_fraction={common_fraction}; expected a value in [0, 1]')
+  if side not in ISO_SIDES:
+    raise ValueError(f'iso_cts: side={side!r}; expected one of {ISO_SIDES}')
+
+  def components(leaf: Any) -> Any:
+    if _is_matrix(leaf, matrices):
+      return _iso_cts_svd(leaf, common_fraction, side)
+    leaf = jnp.asarray(leaf)
+    leaf = leaf.astype(_math_dtype(leaf)) / leaf.shape[0]
+    return jnp.concatenate([leaf, jnp.zeros_like(leaf[:1])])
+
+  return tree_util.unflatten({path: components(leaf)
+                              for path, leaf in tree_util.flatten(tau).items()})
 
 
 def iso_cts(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float = 1.5,
@@ -447,15 +513,7 @@ def iso_cts(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float
       which torch also stores as (in, out).
     matrices: 'decomposed' (default) or 'all_2d' (the official code's rule); see the module docstring.
   """
-  _check_matrices('iso_cts', matrices)
-  if not 0.0 <= common_fraction <= 1.0:
-    raise ValueError(f'iso_cts: common_fraction={common_fraction}; expected a value in [0, 1]')
-  if side not in ISO_SIDES:
-    raise ValueError(f'iso_cts: side={side!r}; expected one of {ISO_SIDES}')
-
-  def delta(leaf: Any) -> jax.Array:
-    if _is_matrix(leaf, matrices):
-      return scaling * _iso_cts_delta(leaf, common_fraction, side)
-    return scaling * _mean_over_tasks(leaf)
-
-  return add_deltas(origin, tau, lambda _, leaf, __: delta(leaf), name='iso_cts')
+  components = iso_cts_components(tau, common_fraction=common_fraction, side=side,
+                                  matrices=matrices)
+  return add_deltas(origin, components, lambda _, leaf, __: _sum_over_tasks(leaf, scaling),
+                    name='iso_cts')

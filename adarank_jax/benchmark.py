@@ -47,12 +47,15 @@ SVD_PATTERNS = (r'transformer/resblocks/\d+/attn/(in_proj|out_proj)/kernel',
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 LOGIT_SCALE = 100.0  # CLIP's logit scale, folded into the benchmark heads
 
-# The README's tables: (label, arguments). The official configs' windows are 16% and 32% of r.
+# The README's tables: (label, arguments), the step's layout at the config defaults unless the label
+# says otherwise. The official configs' windows are 16% and 32% of r.
 SUITES = {
     'cpu': (('B/32 x 8, batch 4', ['--arch', 'ViT-B-32', '--tasks', '8', '--batch', '4']),
             ('B/32 x 8, batch 16', ['--arch', 'ViT-B-32', '--tasks', '8', '--batch', '16']),
             ('B/32 x 8, batch 4, window 16%', ['--arch', 'ViT-B-32', '--tasks', '8', '--batch', '4',
-                                               '--window', '0.16'])),
+                                               '--window', '0.16']),
+            ('B/32 x 8, batch 4, cached deltas', ['--arch', 'ViT-B-32', '--tasks', '8', '--batch', '4',
+                                                  '--cache-deltas'])),
     'gpu': (('B/32 x 8, batch 16', ['--arch', 'ViT-B-32', '--tasks', '8', '--batch', '16']),
             ('L/14 x 14, batch 16', ['--arch', 'ViT-L-14', '--tasks', '14', '--batch', '16']),
             ('L/14 x 20, batch 16', ['--arch', 'ViT-L-14', '--tasks', '20', '--batch', '16'])),
@@ -134,7 +137,7 @@ def logits_fn(graphdef: Any, heads: np.ndarray, forward: str,
     return features @ heads[t]
 
   if forward == 'one':
-    return train.one_forward(body, head, tasks_per_call=tasks_per_call, remat=remat)
+    return train.one_forward(body, head, tasks_per_call=tasks_per_call or None, remat=remat)
   if forward == 'per_task':
     return train.per_task(lambda params, t, images: head(t, body(params, images)))
   raise ValueError(f'logits_fn: forward={forward!r}; expected one of {FORWARDS}')
@@ -160,14 +163,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument('--initial-rank-ratio', type=float, default=1.0)
   parser.add_argument('--window', type=float, default=None,
                       help='keep only the top fraction of components (learnable), the rest off')
-  parser.add_argument('--cache-deltas', action=argparse.BooleanOptionalAction, default=True,
-                      help="keep each task's masked delta between steps (train.init_state)")
+  parser.add_argument('--cache-deltas', action=argparse.BooleanOptionalAction, default=False,
+                      help="keep each task's masked delta between steps (train.init_state; the "
+                           "config's adarank.cache_deltas, off by default)")
   parser.add_argument('--forward', choices=FORWARDS, default='one',
-                      help="'one' forward of all tasks' images through the tower, or one per task")
-  parser.add_argument('--tasks-per-call', type=int, default=None,
-                      help="with --forward one: the tower's call size in tasks (default: all)")
-  parser.add_argument('--remat', action='store_true',
-                      help="with --forward one: recompute the tower's activations in the backward pass")
+                      help="'one': the tower traced once (train.one_forward), or one traced forward "
+                           "per task")
+  parser.add_argument('--tasks-per-call', type=int, default=1,
+                      help="with --forward one: the tower's call size in tasks, 0 = all at once "
+                           "(the config's adarank.tasks_per_forward, default 1)")
+  parser.add_argument('--remat', action=argparse.BooleanOptionalAction, default=True,
+                      help="with --forward one: recompute the tower's activations in the backward pass "
+                           "(the config's adarank.remat, on by default)")
   parser.add_argument('--factor-dtype', choices=sorted(DTYPES), default='float32')
   parser.add_argument('--compute-dtype', choices=sorted(DTYPES), default='float32')
   parser.add_argument('--mesh-task', type=int, default=1,
@@ -245,7 +252,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
         f"{result['decompose_peak_rss_gb']} GB)")
 
   optimizer = train.make_optimizer(1e-3)
-  frozen = (origin, factors)
+  frozen = (jax.device_put(origin), factors)  # on the device once, not converted at every step
   batches = tuple(jnp.asarray(x) for x in inputs.images)
   mesh = None
   if jax.device_count() > 1:

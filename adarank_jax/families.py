@@ -56,7 +56,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str],
-              dtype: str, run_pickled_code: bool, cache_dir: str | os.PathLike) -> Setup:
+              dtype: str, run_pickled_code: bool, cache_dir: str | os.PathLike,
+              tasks_per_forward: int | None = 1, remat: bool = False) -> Setup:
   """OpenCLIP checkpoints -> image towers + zero-shot heads built with the Flax text tower.
 
   Args:
@@ -67,6 +68,8 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
     dtype: compute dtype name.
     run_pickled_code: allow checkpoints that pickle whole modules.
     cache_dir: where zero-shot heads are cached.
+    tasks_per_forward, remat: how training runs the tower over the tasks' batches (traced once):
+      `train.one_forward`'s tasks_per_call (None: all tasks in one call) and remat.
   """
   from adarank_jax.interop import openclip  # pylint: disable=g-import-not-at-top (needs torch for .pt)
   config = clip.load_config(model)
@@ -93,9 +96,11 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
 
   # The head is an argument, not a constant: one compile per head shape serves every task.
   jitted = jax.jit(apply)
-  # Training: one tower forward over the concatenated images of every task, then each task's head.
+  # Training: the tower traced once, called on `tasks_per_forward` tasks' images at a time, then each
+  # task's head on its own rows.
   train_logits = train.one_forward(lambda params, batch: functional.call(graphdef, params, batch["image"]),
-                                   lambda t, features: heads_lib.classify(features, heads[t]))
+                                   lambda t, features: heads_lib.classify(features, heads[t]),
+                                   tasks_per_call=tasks_per_forward, remat=remat)
 
   def predict(params, t, batch):
     return jitted(params, heads[t], batch["image"])

@@ -9,7 +9,8 @@ Cached deltas (`masked_deltas`, `merge(..., deltas=...)`): a training step may k
 D_{t,k} = U_{t,k} diag(b_{t,k} * s_{t,k}) V_{t,k}^T between steps, rebuilt from the factors whenever
 its hard mask changes (`refresh_deltas`). The forward pass is then origin_k + sum_t lambda_{t,k} D_{t,k}
 (T*m*n flops instead of 2*m*n*T*r) and the backward pass computes only g_{t,i} = (U_t^T G V_t)_{ii}
-(2*m*n*r per task, the same product the one-matmul rebuild needs), from which
+(2*m*n*r per task, the same product the one-matmul rebuild needs; G times the factor on its longer
+side, so the intermediate is (T, min(m, n), r)), from which
   dL/dlambda_t = sum_i b_{t,i} s_{t,i} g_{t,i},   dL/dmask_{t,i} = lambda_t s_{t,i} g_{t,i}.
 The values are those of the one-matmul rebuild up to float32 summation order.
 
@@ -119,9 +120,15 @@ def _cached_svd_delta_bwd(precision, residuals, grad):
   deltas, svd, coefficients, mask = residuals
   dtype = _compute_dtype(grad, *svd)
   u, s, vt = (x.astype(dtype) for x in svd)
-  # g_{t,i} = (U_t^T G V_t)_{ii}: one (r, m) @ (m, n) product per task, then a row-wise dot with V_t^T.
-  left = jnp.einsum('tmr,mn->trn', u, grad.astype(dtype), precision=precision)
-  g = jnp.sum(left * vt, axis=-1) * s                                      # (T, r): s_i g_i
+  # g_{t,i} = (U_t^T G V_t)_{ii}: one product of G with the factor on its longer side, then a
+  # column-wise dot with the other factor; the (T, min(m, n), r) intermediate is the smaller one.
+  m, n = grad.shape
+  if m <= n:   # (G V_t): (m, n) @ (n, r) per task, then sum_m U_t[m, i] (G V_t)[m, i]
+    right = jnp.einsum('mn,trn->tmr', grad.astype(dtype), vt, precision=precision)
+    g = jnp.sum(right * u, axis=1) * s                                     # (T, r): s_i g_i
+  else:        # (U_t^T G): (r, m) @ (m, n) per task, then sum_n (U_t^T G)[i, n] V_t^T[i, n]
+    left = jnp.einsum('tmr,mn->trn', u, grad.astype(dtype), precision=precision)
+    g = jnp.sum(left * vt, axis=-1) * s
   grad_coefficients = jnp.sum(g * mask.astype(dtype), axis=-1)
   grad_mask = coefficients.astype(dtype)[:, None] * g
   return (jnp.zeros_like(deltas), jax.tree.map(jnp.zeros_like, svd),

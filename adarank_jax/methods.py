@@ -13,6 +13,12 @@ Inputs a method needs (`Method.needs`):
   'tau'         theta_0 and tau_t = theta_t - theta_0
   'factors'     theta_0 and the SVD factors of tau_t (the decomposed matrices; dense elsewhere)
   'cart'        theta_avg and the SVD factors of the centred tau_t = theta_t - theta_avg
+  'tsv_m'       theta_0 and TSV-M's per-task whitened components (`baselines.tsv_m_components` of the
+                factors)
+  'iso_cts'     theta_0 and Iso-CTS's components, one row per task plus one for the common subspace
+                (`baselines.iso_cts_components` of the factors)
+The components of a static method (`COMPONENTS`) take its config.merge.<name> keywords but `scaling`,
+so AdaRank on that base starts from the static method's own configuration.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ from typing import Any
 from adarank_jax import baselines
 from adarank_jax import task_vectors
 
-NEEDS = ('pretrained', 'finetuned', 'tau', 'factors', 'cart')
+NEEDS = ('pretrained', 'finetuned', 'tau', 'factors', 'cart', 'tsv_m', 'iso_cts')
 # Where the task vectors of each kind of input start from (task_vectors.task_vectors' origin).
-ORIGIN_OF = {'tau': 'pretrained', 'factors': 'pretrained', 'cart': 'average'}
+ORIGIN_OF = {'tau': 'pretrained', 'factors': 'pretrained', 'cart': 'average', 'tsv_m': 'pretrained',
+             'iso_cts': 'pretrained'}
+# Static merges as rows of components that AdaRank masks (needs -> function of the factors).
+COMPONENTS = {'tsv_m': baselines.tsv_m_components, 'iso_cts': baselines.iso_cts_components}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +106,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            '2025)', 'factors', training=Training(('adarank', 'ta'), masks=True)),
     Method('adarank_cart', 'AdaRank on CART: learned masks and coefficients (Lee et al., 2025)', 'cart',
            training=Training(('adarank', 'cart'), masks=True)),
+    Method('adarank_tsv_m', "AdaRank on TSV-M: masks over each task's whitened TSV-M components "
+           '(this library\'s extension; docs/algorithm.md, section 9)', 'tsv_m',
+           training=Training(('adarank', 'tsv_m'), masks=True)),
+    Method('adarank_iso_cts', "AdaRank on Iso-CTS: masks over each task's specific directions and the "
+           "common subspace's (this library's extension; docs/algorithm.md, section 9)", 'iso_cts',
+           training=Training(('adarank', 'iso_cts'), masks=True)),
 )}
 
 STATIC = tuple(name for name, m in METHODS.items() if m.merge is not None)

@@ -87,7 +87,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   if config.family == "clip":
     setup = families.load_clip(model=config.model.name, pretrained=config.model.pretrained,
                                finetuned=paths, tasks=tasks, dtype=config.model.dtype,
-                               run_pickled_code=config.model.run_pickled_code, cache_dir=cache_dir)
+                               run_pickled_code=config.model.run_pickled_code, cache_dir=cache_dir,
+                               tasks_per_forward=config.adarank.tasks_per_forward or None,
+                               remat=config.adarank.remat)
   else:
     setup = families.load_lm(pretrained=config.model.pretrained, finetuned=paths, tasks=tasks,
                              dtype=config.model.dtype)
@@ -166,10 +168,17 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
     origin = methods.ORIGIN_OF[method.needs]
     if method.needs == "tau":
       return vectors(origin)
-    rank, dtype = None, families.DTYPES["float32"]  # static methods: full rank, float32
-    if method.trains:
+    rank, dtype = None, families.DTYPES["float32"]  # static methods and their components: full rank
+    if method.trains and method.needs not in methods.COMPONENTS:
       rank, dtype = config.adarank.rank or None, families.DTYPES[config.adarank.factor_dtype]
-    return vectors(origin)[0], factors_of(origin, rank=rank, dtype=dtype)
+    factors = factors_of(origin, rank=rank, dtype=dtype)
+    if method.needs in methods.COMPONENTS:  # a static merge's components, with its keywords
+      if ("components", method.needs) not in memo:
+        keywords = {k: v for k, v in config.merge[method.needs].items() if k != "scaling"}
+        memo["components", method.needs] = jax.jit(functools.partial(
+            methods.COMPONENTS[method.needs], **keywords))(factors)
+      factors = memo["components", method.needs]
+    return vectors(origin)[0], factors
 
   results = report.new_results(
       name=config.name, tasks=tasks, model=config.model.name,
@@ -232,8 +241,9 @@ def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factor
   num_steps = config[training.section[0]].num_steps
   placement = "task" if "task" in mesh.axis_names else "replicated"
   frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
+  rows = jax.tree.leaves(factors)[0].shape[0]  # T, or T + 1 with Iso-CTS's common row
   state = train.init_state(
-      frozen[1], optimizer=train.make_optimizer(hp.learning_rate), num_tasks=len(config.tasks),
+      frozen[1], optimizer=train.make_optimizer(hp.learning_rate), num_tasks=rows,
       initial_rank_ratio=hp.initial_rank_ratio if training.masks else 1.0, prior=hp.prior,
       coefficients_per=training.coefficients, cache_deltas=config.adarank.cache_deltas)
   state = train.place_state(state, mesh)
@@ -241,10 +251,10 @@ def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factor
   adaptation = [pipeline.subset(src, config.adarank.data_fraction, seed=config.seed + t)
                 for t, src in enumerate(sources)]
 
-  def make_batches(positions):
+  def make_batches(start):
     streams = [pipeline.adaptation_stream(
         src, prepare=prepare, batch_size=config.adarank.batch_size_per_task,
-        seed=config.seed + t, start_batch=positions[t], workers=config.data.workers)
+        seed=config.seed + t, start_batch=start, workers=config.data.workers)
         for t, src in enumerate(adaptation)]
     return (tuple(inputs_of(next(s)) for s in streams) for _ in iter(int, 1))
 
@@ -315,8 +325,8 @@ def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factor
   # The reported model (final or selected), atomically: a resume with more steps replaces it.
   checkpoint.replace_tree(outdir / "masks", {"mask_logits": mask_logits, "coefficients": coefficients})
   if training.masks:
-    report.rank_heatmap(tree_util.flatten(mask_logits), list(config.tasks),
-                        outdir / "rank_heatmap.png")
+    labels = list(config.tasks) + ["common"] * (rows - len(config.tasks))
+    report.rank_heatmap(tree_util.flatten(mask_logits), labels, outdir / "rank_heatmap.png")
   return (jax.device_get(hard_merge(origin, factors, mask_logits, coefficients)),
           num_steps if selection == "final" else best["step"])
 

@@ -355,7 +355,7 @@ class Logged(NamedTuple):
 
 
 def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[..., Any],
-        make_batches: Callable[[tuple[int, ...]], Iterator[Any]], num_steps: int,
+        make_batches: Callable[[int], Iterator[Any]], num_steps: int,
         log_every: int = 50, checkpoint: checkpoint_lib.Manager | None = None,
         checkpoint_every: int | None = None, mesh: Mesh | None = None,
         progress: bool = True) -> Iterator[Logged]:
@@ -379,8 +379,8 @@ def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[...,
     state: the state to continue from (`init_state`, or `resume`'s); nothing runs (and nothing is
       yielded) if it is already at `num_steps`.
     train_step: from `make_train_step`.
-    make_batches: positions -> iterator of length-T batch sequences, starting after
-      `positions[t]` batches of task t (so a resumed run sees the same data as an uninterrupted one).
+    make_batches: start -> iterator of length-T batch sequences, starting after `start` batches of
+      every task (so a resumed run sees the same data as an uninterrupted one).
     num_steps: total number of steps (not steps still to go).
     log_every: logging interval in steps.
     checkpoint: optional `checkpoint.Manager`; the state is saved every `checkpoint_every` steps
@@ -393,9 +393,7 @@ def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[...,
     NonFiniteLossError: at the first logging or checkpointing point whose loss is NaN or Inf.
   """
   start = int(jax.device_get(state.step))
-  num_tasks = jax.tree.leaves(state.coefficients)[0].shape[0]
-  positions = (start,) * num_tasks  # every step takes one batch of every task
-  batch_iter = make_batches(positions)
+  batch_iter = make_batches(start)  # every step takes one batch of every task
   last_time, last_step = time.perf_counter(), start
   with tqdm.tqdm(total=num_steps, initial=start, disable=not progress, desc='train') as bar:
     for step in range(start + 1, num_steps + 1):

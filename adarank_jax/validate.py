@@ -19,7 +19,8 @@ SELECTIONS = ("final", "oracle", "validation")  # config.adarank.selection (see 
 EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",)}
 # Fields that may change when a run is resumed (they do not change what was computed so far).
 RESUMABLE = ("adarank.num_steps", "adamerging.num_steps", "adarank.log_every", "adarank.checkpoint_every", "adarank.eval_every",
-             "adarank.cache_deltas", "data.workers", "export")
+             "adarank.cache_deltas", "adarank.tasks_per_forward", "adarank.remat", "data.workers",
+             "export")
 
 
 class ConfigError(ValueError):
@@ -57,7 +58,7 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
   need(not bad_methods, f"methods: unknown {bad_methods}; choose from {tuple(methods.METHODS)}")
   need(len(config.methods) > 0, "methods: empty")
 
-  for base in ("ta", "cart"):
+  for base in ("ta", "cart", "tsv_m", "iso_cts"):
     hp = config.adarank[base]
     need(0 < hp.initial_rank_ratio <= 1,
          f"adarank.{base}.initial_rank_ratio={hp.initial_rank_ratio}: expected a value in (0, 1]")
@@ -72,6 +73,11 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
     need(isinstance(value, int) and value > 0, f"{section}.{key}={value!r}: expected a positive integer")
   need(config.adarank.learn in train_lib.LEARN,
        f"adarank.learn={config.adarank.learn!r}: expected one of {train_lib.LEARN}")
+  tasks_per_forward = config.adarank.tasks_per_forward
+  need(isinstance(tasks_per_forward, int) and tasks_per_forward >= 0
+       and (tasks_per_forward == 0 or len(tasks) % tasks_per_forward == 0),
+       f"adarank.tasks_per_forward={tasks_per_forward!r}: expected 0 (all tasks at once) or a divisor "
+       f"of the {len(tasks)} tasks")
   need(0 < config.adarank.data_fraction <= 1,
        f"adarank.data_fraction={config.adarank.data_fraction}: expected a value in (0, 1]")
   need(config.adarank.eval_every % config.adarank.log_every == 0,

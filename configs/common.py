@@ -35,6 +35,9 @@ UNMERGED = {
 }
 
 
+BASES = ("ta", "cart", "tsv_m", "iso_cts")  # the base merges AdaRank runs on (methods adarank_<base>)
+
+
 def parse_arg(arg, **defaults):
   """'base=cart,quick=True' -> ConfigDict with the types of `defaults` (big_vision's parse_arg)."""
   parsed = ml_collections.ConfigDict(defaults)
@@ -109,6 +112,14 @@ def base():
       dict(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3))
   config.adarank.cart = ml_collections.ConfigDict(
       dict(prior=2.3, initial_rank_ratio=0.16, learning_rate=1e-3))
+  # AdaRank on TSV-M (not in the paper's code; docs/algorithm.md, section 9): all of each task's
+  # whitened components on, every coefficient at TSV-M's alpha, so step 0 is static TSV-M.
+  config.adarank.tsv_m = ml_collections.ConfigDict(
+      dict(prior=1.0, initial_rank_ratio=1.0, learning_rate=1e-3))
+  # AdaRank on Iso-CTS (likewise an extension): T + 1 mask rows (the last for the common subspace),
+  # all on, every coefficient at Iso-CTS's alpha.
+  config.adarank.iso_cts = ml_collections.ConfigDict(
+      dict(prior=1.5, initial_rank_ratio=1.0, learning_rate=1e-3))
   config.adarank.mask_temperature = 10.0
   config.adarank.num_steps = 10_000
   config.adarank.batch_size_per_task = 16
@@ -118,8 +129,14 @@ def base():
                                             # labelled so)
   config.adarank.factor_dtype = "float32"   # 'float32' | 'bfloat16' storage of U, s, V
   config.adarank.rank = 0                   # keep the top-k components only (0 = full rank, as the paper)
-  config.adarank.cache_deltas = True        # keep each task's masked delta between steps: about half the
-                                            # rebuild work, one more matrix per task and decomposed matrix
+  # The step's layout (same math; README "Performance" has the measured trade-offs):
+  config.adarank.cache_deltas = False       # keep each task's masked delta between steps: less rebuild
+                                            # work (~20% faster steps on CPU), one more float32 matrix per
+                                            # task and decomposed matrix (+2.5 GB at ViT-B/32 x 8)
+  config.adarank.tasks_per_forward = 1      # CLIP: the tower (traced once) runs on this many tasks' batches
+                                            # at a time (0 = all at once); 1 is fastest on CPU at batch 16
+  config.adarank.remat = True               # CLIP: recompute the tower's activations in the backward pass
+                                            # (on CPU no slower, and 2.5 GB less at ViT-B/32 x 8, batch 4)
   config.adarank.log_every = 50
   config.adarank.checkpoint_every = 500
   # Ablations (AdaRank paper, Tables 5-7): what is learned ('both' | 'masks': coefficients frozen at
@@ -160,7 +177,7 @@ def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, 
                cart_static=None, eval_batch_size=128):
   """A paper experiment from its numbers (docs/algorithm.md, section 3 table).
 
-  Config args: base=ta|cart picks the AdaRank base merge; baselines=true adds the static baselines
+  Config args: base=ta|cart|tsv_m|iso_cts picks the AdaRank base merge; baselines=true adds the static baselines
   and AdaMerging (task-wise and layer-wise); quick=true shrinks the run to a smoke test.
 
   Args:
@@ -169,8 +186,8 @@ def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, 
       for it.
   """
   arg = parse_arg(arg, base="ta", baselines=False, quick=False)
-  if arg.base not in ("ta", "cart"):
-    raise ValueError(f"config argument base={arg.base!r}: expected 'ta' or 'cart'")
+  if arg.base not in BASES:
+    raise ValueError(f"config argument base={arg.base!r}: expected one of {BASES}")
   config = base()
   config.family = family
   config.model.name = model

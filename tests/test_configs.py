@@ -51,6 +51,9 @@ def test_task_lists_and_args():
   assert len(_get("roberta_glue").tasks) == 7
   config = _get("vitb32_t8", "base=cart,baselines=true")
   assert config.methods[-1] == "adarank_cart" and "ties" in config.methods
+  assert {"adamerging_task", "adamerging_layer", "iso_cts"} <= set(config.methods)
+  for base in ("tsv_m", "iso_cts"):
+    assert _get("vitb32_t8", f"base={base}").methods == ("individual", f"adarank_{base}")
   assert _get("vitb32_t8", "quick=true").adarank.num_steps == 4
   with pytest.raises(ValueError, match="unknown config argument 'bse'"):
     _get("vitb32_t8", "bse=cart")

@@ -14,7 +14,8 @@ from adarank_jax.digits import tasks as digit_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("zero_shot", "weight_averaging", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts",
-           "adamerging_task", "adamerging_layer", "adarank_ta", "adarank_cart")
+           "adamerging_task", "adamerging_layer", "adarank_ta", "adarank_cart", "adarank_tsv_m",
+           "adarank_iso_cts")
 
 
 def test_demo_quick_writes_every_result(tmp_path):
@@ -36,11 +37,11 @@ def test_demo_quick_writes_every_result(tmp_path):
   table = (workdir / "results.md").read_text()
   assert all(f"| {m} |" in table for m in METHODS) and "Norm. avg." in table
   assert "| adarank_cart |" in proc.stdout  # the table is printed too
-  for method in ("adamerging_task", "adamerging_layer", "adarank_ta", "adarank_cart"):
+  for method in METHODS[METHODS.index("adamerging_task"):]:
     assert (workdir / method / "masks").is_dir()
     assert (workdir / "export" / f"{method}.safetensors").stat().st_size > 0
     if method.startswith("adarank"):
       assert (workdir / method / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert results["steps"] == {"adamerging_task": 6, "adamerging_layer": 6, "adarank_ta": 6,
-                              "adarank_cart": 6}
+                              "adarank_cart": 6, "adarank_tsv_m": 6, "adarank_iso_cts": 6}
   assert (workdir / "metrics.jsonl").read_text().count("\n") > 0

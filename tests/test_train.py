@@ -1,5 +1,7 @@
 """Entropy objective, the jitted train step (no retrace, Adam wiring, gradients) and fit/resume."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,13 +36,11 @@ def _problem(seed=0):
   return (origin, factors), task_logits_fn
 
 
-def _make_batches(positions, seed=7):
+def _make_batches(start, seed=7):
   """Deterministic stream: batch p of task t is a function of (seed, t, p) only."""
-  positions = list(positions)
-  while True:
-    yield tuple(np.random.default_rng([seed, t, positions[t]]).normal(size=(BATCH, 6))
-                .astype(np.float32) for t in range(T))
-    positions = [p + 1 for p in positions]
+  for p in itertools.count(start):
+    yield tuple(np.random.default_rng([seed, t, p]).normal(size=(BATCH, 6)).astype(np.float32)
+                for t in range(T))
 
 
 def test_entropy_against_numpy():
@@ -67,7 +67,7 @@ def test_step_compiles_once_and_applies_adam():
   state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
                            prior=0.3)
   loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T)
-  batches = next(_make_batches([0] * T))
+  batches = next(_make_batches(0))
   grads = jax.grad(lambda tr: loss_fn(tr, frozen, batches)[0])((state.mask_logits,
                                                                  state.coefficients))
   before = jax.device_get((state.mask_logits, state.coefficients))
@@ -80,7 +80,7 @@ def test_step_compiles_once_and_applies_adam():
     g = np.asarray(g, np.float64)
     np.testing.assert_allclose(a, b - lr * g / (np.abs(g) + 1e-8), atol=1e-7)
     assert np.any(np.abs(g) > 1e-6)
-  batch_iter = _make_batches([1] * T)
+  batch_iter = _make_batches(1)
   for _ in range(3):
     state, metrics = step(frozen, state, next(batch_iter))
   assert traces == list(range(T))  # traced once, for every task, and never again
@@ -93,7 +93,7 @@ def test_ste_loss_is_the_hard_mask_loss():
   frozen, logits_fn = _problem()
   state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
                            initial_rank_ratio=0.5, prior=0.3)
-  batches = next(_make_batches([0] * T))
+  batches = next(_make_batches(0))
   trainable = (state.mask_logits, state.coefficients)
   losses = {mode: train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T,
                                      mask_mode=mode)(trainable, frozen, batches)[0]
@@ -111,7 +111,7 @@ def test_gradients_match_finite_differences_of_the_soft_surrogate():
                              initial_rank_ratio=0.5, prior=0.3)
     trainable = jax.tree.map(lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float64),
                              (state.mask_logits, state.coefficients))
-    batches = tuple(jnp.asarray(b, jnp.float64) for b in next(_make_batches([0] * T)))
+    batches = tuple(jnp.asarray(b, jnp.float64) for b in next(_make_batches(0)))
     loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T,
                                  mask_mode='soft')
     loss = jax.jit(lambda tr: loss_fn(tr, frozen, batches)[0])
@@ -175,7 +175,7 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
 
 def test_fit_lowers_the_entropy_of_a_fixed_batch():
   frozen, logits_fn = _problem()
-  batches = next(_make_batches([0] * T))
+  batches = next(_make_batches(0))
   optimizer = train.make_optimizer(1e-2)
   state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
                            prior=0.3)
@@ -207,7 +207,7 @@ def test_cached_deltas_give_the_plain_rebuilds_loss_and_gradients():
                            (state.mask_logits, state.coefficients))
   deltas = merging.init_deltas(frozen[1], trainable[0])
   loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T)
-  batches = next(_make_batches([0] * T))
+  batches = next(_make_batches(0))
   grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   (plain, _), plain_grads = grad(trainable, frozen, batches)
   (cached, _), cached_grads = grad(trainable, frozen, batches, deltas)
@@ -226,7 +226,7 @@ def test_cached_deltas_follow_the_plain_adam_trajectory_through_mask_flips():
                                     initial_rank_ratio=0.5, prior=0.3, cache_deltas=cache)
             for cache in (False, True)}
   initial = jax.device_get(states[False].mask_logits)
-  batch_iter = _make_batches([0] * T)
+  batch_iter = _make_batches(0)
   flips = 0
   for _ in range(50):
     batches = next(batch_iter)
