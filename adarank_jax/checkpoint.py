@@ -13,9 +13,11 @@ Trees written before checksums existed (no checksum.json) restore unverified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 import warnings
@@ -127,8 +129,22 @@ def verify(directory: str | os.PathLike, tree: Any) -> None:
         + "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
 
 
+@contextlib.contextmanager
+def _naming(path: Path, what: str) -> Iterator[None]:
+  """Re-raises a failed write (a full disk, a read-only directory: Orbax and TensorStore report them
+  as OSError, ValueError or RuntimeError, often without a path) as an OSError naming `path`."""
+  try:
+    yield
+  except (OSError, ValueError, RuntimeError) as error:
+    if isinstance(error, OSError) and error.filename:
+      raise
+    raise OSError(getattr(error, "errno", None) or 0,
+                  f"writing {what} failed ({type(error).__name__}: {str(error)[:300]}); is the disk "
+                  "full or read-only?", str(path)) from error
+
+
 def _write_tree(path: Path, tree: Any) -> None:
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _naming(path, "the tree"), ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, tree)
     checkpointer.wait_until_finished()
   _write_checksum(path, tree)
@@ -188,9 +204,10 @@ class Manager:
 
   def save(self, step: int, tree: Any) -> None:
     """Saves `tree` as checkpoint `step`, with its checksum, and waits until it is complete on disk."""
-    self._manager.save(step, args=ocp.args.StandardSave(tree))
-    self._manager.wait_until_finished()
-    _write_checksum(self.step_directory(step), tree)
+    with _naming(self.step_directory(step), f"checkpoint step {step}"):
+      self._manager.save(step, args=ocp.args.StandardSave(tree))
+      self._manager.wait_until_finished()
+      _write_checksum(self.step_directory(step), tree)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -200,7 +217,12 @@ class Manager:
 
   def _restore_verified(self, step: int, target: Any) -> Any:
     abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, OSError, KeyError) as error:  # e.g. a truncated _METADATA or a missing file
+      raise CorruptCheckpointError(
+          f"{self.step_directory(step)}: checkpoint cannot be read, truncated or corrupt "
+          f"({type(error).__name__}: {str(error)[:300]})") from error
     verify(self.step_directory(step), tree)
     return tree
 

@@ -54,6 +54,46 @@ def test_flipped_bytes_in_a_training_checkpoint_are_detected(tmp_path):
   manager.close()
 
 
+@pytest.mark.parametrize("victim", ["_METADATA", "largest data file"])
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, victim):
+  manager = checkpoint.Manager(tmp_path / "ckpts")
+  manager.save(3, _state(3))
+  manager.save(6, _state(6))
+  step_dir = tmp_path / "ckpts" / "6"
+  if victim == "_METADATA":
+    target = next(p for p in step_dir.rglob("_METADATA") if p.is_file())
+  else:
+    target = max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
+                 key=lambda p: p.stat().st_size)
+  target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # a write cut short
+  with pytest.raises(checkpoint.CorruptCheckpointError, match=r"ckpts/6: checkpoint"):
+    manager.restore(6, _state(0), fallback=False)
+  with pytest.warns(UserWarning, match=r"ckpts/3 instead of .*ckpts/6"):
+    restored = manager.restore(manager.latest_step(), _state(0))
+  assert int(restored["step"]) == 3 and manager.all_steps() == [3]
+  manager.close()
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_step_directory(tmp_path, monkeypatch):
+  import errno
+  import orbax.checkpoint as ocp
+  manager = checkpoint.Manager(tmp_path / "ckpts")
+
+  def full_disk(*args, **kwargs):  # what TensorStore reports when a write hits ENOSPC
+    raise ValueError("Error writing local file: [OS error 28: No space left on device]")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(OSError, match=r"No space left on device.*disk full.*ckpts/6") as error:
+    manager.save(6, _state(6))
+  assert error.value.filename == str(tmp_path / "ckpts" / "6")
+  monkeypatch.setattr(ocp.CheckpointManager, "save", lambda *a, **k: (_ for _ in ()).throw(
+      OSError(errno.ENOSPC, "No space left on device")))
+  with pytest.raises(OSError, match="ckpts/6") as error:
+    manager.save(6, _state(6))
+  assert error.value.errno == errno.ENOSPC
+  manager.close()
+
+
 def test_corrupt_only_checkpoint_is_an_error_naming_it(tmp_path):
   manager = checkpoint.Manager(tmp_path / "ckpts")
   manager.save(3, _state(3))

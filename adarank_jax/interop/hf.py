@@ -29,8 +29,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from adarank_jax import checkpoint, tree_util
+from adarank_jax import checkpoint, files, tree_util
 from adarank_jax.interop import state_dict as state_dict_lib
 from adarank_jax.models import clip, gpt2, hf_checks, roberta
 
@@ -393,15 +391,11 @@ def convert(pretrained: str | os.PathLike, finetuned: Sequence[str | os.PathLike
   for source in progress(sources, 'validate'):  # Pass 1: read and check all, keep nothing.
     configs.append(load_hf(source)[0])
     check_compatible(configs[0], configs[-1], reference_source=str(sources[0]), source=str(source))
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
-  try:
+  def fill(tmp: Path) -> None:
     for source, target in progress(list(zip(sources, targets)), 'write'):
       save_converted(tmp / target, _read_config(source), load_hf(source)[1])
-    os.replace(tmp, out)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
+
+  files.replace_dir(out, fill)
 
 
 def export(converted: str | os.PathLike, out: str | os.PathLike) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from adarank_jax import files
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WRAPPER_KEYS = ("state_dict", "model", "module")
@@ -131,21 +131,17 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
   path = Path(path)
   if path.suffix not in (".safetensors",) + TORCH_SUFFIXES:
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # keeps 0-d arrays 0-d
+  arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # keeps 0-d arrays 0-d
+
+  def write(tmp: str) -> None:
     if path.suffix == ".safetensors":
       from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
       save_file(arrays, tmp, metadata={"format": "pt"})
     else:
       import torch  # pylint: disable=g-import-not-at-top
       torch.save({k: _to_torch(v) for k, v in arrays.items()}, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+
+  files.write_atomic(path, write)
 
 
 def _to_torch(array: np.ndarray):
@@ -217,19 +213,9 @@ def load_hf_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, np.
 def save_hf_directory(config: Mapping, state_dict: Mapping[str, np.ndarray],
                       directory: str | os.PathLike) -> None:
   """Writes config.json + model.safetensors into `directory` atomically (built aside, then renamed)."""
-  directory = Path(directory)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-  try:
+  def fill(tmp: Path) -> None:
+    tmp.mkdir()
     (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
     save_state_dict(state_dict, tmp / "model.safetensors")
-    if directory.exists():
-      old = directory.with_name(f".{directory.name}.old")
-      os.replace(directory, old)
-      os.replace(tmp, directory)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, directory)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
+
+  files.replace_dir(directory, fill)
