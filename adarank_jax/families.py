@@ -200,8 +200,11 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
   heads = [tree[head_key] for tree in tuned]
   is_gpt2 = isinstance(pre_config, gpt2.GPT2Config)
   builder = gpt2.build if is_gpt2 else roberta.build
-  graphdefs = [functional.split(nnx.eval_shape(
-      lambda c=dataclasses.replace(c, dtype=dtype): builder(c, rngs=nnx.Rngs(0))))[0] for c in configs]
+  def graphdef(config):
+    config = dataclasses.replace(config, dtype=dtype)
+    return functional.split(nnx.eval_shape(lambda: builder(config, rngs=nnx.Rngs(0))))[0]
+
+  graphdefs = [graphdef(c) for c in configs]
 
   def logits(params, t, batch):
     if is_gpt2 and "token_type_ids" in batch:

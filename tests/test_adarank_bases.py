@@ -73,7 +73,7 @@ def test_adarank_on_iso_cts_with_all_on_masks_is_static_iso_cts(side, common_fra
   components = baselines.iso_cts_components(factors, common_fraction=common_fraction, side=side)
   rows = T + 1  # one row per task and one for the common subspace
   common, per_task = baselines.iso_cts_split(8, T, common_fraction)
-  for path, leaf in tree_util.flatten(components).items():
+  for leaf in tree_util.flatten(components).values():
     if is_svd(leaf):
       width = max(common, per_task)
       assert leaf.s.shape == (rows, width)

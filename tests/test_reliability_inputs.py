@@ -7,7 +7,6 @@ All unit-level with tiny inputs; no CLI run.
 import json
 import os
 from pathlib import Path
-import warnings
 
 import numpy as np
 import pytest
