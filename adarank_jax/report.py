@@ -86,17 +86,13 @@ def _write_atomically(path: str | os.PathLike[str], write: Callable[[str], None]
   files.write_atomic(path, write)
 
 
-def _write_text(path: str | os.PathLike[str], text: str) -> None:
-  files.write_atomic(path, text)
-
-
 def write_results_json(path: str | os.PathLike[str], results: Results) -> None:
   """Writes `results` as indented strict JSON (NaN/Inf are an error), atomically."""
   try:
     text = json.dumps(results, indent=2, default=_to_json, allow_nan=False)
   except ValueError as error:
     raise ValueError(f"{path}: results hold a NaN or Inf and cannot be written as JSON ({error})") from error
-  _write_text(path, text + "\n")
+  files.write_atomic(path, text + "\n")
 
 
 def read_results_json(path: str | os.PathLike[str]) -> Results:
@@ -193,7 +189,7 @@ def write_markdown(path: str | os.PathLike[str], results: Results) -> None:
   if results["individual"]:
     header += "- normalized = merged / individual per task; the normalized average is the mean of ratios\n"
   header += "\n"
-  _write_text(path, header + markdown_table(results))
+  files.write_atomic(path, header + markdown_table(results))
 
 
 def _check_mask_logits(mask_logits: Mapping[str, Any], num_tasks: int | None = None) -> dict[str, np.ndarray]:

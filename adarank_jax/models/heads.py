@@ -21,6 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from adarank_jax import files
 from adarank_jax import tree_util
 
 EncodeTextFn = Callable[[np.ndarray], Any]  # tokens (N, context) int -> embeddings (N, dim)
@@ -156,10 +157,10 @@ def cached_zero_shot_head(cache_dir: str | os.PathLike[str] | None, *, key: str,
   head = build()
   if not np.isfinite(head).all():  # zero_shot_head checks this too; never write a non-finite head
     raise ValueError(f"{path}: refusing to cache a head with NaN or Inf")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.save(f, head)
-  os.replace(tmp, path)
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # np.save(tmp) would append ".npy" to the temporary name
+      np.save(f, head)
+
+  files.write_atomic(path, write)
   return head
 
