@@ -65,10 +65,6 @@ def _main(argv):
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value or Path("runs") / config.name)
   export = config.export if _EXPORT.value is None else _EXPORT.value
-  if config.testbed.name == "digits":  # the embedded demo: build (or reuse) its checkpoints first,
-    validate.validate(config, export=export, paths=False)  # once the values are known to be good
-    from adarank_jax.digits import testbed  # pylint: disable=g-import-not-at-top
-    testbed.build(testbed.default_cache_dir(), quick=config.testbed.quick, seed=config.testbed.seed)
   validate.validate(config, export=export)
   continued = validate.check_workdir(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
   # One run per workdir: a second one stops here, naming the holder's pid. The OS drops the lock when

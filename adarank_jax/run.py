@@ -82,16 +82,22 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
                                + "\n  ".join(missing))
 
   # ------------------------------------------------------------------------------------------ Models
+  # The checkpoints: the config's, or those of the named testbed, built (or reused, verified) here.
+  model, pretrained, finetuned = config.model.name, config.model.pretrained, config.model.finetuned
+  if config.testbed.name == "digits":
+    from adarank_jax.digits import testbed  # pylint: disable=g-import-not-at-top (only the demo needs it)
+    built = testbed.build(testbed.default_cache_dir(), quick=config.testbed.quick, seed=config.testbed.seed)
+    model, pretrained, finetuned = built.model_config, built.pretrained, built.finetuned_template
   start = time.perf_counter()
-  paths = [str(validate.finetuned_path(config.model.finetuned, t)) for t in tasks]
+  paths = [str(validate.finetuned_path(finetuned, t)) for t in tasks]
   if config.family == "clip":
-    setup = families.load_clip(model=config.model.name, pretrained=config.model.pretrained,
+    setup = families.load_clip(model=model, pretrained=pretrained,
                                finetuned=paths, tasks=tasks, dtype=config.model.dtype,
                                run_pickled_code=config.model.run_pickled_code, cache_dir=cache_dir,
                                tasks_per_forward=config.adarank.tasks_per_forward or None,
                                remat=config.adarank.remat)
   else:
-    setup = families.load_lm(pretrained=config.model.pretrained, finetuned=paths, tasks=tasks,
+    setup = families.load_lm(pretrained=pretrained, finetuned=paths, tasks=tasks,
                              dtype=config.model.dtype)
   timings = {"load_s": time.perf_counter() - start}
   if not continued:
@@ -181,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
     return vectors(origin)[0], factors
 
   results = report.new_results(
-      name=config.name, tasks=tasks, model=config.model.name,
+      name=config.name, tasks=tasks, model=config.model.name if not config.testbed.name else
+      f"{config.testbed.name} testbed ({Path(model).stem})",
       steps={m: config[methods.get(m).training.section[0]].num_steps
              for m in config.methods if methods.get(m).trains},
       selection=report.SELECTION_OF[config.adarank.selection])

@@ -34,7 +34,8 @@ def finetuned_path(template: str, task: str) -> Path:
 def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool = True) -> None:
   """Raises ConfigError listing every problem of `config` (and of `export`: --export, else config.export).
 
-  `paths=False` checks the values only (before a testbed that makes the checkpoints is built).
+  `paths=False` checks the values only. With `testbed.name` set the checkpoints come from the testbed the
+  run builds, so model.pretrained / model.finetuned must be empty and no path is checked.
   """
   problems = []
 
@@ -112,7 +113,11 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
     allowed = EXPORTS.get(config.family, ())
     need(export in allowed, f"export={export!r}: for family {config.family!r} expected one of {allowed}")
 
-  if not paths:
+  if config.testbed.name:
+    set_paths = [f"model.{k}={config.model[k]!r}" for k in ("pretrained", "finetuned") if config.model[k]]
+    need(not set_paths, f"testbed.name={config.testbed.name!r} provides the checkpoints, but "
+         f"{', '.join(set_paths)} is set too; clear one of them")
+  if not paths or config.testbed.name:
     _raise(problems)
     return
   # Paths: every missing file at once.

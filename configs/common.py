@@ -1,17 +1,19 @@
 """Every config field, its default and its meaning; experiment files only change values.
 
 Library code never reads a ConfigDict: only adarank_jax/main.py and adarank_jax/run.py do, and they pass
-explicit arguments on. Hyperparameters per experiment are the table of docs/algorithm.md, section 3.
+explicit arguments on. Config files import no library module: they are plain values. Hyperparameters per experiment are the table of docs/algorithm.md, section 3.
 """
 
 import ml_collections
 
-from adarank_jax.data import registry
-
-TASKS_8 = registry.TASKS_8
-TASKS_14 = registry.TASKS_14
-TASKS_20 = registry.TASKS_20
-GLUE_7 = registry.GLUE_7
+# The papers' task lists (names of adarank_jax.data.registry; the registry checks them at validation).
+TASKS_8 = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
+TASKS_14 = TASKS_8 + ("CIFAR100", "STL10", "Flowers102", "OxfordIIITPet", "PCAM", "FER2013")
+TASKS_20 = TASKS_14 + ("EMNIST", "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "KMNIST")
+GLUE_7 = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
+# The embedded demo's tasks (adarank_jax/digits/tasks.py, built in memory from scikit-learn's digits).
+DIGITS_8 = ("Digits", "DigitsRotated", "DigitsMirrored", "DigitsInverted", "DigitsNoisy", "DigitsParity",
+            "DigitsMagnitude", "DigitsMod3")
 
 # The official code's SVD rule per model family: which matrices are decomposed and masked. Paths are
 # those of the merged tree (the image tower for CLIP, the whole model minus heads for the LMs).
@@ -82,7 +84,8 @@ def base():
 
   # A testbed built (once, cached) before the run; the embedded demo uses 'digits'.
   config.testbed = ml_collections.ConfigDict()
-  config.testbed.name = ""                  # '' (use model.pretrained / model.finetuned) | 'digits'
+  config.testbed.name = ""                  # '' (use model.*) | 'digits': the run builds (or reuses) the
+                                            # digits testbed and takes model.name/pretrained/finetuned from it
   config.testbed.quick = False              # the seconds-long schedule (CI)
   config.testbed.seed = 0
 

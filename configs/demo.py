@@ -5,11 +5,10 @@ python -m adarank_jax.main --config configs/demo.py:quick=true     # CI smoke ru
 
 The testbed (a tiny OpenCLIP-architecture CLIP pre-trained on sklearn's 8x8 digits, and one fine-tuned
 image tower per digits task, saved as OpenCLIP state dicts) is built on the first run and cached; its
-directory is printed. From there the run is the same code path as configs/vitl14_t14.py.
+directory is printed ($ADARANK_JAX_CACHE, else ~/.cache/adarank_jax). From there the run is the same code
+path as configs/vitl14_t14.py.
 """
 
-from adarank_jax.digits import tasks as digit_tasks
-from adarank_jax.digits import testbed
 from configs import common
 
 
@@ -18,12 +17,10 @@ def get_config(arg=None):
   config = common.base()
   config.name = "digits_demo_quick" if arg.quick else "digits_demo"
   config.family = "clip"
+  # The run builds (or reuses) the testbed and takes the model config and checkpoints from it.
   config.testbed.update(name="digits", quick=arg.quick, seed=arg.seed)
-  located = testbed.locate(testbed.default_cache_dir(), quick=arg.quick, seed=arg.seed)
-  config.model.name = located.model_config
-  config.model.pretrained = located.pretrained
-  config.model.finetuned = located.finetuned_template
-  config.tasks = digit_tasks.register_tasks()
+  config.model.name = ""  # the testbed's own (adarank_jax/digits/tiny_clip*.json)
+  config.tasks = common.DIGITS_8
   config.methods = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties", "cart",
                     "tsv_m", "iso_c", "iso_cts", "adamerging_task", "adamerging_layer", "adarank_ta",
                     "adarank_cart", "adarank_tsv_m", "adarank_iso_cts")

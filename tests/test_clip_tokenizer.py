@@ -8,6 +8,7 @@ import pytest
 
 from adarank_jax.data import clip_tokenizer, registry
 from adarank_jax.digits import tasks as digits_tasks
+from configs import common
 
 LONG = 'a photo of a ' * 40 + 'cat.'
 TRICKY = (
@@ -22,7 +23,7 @@ TRICKY = (
 
 
 def _prompts() -> list[str]:
-  names = registry.TASKS_20 + digits_tasks.register_tasks()
+  names = common.TASKS_20 + digits_tasks.register_tasks()
   return [template.format(c) for name in names for c in registry.get(name).classnames
           for template in registry.get(name).templates]
 

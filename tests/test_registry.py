@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from adarank_jax.data import registry, vision_tasks
+from configs import common
 
 _NUM_CLASSES = {
     "Cars": 196, "DTD": 47, "EuroSAT": 10, "GTSRB": 43, "MNIST": 10, "RESISC45": 45, "SUN397": 397,
@@ -30,11 +31,11 @@ def _tfds_label_names(name):
 
 
 def test_task_lists():
-  assert len(registry.TASKS_8) == 8 and len(registry.TASKS_14) == 14 and len(registry.TASKS_20) == 20
-  assert registry.TASKS_14[:8] == registry.TASKS_8 and registry.TASKS_20[:14] == registry.TASKS_14
-  assert len(set(registry.TASKS_20)) == 20
-  assert registry.GLUE_7 == ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
-  assert set(registry.names()) >= set(registry.TASKS_20) | set(registry.GLUE_7)
+  assert len(common.TASKS_8) == 8 and len(common.TASKS_14) == 14 and len(common.TASKS_20) == 20
+  assert common.TASKS_14[:8] == common.TASKS_8 and common.TASKS_20[:14] == common.TASKS_14
+  assert len(set(common.TASKS_20)) == 20
+  assert common.GLUE_7 == ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
+  assert set(registry.names()) >= set(common.TASKS_20) | set(common.GLUE_7) | set(common.DIGITS_8)
 
 
 @pytest.mark.parametrize("name", sorted(_NUM_CLASSES))
@@ -49,7 +50,7 @@ def test_class_and_template_counts(name):
 
 def test_metrics_and_splits():
   assert registry.get("cola").metric == "matthews"
-  assert all(registry.get(n).metric == "accuracy" for n in registry.GLUE_7[1:] + registry.TASKS_20)
+  assert all(registry.get(n).metric == "accuracy" for n in common.GLUE_7[1:] + common.TASKS_20)
   assert registry.get("mnli").split == "validation_matched"
   assert registry.get("Food101").split == "validation"
   assert registry.get("EMNIST").tfds_name == "emnist/digits"
@@ -93,7 +94,7 @@ def test_classnames_follow_tfds_label_order():
   assert _tfds_label_names("eurosat/rgb")[2] == "HerbaceousVegetation"
 
 
-@pytest.mark.parametrize("name", [n for n in registry.TASKS_20 + registry.GLUE_7
+@pytest.mark.parametrize("name", [n for n in common.TASKS_20 + common.GLUE_7
                                   if not registry.get(n).tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER)])
 def test_tfds_builders_exist_with_matching_classes(name):
   task = registry.get(name)
@@ -182,7 +183,7 @@ def test_prepare_image_folder_round_trip(tmp_path):
 
 
 def test_validation_splits_are_registered_and_sliced_by_tfds(tmp_path):
-  for name in registry.TASKS_20 + registry.GLUE_7:
+  for name in common.TASKS_20 + common.GLUE_7:
     task = registry.get(name)
     assert task.validation_split == ("val" if task.tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER)
                                      else registry.TFDS_VALIDATION), name

@@ -13,7 +13,9 @@ whose papers' test splits tfds does not have) are read from an array_record data
 `prepare_image_folder` builds from an image folder, without TensorFlow; see `IMAGE_FOLDER_LAYOUT`.
 Nothing is ever downloaded: a missing data set raises `DatasetNotFoundError` saying how to prepare it.
 
-The task lists are defined here once: TASKS_8 / TASKS_14 / TASKS_20 (vision) and GLUE_7.
+Registered at import: the paper's 20 vision tasks, the 7 GLUE tasks and the 8 digits tasks of the
+embedded demo (`adarank_jax.digits.tasks`, built in memory). Which tasks an experiment runs is
+config data (`configs/common.py`: TASKS_8 / TASKS_14 / TASKS_20, GLUE_7).
 """
 
 from __future__ import annotations
@@ -30,11 +32,6 @@ from PIL import Image
 from tensorflow_datasets.text import glue as _tfds_glue  # noqa: F401  (registers the glue/* builders)
 
 from adarank_jax.data import vision_tasks
-
-TASKS_8 = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
-TASKS_14 = TASKS_8 + ("CIFAR100", "STL10", "Flowers102", "OxfordIIITPet", "PCAM", "FER2013")
-TASKS_20 = TASKS_14 + ("EMNIST", "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "KMNIST")
-GLUE_7 = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
 
 IMAGE_FOLDER_BUILDER = "adarank_image_folder"
 IMAGE_FOLDER_LAYOUT = (
@@ -406,6 +403,10 @@ def _register_builtin() -> None:
 
 
 _register_builtin()
+# The digits tasks (their module imports this one: by now every name above is defined).
+from adarank_jax.digits import tasks as _digits_tasks  # noqa: E402  pylint: disable=g-import-not-at-top
+
+_digits_tasks.register_tasks()
 
 
 def main(argv: Sequence[str]) -> None:

@@ -23,8 +23,8 @@ nine"), the words the pretrained model's captions use, so their zero-shot heads 
 
 Images are uint8 (H, W, 1 or 3) in 0..255 (the 0..16 grey levels scaled by 255/16); resizing to
 the model's resolution, grey -> RGB and normalisation happen in the shared CLIP preprocessing.
-`register_tasks()` adds the tasks to `adarank_jax.data.registry` with in-memory random-access
-sources, so `registry.get("DigitsParity").open_source("test")` works like any real data set.
+They are built-in tasks of `adarank_jax.data.registry` (which calls `register_tasks()` on import),
+with in-memory random-access sources, so `registry.get("DigitsParity").open_source("test")` works like any real data set.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from adarank_jax.data import registry
+if TYPE_CHECKING:  # the registry imports this module at run time
+  from adarank_jax.data import registry
+
 
 DATA_SEED = 0
 TEST_FRACTION = 0.4
@@ -219,7 +222,12 @@ def _read(task: registry.Task, split: str, data_dir: str | None) -> ArraySource:
 
 
 def register_tasks() -> tuple[str, ...]:
-  """Adds the digits tasks to `adarank_jax.data.registry` (idempotent); returns their names."""
+  """Adds the digits tasks to `adarank_jax.data.registry` (idempotent); returns their names.
+
+  The registry calls this when it is imported; the import is here, not at the top, because the
+  registry imports this module.
+  """
+  from adarank_jax.data import registry  # pylint: disable=g-import-not-at-top
   known = set(registry.names())
   for name, spec in _SPECS.items():
     if name not in known:
