@@ -36,10 +36,10 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
         export: str) -> dict[str, Any]:
   """Runs `config.methods` in order; writes results.json, results.md, rank heatmaps and exports."""
   # ------------------------------------------------------------------------------------------ Mesh
-  # One mesh for the run: every task's batch is split over 'data'; with factor_sharding='task' the
+  # One mesh for the run: every task's batch is split over 'data'; with factor_placement="task" the
   # factor stacks are split over a 'task' axis of gcd(devices, tasks) devices.
   task_axis = 1
-  if config.mesh.factor_sharding == "task":
+  if config.mesh.factor_placement == "task":
     task_axis = math.gcd(jax.device_count(), len(config.tasks))
   mesh = train.make_mesh(task=task_axis)
   data_axis = mesh.shape["data"]

@@ -107,8 +107,9 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
        f"merge.iso_cts.side={merge.iso_cts.side!r}: expected 'in' or 'out'")
   need(config.eval.batch_size > 0, f"eval.batch_size={config.eval.batch_size}: expected > 0")
   need(config.eval.max_examples >= 0, f"eval.max_examples={config.eval.max_examples}: expected >= 0")
-  need(config.mesh.factor_sharding in ("replicated", "task"),
-       f"mesh.factor_sharding={config.mesh.factor_sharding!r}: expected 'replicated' or 'task'")
+  need(config.mesh.factor_placement in train_lib.FACTOR_PLACEMENTS,
+       f"mesh.factor_placement={config.mesh.factor_placement!r}: expected one of "
+       f"{train_lib.FACTOR_PLACEMENTS}")
   if export:
     allowed = EXPORTS.get(config.family, ())
     need(export in allowed, f"export={export!r}: for family {config.family!r} expected one of {allowed}")

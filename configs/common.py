@@ -158,7 +158,7 @@ def base():
   config.eval.max_examples = 0              # 0 = the whole test split
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.factor_sharding = "replicated"  # 'replicated' | 'task': shard the factor stacks by task
+  config.mesh.factor_placement = "replicated"  # 'replicated' | 'task': shard the factor stacks by task
   config.mesh.multi_host = False            # call jax.distributed.initialize() first
   return config
 
