@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from adarank_jax.data import pipeline, preprocess, registry
+from adarank_jax.data import image_folder, pipeline, preprocess, registry
 
 
 class _ListSource:
@@ -128,7 +128,7 @@ def _prepared_rendered_sst2(tmp_path):
     for i in range(count):
       image = np.full((20 + 5 * i, 30, 3), 100 * label + i, np.uint8)
       Image.fromarray(image).save(manual / "rendered_sst2" / "test" / cls / f"{i}.png")
-  registry.prepare_image_folder("RenderedSST2", tmp_path / "data", manual_dir=manual)
+  image_folder.prepare_image_folder("RenderedSST2", tmp_path / "data", manual_dir=manual)
   return tmp_path / "data"
 
 

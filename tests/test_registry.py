@@ -8,7 +8,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from adarank_jax.data import registry, vision_tasks
+from adarank_jax.data import image_folder, registry, vision_tasks
+from adarank_jax.data import tfds_reader  # noqa: F401  (registers the glue/* builders with tfds)
 from configs import common
 
 _NUM_CLASSES = {
@@ -168,7 +169,7 @@ def _write_folder(root, split, images_per_class):
 def test_prepare_image_folder_round_trip(tmp_path):
   manual = tmp_path / "manual"
   expected = _write_folder(manual, "test", images_per_class=3)
-  registry.prepare_image_folder("RenderedSST2", tmp_path / "data", manual_dir=manual)
+  image_folder.prepare_image_folder("RenderedSST2", tmp_path / "data", manual_dir=manual)
   source = registry.get("RenderedSST2").open_source(data_dir=tmp_path / "data")
   assert len(source) == 6
   seen = {}
@@ -190,7 +191,7 @@ def test_validation_splits_are_registered_and_sliced_by_tfds(tmp_path):
   manual = tmp_path / "manual"
   _write_folder(manual, "test", images_per_class=4)
   _write_folder(manual, "val", images_per_class=2)
-  registry.prepare_image_folder("RenderedSST2", tmp_path / "data", manual_dir=manual)
+  image_folder.prepare_image_folder("RenderedSST2", tmp_path / "data", manual_dir=manual)
   task = registry.get("RenderedSST2")
   assert len(task.open_source(task.validation_split, data_dir=tmp_path / "data")) == 4
   # tfds slicing reaches the data source, as "train[90%:]" does for the tfds tasks.
@@ -201,6 +202,6 @@ def test_prepare_image_folder_rejects_wrong_class_count(tmp_path):
   os.makedirs(tmp_path / "manual" / "fer2013" / "test" / "0")
   Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "manual" / "fer2013" / "test" / "0" / "a.png")
   with pytest.raises(registry.DatasetMismatchError, match="1 class folders, expected 7"):
-    registry.prepare_image_folder("FER2013", tmp_path / "data", manual_dir=tmp_path / "manual")
+    image_folder.prepare_image_folder("FER2013", tmp_path / "data", manual_dir=tmp_path / "manual")
   with pytest.raises(ValueError, match="not an image-folder task"):
-    registry.prepare_image_folder("MNIST", tmp_path / "data")
+    image_folder.prepare_image_folder("MNIST", tmp_path / "data")

@@ -2,15 +2,16 @@
 
 A `Task` names a data set by its tensorflow-datasets builder and the split the Task Arithmetic /
 TALL-Masks papers evaluate on. `task.open_source(split, data_dir)` returns a random-access source
-(`len(src)`, `src[i]`) read through tfds data sources (array_record; no TensorFlow at read time); its
-first record is checked against the task (fields, image dtype/shape, label range):
+(`len(src)`, `src[i]`), for the built-in tasks read through tfds data sources by `tfds_reader` (array_record;
+no TensorFlow at read time; tensorflow_datasets is imported on the first read); its first record is
+checked against the task (fields, image dtype/shape, label range):
 
   vision: src[i] = {"image": uint8 (H, W, C) with C in (1, 3), "label": int}
   text:   src[i] = {"text_a": str, "text_b": str (sentence-pair tasks only), "label": int}
 
 Data sets without a usable tfds builder (GTSRB, FER2013, RenderedSST2, and EuroSAT / RESISC45,
 whose papers' test splits tfds does not have) are read from an array_record data set that
-`prepare_image_folder` builds from an image folder, without TensorFlow; see `IMAGE_FOLDER_LAYOUT`.
+`image_folder.prepare_image_folder` builds from an image folder, without TensorFlow; see `IMAGE_FOLDER_LAYOUT`.
 Nothing is ever downloaded: a missing data set raises `DatasetNotFoundError` saying how to prepare it.
 
 Registered at import: the paper's 20 vision tasks, the 7 GLUE tasks and the 8 digits tasks of the
@@ -21,15 +22,11 @@ config data (`configs/common.py`: TASKS_8 / TASKS_14 / TASKS_20, GLUE_7).
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
-import tensorflow_datasets as tfds
-from PIL import Image
-from tensorflow_datasets.text import glue as _tfds_glue  # noqa: F401  (registers the glue/* builders)
 
 from adarank_jax.data import vision_tasks
 
@@ -162,165 +159,11 @@ def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading through tfds data sources.
-
-
-def _open_builder(task: Task, data_dir: str | None):
-  """The tfds builder of `task`; a name tfds cannot resolve is a DatasetNotFoundError."""
-  try:
-    return tfds.builder(task.tfds_name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise DatasetNotFoundError(
-        f"Task {task.name}: no tfds builder or prepared data set {task.tfds_name!r} under "
-        f"data_dir={data_dir!r} (nothing is downloaded). To prepare it: {task.prepare}") from e
-
-
-def _check_features(task: Task, builder) -> None:
-  features = builder.info.features
-  wanted = ("label",) + (task.text_fields if task.kind == "text" else ())
-  missing = [f for f in wanted if f not in features]
-  if missing:
-    raise DatasetMismatchError(f"Task {task.name}: {task.tfds_name} in {builder.data_dir} lacks features "
-                               f"{missing} (features: {sorted(features)})")
-  found = features["label"].num_classes
-  if found != task.num_classes:
-    raise DatasetMismatchError(f"Task {task.name}: {task.tfds_name} in {builder.data_dir} has {found} "
-                               f"classes, the registry expects {task.num_classes}")
-
-
 def read_tfds(task: Task, split: str, data_dir: str | None) -> Source:
-  """The reader of every built-in task: `task.tfds_name` through `builder.as_data_source`."""
-  builder = _open_builder(task, data_dir)
-  _check_features(task, builder)
-  try:
-    raw = builder.as_data_source(split=split)
-  except (ValueError, KeyError, NotImplementedError) as e:
-    if not builder.is_prepared():
-      raise DatasetNotFoundError(
-          f"Task {task.name}: tfds data set {task.tfds_name!r} is not prepared in {builder.data_dir} "
-          f"(searched data_dir={data_dir!r}; nothing is downloaded). To prepare it: {task.prepare}") from e
-    raise DatasetNotFoundError(
-        f"Task {task.name}: cannot open split {split!r} of {task.tfds_name} in {builder.data_dir} as an "
-        f"array_record data source ({type(e).__name__}: {e}); prepared splits: "
-        f"{sorted(builder.info.splits)}; prepare with --file_format=array_record if it holds tfrecord "
-        f"files") from e
-  return TextSource(raw, task) if task.kind == "text" else ImageSource(raw, task)
-
-
-def decode_image(record: dict[str, Any]) -> np.ndarray:
-  """uint8 (H, W, C) from a record's "image" array or encoded "image_bytes" (C = 1 for grey, else 3)."""
-  if "image" in record:
-    return np.asarray(record["image"])
-  image = Image.open(io.BytesIO(record["image_bytes"]))
-  image = image if image.mode in ("L", "RGB") else image.convert("RGB")
-  array = np.asarray(image, dtype=np.uint8)
-  return array[:, :, None] if array.ndim == 2 else array
-
-
-class ImageSource:
-  """Vision records {"image": uint8 (H, W, C), "label": int} over a raw tfds source."""
-
-  def __init__(self, raw: Sequence[dict[str, Any]], task: Task):
-    self.raw, self.task = raw, task
-
-  def __len__(self) -> int:
-    return len(self.raw)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    record = self.raw[index]
-    image = decode_image(record)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-      raise DatasetMismatchError(f"Task {self.task.name}: example {index} image has dtype {image.dtype} "
-                                 f"shape {image.shape}; expected uint8 (H, W, 1 or 3)")
-    return {"image": image, "label": int(record["label"])}
-
-
-class TextSource:
-  """Text records {"text_a": str[, "text_b": str], "label": int} over a raw tfds source."""
-
-  def __init__(self, raw: Sequence[dict[str, Any]], task: Task):
-    self.raw, self.task = raw, task
-
-  def __len__(self) -> int:
-    return len(self.raw)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    record = self.raw[index]
-    texts = [record[f] for f in self.task.text_fields]
-    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
-    return {**dict(zip(("text_a", "text_b"), texts)), "label": int(record["label"])}
-
-
-# ---------------------------------------------------------------------------------------------
-# Image folders -> array_record, without TensorFlow (encoded file bytes; decoded with PIL on read).
-
-
-# builder config -> task
-_FOLDER_TASKS = {"eurosat": "EuroSAT", "gtsrb": "GTSRB", "resisc45": "RESISC45", "fer2013": "FER2013",
-                 "rendered_sst2": "RenderedSST2"}
-
-
-class AdarankImageFolder(tfds.core.GeneratorBasedBuilder):
-  """Image-folder tasks stored as encoded bytes + label; one builder config per task."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=f"{task} from an image folder")
-                     for name, task in _FOLDER_TASKS.items()]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Layout: {IMAGE_FOLDER_LAYOUT}"
-
-  def _num_classes(self) -> int:
-    return get(_FOLDER_TASKS[self.builder_config.name]).num_classes
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),
-            "label": tfds.features.ClassLabel(num_classes=self._num_classes()),
-            "file_name": tfds.features.Tensor(shape=(), dtype=np.object_),
-        }),
-        description=self.builder_config.description)
-
-  def _split_generators(self, dl_manager):
-    root = os.path.join(dl_manager.manual_dir, self.builder_config.name)
-    if not os.path.isdir(root):
-      raise DatasetNotFoundError(
-          f"{self.builder_config.name}: no folder {root}; layout: {IMAGE_FOLDER_LAYOUT}")
-    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    return {split: self._generate_examples(os.path.join(root, split)) for split in splits}
-
-  def _generate_examples(self, split_dir: str):
-    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-    if len(classes) != self._num_classes():
-      raise DatasetMismatchError(f"{split_dir}: {len(classes)} class folders, expected {self._num_classes()}")
-    for label, class_dir in enumerate(classes):
-      for file_name in sorted(os.listdir(os.path.join(split_dir, class_dir))):
-        path = os.path.join(split_dir, class_dir, file_name)
-        with open(path, "rb") as f:
-          data = f.read()
-        key = f"{class_dir}/{file_name}"
-        yield key, {"image_bytes": data, "label": label, "file_name": key}
-
-
-def prepare_image_folder(task_name: str, data_dir: str | os.PathLike[str],
-                         manual_dir: str | os.PathLike[str] | None = None) -> None:
-  """Builds the array_record data set of an image-folder task (no TensorFlow needed).
-
-  Args:
-    task_name: one of EuroSAT, GTSRB, RESISC45, FER2013, RenderedSST2.
-    data_dir: the tfds data_dir the run reads from.
-    manual_dir: folder holding <config>/<split>/<class>/<files>; default <data_dir>/downloads/manual.
-  """
-  task = get(task_name)
-  config = task.tfds_name.partition("/")[2]
-  if not task.tfds_name.startswith(IMAGE_FOLDER_BUILDER + "/"):
-    raise ValueError(f"Task {task_name} is not an image-folder task (tfds name {task.tfds_name!r}); "
-                     f"image-folder tasks: {sorted(_FOLDER_TASKS.values())}")
-  builder = AdarankImageFolder(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-  manual_dir = None if manual_dir is None else os.fspath(manual_dir)
-  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-  builder.download_and_prepare(download_config=download_config)
+  """The reader of every built-in task (`tfds_reader.read_tfds`; tensorflow_datasets is imported on the
+  first read, not with the registry)."""
+  from adarank_jax.data import tfds_reader  # pylint: disable=g-import-not-at-top
+  return tfds_reader.read_tfds(task, split, data_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +171,7 @@ def prepare_image_folder(task_name: str, data_dir: str | os.PathLike[str],
 
 _TFDS_HINT = "on a machine with TensorFlow (the [tf] extra): tfds build {name} --data_dir=<data_dir>"
 _FOLDER_HINT = ("put the images in {layout} with <config>={config}, then run "
-                "python -m adarank_jax.data.registry --task={task} --data_dir=<data_dir> "
+                "python -m adarank_jax.data.image_folder --task={task} --data_dir=<data_dir> "
                 "(no TensorFlow needed). {source} For selection=validation, also a val/ folder of "
                 "labelled images held out of the training data.")
 
@@ -409,18 +252,3 @@ from adarank_jax.digits import tasks as _digits_tasks  # noqa: E402  pylint: dis
 _digits_tasks.register_tasks()
 
 
-def main(argv: Sequence[str]) -> None:
-  """python -m adarank_jax.data.registry --task=GTSRB --data_dir=DIR [--manual_dir=DIR]."""
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  prepare_image_folder(flags.FLAGS.task, flags.FLAGS.data_dir, flags.FLAGS.manual_dir)
-
-
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-
-  flags.DEFINE_string("task", None, "image-folder task to prepare", required=True)
-  flags.DEFINE_string("data_dir", None, "tfds data_dir to write", required=True)
-  flags.DEFINE_string("manual_dir", None, "folder with <config>/<split>/<class>/<files>")
-  app.run(main)
