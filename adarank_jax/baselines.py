@@ -42,21 +42,21 @@ from adarank_jax.merging import add_deltas, dense_delta, svd_delta
 from adarank_jax.task_vectors import weight_average
 
 __all__ = [
-  'MATRIX_RULES',
-  'TIES_MERGES',
-  'cart',
-  'cart_rank',
-  'iso_c',
-  'iso_cts',
-  'iso_cts_components',
-  'iso_cts_split',
-  'task_arithmetic',
-  'ties',
-  'tsv_m',
-  'tsv_m_components',
-  'tsv_rank',
-  'weight_average',
-  'zero_shot',
+  "MATRIX_RULES",
+  "TIES_MERGES",
+  "cart",
+  "cart_rank",
+  "iso_c",
+  "iso_cts",
+  "iso_cts_components",
+  "iso_cts_split",
+  "task_arithmetic",
+  "ties",
+  "tsv_m",
+  "tsv_m_components",
+  "tsv_rank",
+  "weight_average",
+  "zero_shot",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -65,8 +65,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def _sum_over_tasks(leaf: Any, scaling: float) -> jax.Array:
   """scaling * sum_t of a dense (T, ...) task vector or of the matrices an SVD rebuilds."""
   if is_svd(leaf):
-    return svd_delta(leaf, jnp.full(leaf.s.shape, scaling, jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+    return svd_delta(leaf, jnp.full(leaf.s.shape, scaling, jnp.float32), precision=jax.lax.Precision.HIGHEST)
   return dense_delta(leaf, jnp.full((np.shape(leaf)[0],), scaling, jnp.float32))
 
 
@@ -75,8 +74,7 @@ def zero_shot(pretrained: Mapping[Any, Any]) -> Mapping[Any, Any]:
   return pretrained
 
 
-def task_arithmetic(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float
-                    ) -> dict[Any, Any]:
+def task_arithmetic(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float) -> dict[Any, Any]:
   """Task Arithmetic: origin + scaling * sum_t tau_t, one scalar for every tensor.
 
   Args:
@@ -84,8 +82,7 @@ def task_arithmetic(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scalin
     tau: dense (T, ...) task vectors, or a factor tree (SVD leaves are rebuilt at their stored rank).
     scaling: lambda (0.3 in the TA configs).
   """
-  return add_deltas(origin, tau, lambda _, leaf, __: _sum_over_tasks(leaf, scaling),
-                    name='task_arithmetic')
+  return add_deltas(origin, tau, lambda _, leaf, __: _sum_over_tasks(leaf, scaling), name="task_arithmetic")
 
 
 def cart_rank(svd: SVD, rank_ratio: float) -> int:
@@ -93,8 +90,9 @@ def cart_rank(svd: SVD, rank_ratio: float) -> int:
   return max(1, int(rank_ratio * min(svd.u.shape[-2], svd.vt.shape[-1])))
 
 
-def cart(origin: Mapping[Any, Any], factors: Mapping[Any, Any], *, scaling: float,
-         rank_ratio: float) -> dict[Any, Any]:
+def cart(
+  origin: Mapping[Any, Any], factors: Mapping[Any, Any], *, scaling: float, rank_ratio: float
+) -> dict[Any, Any]:
   """CART: theta_avg + scaling * sum_t LR_k(taubar_t) (docs/algorithm.md, section 2).
 
   Args:
@@ -106,21 +104,21 @@ def cart(origin: Mapping[Any, Any], factors: Mapping[Any, Any], *, scaling: floa
     rank_ratio: fraction of components kept (0.12 for ViT-B/32 with 8 tasks).
   """
   if not 0.0 < rank_ratio <= 1.0:
-    raise ValueError(f'cart: rank_ratio={rank_ratio}; expected a value in (0, 1]')
+    raise ValueError(f"cart: rank_ratio={rank_ratio}; expected a value in (0, 1]")
 
   def delta(leaf: Any) -> jax.Array:
     if is_svd(leaf):
       leaf = truncate(leaf, cart_rank(leaf, rank_ratio))
     return _sum_over_tasks(leaf, scaling)
 
-  return add_deltas(origin, factors, lambda _, leaf, __: delta(leaf), name='cart')
+  return add_deltas(origin, factors, lambda _, leaf, __: delta(leaf), name="cart")
 
 
 # --------------------------------------------------------------------------------------------------
 # TIES-merging
 
 
-TIES_MERGES = {'mean': 1.0, 'sum': 0.3}  # disjoint merge -> its default lambda (see `ties`)
+TIES_MERGES = {"mean": 1.0, "sum": 0.3}  # disjoint merge -> its default lambda (see `ties`)
 
 
 def _ties_thresholds(leaves: list[jax.Array], density: float) -> jax.Array:
@@ -137,14 +135,20 @@ def _ties_thresholds(leaves: list[jax.Array], density: float) -> jax.Array:
   if k <= 0:
     return jnp.zeros((tasks,), jnp.float32)
   thresholds = []
-  for t in range(tasks):   # one task at a time: the sort holds N entries, not T * N
+  for t in range(tasks):  # one task at a time: the sort holds N entries, not T * N
     magnitudes = jnp.concatenate([jnp.abs(leaf[t]).ravel() for leaf in leaves])
     thresholds.append(jnp.sort(magnitudes)[k - 1])
   return jnp.stack(thresholds)
 
 
-def ties(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, density: float = 0.2,
-         scaling: float | None = None, merge: str = 'mean') -> dict[Any, Any]:
+def ties(
+  origin: Mapping[Any, Any],
+  tau: Mapping[Any, Any],
+  *,
+  density: float = 0.2,
+  scaling: float | None = None,
+  merge: str = "mean",
+) -> dict[Any, Any]:
   """TIES-merging (Yadav et al., NeurIPS 2023, "TIES-Merging: Resolving Interference When Merging
   Models"), matching the original TIES code as FusionBench keeps it (read there:
   `fusion_bench/method/ties_merging/ties_merging_utils.py`, "modified based on" AdaMerging's copy:
@@ -173,14 +177,14 @@ def ties(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, density: float = 
     merge: 'mean' (default) or 'sum'.
   """
   if not 0.0 < density <= 1.0:
-    raise ValueError(f'ties: density={density}; expected a value in (0, 1]')
+    raise ValueError(f"ties: density={density}; expected a value in (0, 1]")
   if merge not in TIES_MERGES:
-    raise ValueError(f'ties: merge={merge!r}; expected one of {sorted(TIES_MERGES)}')
+    raise ValueError(f"ties: merge={merge!r}; expected one of {sorted(TIES_MERGES)}")
   scaling = TIES_MERGES[merge] if scaling is None else scaling
   tau_flat = tree_util.flatten(tau)
   svd_keys = sorted(path for path, leaf in tau_flat.items() if is_svd(leaf))
   if svd_keys:
-    raise ValueError(f'ties: expects dense task vectors; got SVD factors at {svd_keys}')
+    raise ValueError(f"ties: expects dense task vectors; got SVD factors at {svd_keys}")
   leaves = {path: jnp.asarray(leaf).astype(jnp.float32) for path, leaf in tau_flat.items()}
   thresholds = _ties_thresholds(list(leaves.values()), density)
 
@@ -196,26 +200,26 @@ def ties(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, density: float = 
     sign = jnp.where(elected[path] == 0, majority, elected[path])
     chosen = jnp.where(sign > 0, values > 0, values < 0)
     total = jnp.where(chosen, values, 0.0).sum(0)
-    merged[path] = total / jnp.maximum(chosen.sum(0), 1) if merge == 'mean' else total
+    merged[path] = total / jnp.maximum(chosen.sum(0), 1) if merge == "mean" else total
 
-  return add_deltas(origin, tau, lambda path, _, __: scaling * merged[path], name='ties')
+  return add_deltas(origin, tau, lambda path, _, __: scaling * merged[path], name="ties")
 
 
 # --------------------------------------------------------------------------------------------------
 # Shared pieces of TSV-M, Iso-C and Iso-CTS
 
 
-MATRIX_RULES = ('decomposed', 'all_2d')
+MATRIX_RULES = ("decomposed", "all_2d")
 
 
 def _check_matrices(name: str, matrices: str) -> None:
   if matrices not in MATRIX_RULES:
-    raise ValueError(f'{name}: matrices={matrices!r}; expected one of {MATRIX_RULES}')
+    raise ValueError(f"{name}: matrices={matrices!r}; expected one of {MATRIX_RULES}")
 
 
 def _is_matrix(leaf: Any, matrices: str) -> bool:
   """SVD leaves always; dense (T, m, n) leaves too under the 'all_2d' rule."""
-  return is_svd(leaf) or (matrices == 'all_2d' and np.ndim(leaf) == 3)
+  return is_svd(leaf) or (matrices == "all_2d" and np.ndim(leaf) == 3)
 
 
 def _math_dtype(*arrays: Any) -> Any:
@@ -228,7 +232,7 @@ def _dense(leaf: Any) -> jax.Array:
   if is_svd(leaf):
     dtype = _math_dtype(*leaf)
     u, s, vt = (x.astype(dtype) for x in leaf)
-    return jnp.einsum('tmr,trn->tmn', u * s[:, None, :], vt, precision=_HIGHEST)
+    return jnp.einsum("tmr,trn->tmn", u * s[:, None, :], vt, precision=_HIGHEST)
   leaf = jnp.asarray(leaf)
   return leaf.astype(_math_dtype(leaf))
 
@@ -278,16 +282,18 @@ def _tsv_svd(leaf: Any) -> SVD:
   n = vt.shape[-1]
   k = tsv_rank(min(m, n), tasks)
   if stored < k:
-    raise ValueError(f'tsv_m: the factors hold {stored} components; TSV-M keeps k = max(1, '
-                     f'min({m}, {n}) // {tasks}) = {k} per task: decompose with rank >= {k}')
-  u_cat = jnp.transpose(u[..., :k], (1, 0, 2)).reshape(m, tasks * k)       # (m, T*k)
-  vt_cat = vt[:, :k, :].reshape(tasks * k, n)                               # (T*k, n)
-  u_perp = jnp.transpose(_polar(u_cat).reshape(m, tasks, k), (1, 0, 2))     # (T, m, k)
-  vt_perp = _polar(vt_cat).reshape(tasks, k, n)                             # (T, k, n)
+    raise ValueError(
+      f"tsv_m: the factors hold {stored} components; TSV-M keeps k = max(1, "
+      f"min({m}, {n}) // {tasks}) = {k} per task: decompose with rank >= {k}"
+    )
+  u_cat = jnp.transpose(u[..., :k], (1, 0, 2)).reshape(m, tasks * k)  # (m, T*k)
+  vt_cat = vt[:, :k, :].reshape(tasks * k, n)  # (T*k, n)
+  u_perp = jnp.transpose(_polar(u_cat).reshape(m, tasks, k), (1, 0, 2))  # (T, m, k)
+  vt_perp = _polar(vt_cat).reshape(tasks, k, n)  # (T, k, n)
   return SVD(u_perp, s[:, :k], vt_perp)
 
 
-def tsv_m_components(tau: Mapping[Any, Any], *, matrices: str = 'decomposed') -> dict[Any, Any]:
+def tsv_m_components(tau: Mapping[Any, Any], *, matrices: str = "decomposed") -> dict[Any, Any]:
   """TSV-M as per-task components: sum_t of them is TSV-M's merged update at alpha = 1.
 
   Matrix leaves: SVD(u, s, vt) with task t's k = max(1, floor(r / T)) whitened components (the
@@ -296,7 +302,7 @@ def tsv_m_components(tau: Mapping[Any, Any], *, matrices: str = 'decomposed') ->
   mean). This is the base AdaRank masks on TSV-M (`methods`: adarank_tsv_m): the masks select among
   each task's whitened components, and all-on masks with every coefficient alpha give `tsv_m`.
   """
-  _check_matrices('tsv_m', matrices)
+  _check_matrices("tsv_m", matrices)
 
   def components(leaf: Any) -> Any:
     if _is_matrix(leaf, matrices):
@@ -304,12 +310,12 @@ def tsv_m_components(tau: Mapping[Any, Any], *, matrices: str = 'decomposed') ->
     leaf = jnp.asarray(leaf)
     return leaf.astype(_math_dtype(leaf)) / leaf.shape[0]
 
-  return tree_util.unflatten({path: components(leaf)
-                              for path, leaf in tree_util.flatten(tau).items()})
+  return tree_util.unflatten({path: components(leaf) for path, leaf in tree_util.flatten(tau).items()})
 
 
-def tsv_m(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float = 1.0,
-          matrices: str = 'decomposed') -> dict[Any, Any]:
+def tsv_m(
+  origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float = 1.0, matrices: str = "decomposed"
+) -> dict[Any, Any]:
   """TSV-M (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in
   Model Merging"), Sec. 4 (TSV-Merge), as in the official code (AntoAndGar/task_singular_vectors
   `src/utils/TSVM_utils.py` `compute_and_sum_svd_mem_reduction`; FusionBench
@@ -338,8 +344,12 @@ def tsv_m(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float =
     matrices: 'decomposed' (default, the AdaRank repo's rule) or 'all_2d' (FusionBench's and the
       official code's rule); see the module docstring.
   """
-  return add_deltas(origin, tsv_m_components(tau, matrices=matrices),
-                    lambda _, leaf, __: _sum_over_tasks(leaf, scaling), name='tsv_m')
+  return add_deltas(
+    origin,
+    tsv_m_components(tau, matrices=matrices),
+    lambda _, leaf, __: _sum_over_tasks(leaf, scaling),
+    name="tsv_m",
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,8 +362,9 @@ def _iso_c_delta(leaf: Any) -> jax.Array:
   return s.mean() * jnp.matmul(u, vt, precision=_HIGHEST)
 
 
-def iso_c(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float = 1.5,
-          matrices: str = 'decomposed') -> dict[Any, Any]:
+def iso_c(
+  origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float = 1.5, matrices: str = "decomposed"
+) -> dict[Any, Any]:
   """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging with Common and
   Task-Specific Subspaces", arXiv:2502.04959), Sec. 4.1, as in the official code
   (danielm1405/iso-merging `src/utils/iso.py` `iso_c`; FusionBench
@@ -377,15 +388,15 @@ def iso_c(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float =
       FusionBench's plain config default is 1.0. The paper's own per-model table was not checked.
     matrices: 'decomposed' (default) or 'all_2d' (the official code's rule); see the module docstring.
   """
-  _check_matrices('iso_c', matrices)
+  _check_matrices("iso_c", matrices)
 
   def delta(leaf: Any) -> jax.Array:
     return scaling * (_iso_c_delta(leaf) if _is_matrix(leaf, matrices) else _mean_over_tasks(leaf))
 
-  return add_deltas(origin, tau, lambda _, leaf, __: delta(leaf), name='iso_c')
+  return add_deltas(origin, tau, lambda _, leaf, __: delta(leaf), name="iso_c")
 
 
-ISO_SIDES = ('out', 'in')
+ISO_SIDES = ("out", "in")
 
 
 def iso_cts_split(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -399,8 +410,10 @@ def iso_cts_split(rank: int, tasks: int, common_fraction: float) -> tuple[int, i
   per_task = round((rank - common) / tasks)
   common = rank - per_task * tasks
   if common < 0:
-    raise ValueError(f'iso_cts: common_fraction={common_fraction} with r={rank} and T={tasks} '
-                     f'leaves {common} common directions; raise common_fraction')
+    raise ValueError(
+      f"iso_cts: common_fraction={common_fraction} with r={rank} and T={tasks} "
+      f"leaves {common} common directions; raise common_fraction"
+    )
   return common, per_task
 
 
@@ -408,8 +421,8 @@ def _iso_cts_svd(leaf: Any, common_fraction: float, side: str) -> SVD:
   """Iso-CTS's merged matrix of one leaf as T + 1 rows of components (steps 1-7 of `iso_cts`):
   row t < T holds the s whitened directions that came from task t, row T the k_c common ones, each
   with the isotropic value mean(S_all); rows are zero-padded to max(s, k_c) components."""
-  tau = _dense(leaf)                                                        # (T, m, n)
-  if side == 'out':          # this project's kernels are (in, out): the paper's Delta is kernel^T
+  tau = _dense(leaf)  # (T, m, n)
+  if side == "out":  # this project's kernels are (in, out): the paper's Delta is kernel^T
     tau = jnp.swapaxes(tau, -1, -2)
   tasks, m, n = tau.shape
   common, per_task = iso_cts_split(min(m, n), tasks, common_fraction)
@@ -417,12 +430,13 @@ def _iso_cts_svd(leaf: Any, common_fraction: float, side: str) -> SVD:
   u_c, s_c, vt_c = u[:, :common], s[:common], vt[:common]
   if per_task:
     # Task-specific directions: tau_t minus its projection onto the common left subspace.
-    projected = tau - jnp.einsum('mk,tkn->tmn', u_c,
-                                 jnp.einsum('mk,tmn->tkn', u_c, tau, precision=_HIGHEST),
-                                 precision=_HIGHEST)
+    projected = tau - jnp.einsum(
+      "mk,tkn->tmn", u_c, jnp.einsum("mk,tmn->tkn", u_c, tau, precision=_HIGHEST), precision=_HIGHEST
+    )
     u_t, s_t, vt_t = _svd(projected)
     u_all = jnp.concatenate(
-        [jnp.transpose(u_t[..., :per_task], (1, 0, 2)).reshape(m, tasks * per_task), u_c], axis=1)
+      [jnp.transpose(u_t[..., :per_task], (1, 0, 2)).reshape(m, tasks * per_task), u_c], axis=1
+    )
     s_all = jnp.concatenate([s_t[:, :per_task].reshape(-1), s_c])
     vt_all = jnp.concatenate([vt_t[:, :per_task, :].reshape(tasks * per_task, n), vt_c], axis=0)
   else:
@@ -439,15 +453,16 @@ def _iso_cts_svd(leaf: Any, common_fraction: float, side: str) -> SVD:
       pad[axis] = (0, width - size)
     return jnp.stack([jnp.pad(b, pad) for b, pad in zip(blocks, padding)])
 
-  u_rows, vt_rows = rows(u_perp, 1), rows(vt_perp, 0)                      # (T+1, m, w), (T+1, w, n)
+  u_rows, vt_rows = rows(u_perp, 1), rows(vt_perp, 0)  # (T+1, m, w), (T+1, w, n)
   s_rows = rows(jnp.full((tasks * per_task + common,), s_all.mean(), s_all.dtype), 0)
-  if side == 'out':  # back to the (in, out) kernel layout: (U V^T)^T = V U^T
+  if side == "out":  # back to the (in, out) kernel layout: (U V^T)^T = V U^T
     return SVD(jnp.swapaxes(vt_rows, -1, -2), s_rows, jnp.swapaxes(u_rows, -1, -2))
   return SVD(u_rows, s_rows, vt_rows)
 
 
-def iso_cts_components(tau: Mapping[Any, Any], *, common_fraction: float = 0.8, side: str = 'out',
-                       matrices: str = 'decomposed') -> dict[Any, Any]:
+def iso_cts_components(
+  tau: Mapping[Any, Any], *, common_fraction: float = 0.8, side: str = "out", matrices: str = "decomposed"
+) -> dict[Any, Any]:
   """Iso-CTS as T + 1 rows of components: their sum is Iso-CTS's merged update at alpha = 1.
 
   Matrix leaves: SVD leaves with T + 1 rows (`_iso_cts_svd`): row t < T the task-specific
@@ -456,11 +471,11 @@ def iso_cts_components(tau: Mapping[Any, Any], *, common_fraction: float = 0.8, 
   AdaRank masks on Iso-CTS (`methods`: adarank_iso_cts), with one extra mask row and coefficient for
   the common directions; all-on masks with every coefficient alpha give `iso_cts`.
   """
-  _check_matrices('iso_cts', matrices)
+  _check_matrices("iso_cts", matrices)
   if not 0.0 <= common_fraction <= 1.0:
-    raise ValueError(f'iso_cts: common_fraction={common_fraction}; expected a value in [0, 1]')
+    raise ValueError(f"iso_cts: common_fraction={common_fraction}; expected a value in [0, 1]")
   if side not in ISO_SIDES:
-    raise ValueError(f'iso_cts: side={side!r}; expected one of {ISO_SIDES}')
+    raise ValueError(f"iso_cts: side={side!r}; expected one of {ISO_SIDES}")
 
   def components(leaf: Any) -> Any:
     if _is_matrix(leaf, matrices):
@@ -469,13 +484,18 @@ def iso_cts_components(tau: Mapping[Any, Any], *, common_fraction: float = 0.8, 
     leaf = leaf.astype(_math_dtype(leaf)) / leaf.shape[0]
     return jnp.concatenate([leaf, jnp.zeros_like(leaf[:1])])
 
-  return tree_util.unflatten({path: components(leaf)
-                              for path, leaf in tree_util.flatten(tau).items()})
+  return tree_util.unflatten({path: components(leaf) for path, leaf in tree_util.flatten(tau).items()})
 
 
-def iso_cts(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float = 1.5,
-            common_fraction: float = 0.8, side: str = 'out', matrices: str = 'decomposed'
-            ) -> dict[Any, Any]:
+def iso_cts(
+  origin: Mapping[Any, Any],
+  tau: Mapping[Any, Any],
+  *,
+  scaling: float = 1.5,
+  common_fraction: float = 0.8,
+  side: str = "out",
+  matrices: str = "decomposed",
+) -> dict[Any, Any]:
   """Iso-CTS (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging with Common
   and Task-Specific Subspaces", arXiv:2502.04959), Sec. 4.2, following the official code step by
   step (danielm1405/iso-merging `src/utils/iso.py` `iso_cts`; identical in FusionBench
@@ -513,7 +533,5 @@ def iso_cts(origin: Mapping[Any, Any], tau: Mapping[Any, Any], *, scaling: float
       which torch also stores as (in, out).
     matrices: 'decomposed' (default) or 'all_2d' (the official code's rule); see the module docstring.
   """
-  components = iso_cts_components(tau, common_fraction=common_fraction, side=side,
-                                  matrices=matrices)
-  return add_deltas(origin, components, lambda _, leaf, __: _sum_over_tasks(leaf, scaling),
-                    name='iso_cts')
+  components = iso_cts_components(tau, common_fraction=common_fraction, side=side, matrices=matrices)
+  return add_deltas(origin, components, lambda _, leaf, __: _sum_over_tasks(leaf, scaling), name="iso_cts")

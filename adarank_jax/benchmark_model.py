@@ -33,27 +33,31 @@ SCALE = 100.0  # CLIP's logit scale of the zero-shot heads
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--backend', choices=('jax', 'torch'), default='jax')
-  parser.add_argument('--layout', choices=('per_task', 'batched'), default='per_task')
-  parser.add_argument('--arch', default='ViT-B-32', help='OpenCLIP model config name or JSON path')
-  parser.add_argument('--tasks', type=int, default=8)
-  parser.add_argument('--batch', type=int, default=16, help='images per task')
-  parser.add_argument('--classes', type=int, default=10, help='classes of every random head')
-  parser.add_argument('--repeats', type=int, default=3, help='timed calls after the first one')
-  parser.add_argument('--threads', type=int, default=None,
-                      help='torch intra-op threads (default: the CPU count); JAX uses its own pool')
+  parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
+  parser.add_argument("--layout", choices=("per_task", "batched"), default="per_task")
+  parser.add_argument("--arch", default="ViT-B-32", help="OpenCLIP model config name or JSON path")
+  parser.add_argument("--tasks", type=int, default=8)
+  parser.add_argument("--batch", type=int, default=16, help="images per task")
+  parser.add_argument("--classes", type=int, default=10, help="classes of every random head")
+  parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first one")
+  parser.add_argument(
+    "--threads",
+    type=int,
+    default=None,
+    help="torch intra-op threads (default: the CPU count); JAX uses its own pool",
+  )
   return parser.parse_args(argv)
 
 
 def _busy_cpu_s() -> float | None:
   """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
   try:
-    with open('/proc/stat', encoding='ascii') as f:
+    with open("/proc/stat", encoding="ascii") as f:
       fields = [int(v) for v in f.readline().split()[1:]]
   except (OSError, ValueError):
     return None
   idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-  return (sum(fields) - idle) / os.sysconf('SC_CLK_TCK')
+  return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _inputs(config: clip.VisionConfig, tasks: int, batch: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +74,7 @@ def _jax_params(config: clip.VisionConfig):
   from flax import nnx
 
   from adarank_jax.models import functional
+
   return functional.split(clip.VisionTransformer(config, rngs=nnx.Rngs(0)))
 
 
@@ -85,7 +90,7 @@ def _jax_step(config: clip.VisionConfig, layout: str, images: np.ndarray, heads:
   tasks, batch = images.shape[:2]
 
   def loss_fn(params, images, heads):
-    if layout == 'batched':
+    if layout == "batched":
       features = tower(params, images.reshape(tasks * batch, *images.shape[2:]))
       per_task = features.reshape(tasks, batch, -1)
     else:
@@ -106,11 +111,13 @@ def _jax_step(config: clip.VisionConfig, layout: str, images: np.ndarray, heads:
     loss, grads = step(*args)
     jax.block_until_ready(grads)
     return float(loss)
+
   return run, compile_s
 
 
-def _torch_step(config: clip.VisionConfig, arch: str, layout: str, images: np.ndarray, heads: np.ndarray,
-                threads: int):
+def _torch_step(
+  config: clip.VisionConfig, arch: str, layout: str, images: np.ndarray, heads: np.ndarray, threads: int
+):
   import open_clip
   import torch
 
@@ -118,8 +125,10 @@ def _torch_step(config: clip.VisionConfig, arch: str, layout: str, images: np.nd
 
   torch.set_num_threads(threads)
   _, params = _jax_params(config)
-  state = {k: torch.from_numpy(np.array(v)) for k, v in
-           openclip_interop.state_dict_from_tree(params, prefix='').items()}
+  state = {
+    k: torch.from_numpy(np.array(v))
+    for k, v in openclip_interop.state_dict_from_tree(params, prefix="").items()
+  }
   model = open_clip.create_model(arch, pretrained=None).visual.eval()
   model.load_state_dict(state)
   weights = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
@@ -128,7 +137,7 @@ def _torch_step(config: clip.VisionConfig, arch: str, layout: str, images: np.nd
   heads_t = torch.from_numpy(heads)
 
   def loss_fn():
-    if layout == 'batched':
+    if layout == "batched":
       features = torch.func.functional_call(model, weights, (nchw.flatten(0, 1),))
       per_task = features.unflatten(0, (tasks, batch))
     else:
@@ -146,6 +155,7 @@ def _torch_step(config: clip.VisionConfig, arch: str, layout: str, images: np.nd
     loss = loss_fn()
     loss.backward()
     return loss.item()
+
   return run, None
 
 
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
   args = _parse_args(argv)
   config = clip.load_config(args.arch).vision
   images, heads = _inputs(config, args.tasks, args.batch, args.classes)
-  if args.backend == 'jax':
+  if args.backend == "jax":
     run, compile_s = _jax_step(config, args.layout, images, heads)
   else:
     threads = args.threads or os.cpu_count()
@@ -170,19 +180,25 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     busy_end = _busy_cpu_s()
     if busy_start is not None and busy_end is not None:
       other_load.append(max(0.0, busy_end - busy_start - cpu_times[-1]) / times[-1])
-  result = {'backend': args.backend, 'layout': args.layout, 'arch': args.arch, 'tasks': args.tasks,
-            'batch': args.batch,
-            'compile_s': None if compile_s is None else round(compile_s, 3), 'first_s': round(first, 3),
-            'steady_min_s': round(min(times), 3) if times else None,
-            'steady_median_s': round(statistics.median(times), 3) if times else None,
-            'steady_s': [round(t, 3) for t in times],
-            'steady_cpu_median_s': round(statistics.median(cpu_times), 3) if times else None,
-            'other_load_cores': [round(v, 2) for v in other_load],
-            'loss': round(loss, 6),
-            'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+  result = {
+    "backend": args.backend,
+    "layout": args.layout,
+    "arch": args.arch,
+    "tasks": args.tasks,
+    "batch": args.batch,
+    "compile_s": None if compile_s is None else round(compile_s, 3),
+    "first_s": round(first, 3),
+    "steady_min_s": round(min(times), 3) if times else None,
+    "steady_median_s": round(statistics.median(times), 3) if times else None,
+    "steady_s": [round(t, 3) for t in times],
+    "steady_cpu_median_s": round(statistics.median(cpu_times), 3) if times else None,
+    "other_load_cores": [round(v, 2) for v in other_load],
+    "loss": round(loss, 6),
+    "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+  }
   print(json.dumps(result))
   return result
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -56,7 +56,7 @@ from adarank_jax import tree_util
 from adarank_jax.benchmark import Inputs, make_inputs
 from adarank_jax.interop import openclip as openclip_interop
 
-ORIGINS = ('pretrained', 'average')
+ORIGINS = ("pretrained", "average")
 
 
 # ------------------------------------------------------------------------------------------ torch side
@@ -67,8 +67,8 @@ def openclip_visual(arch: str | os.PathLike) -> torch.nn.Module:
   import open_clip  # pylint: disable=g-import-not-at-top
 
   name = os.fspath(arch)
-  if name.endswith('.json') or os.path.isfile(name):
-    with open(name, encoding='utf-8') as f:
+  if name.endswith(".json") or os.path.isfile(name):
+    with open(name, encoding="utf-8") as f:
       cfg = json.load(f)
     model = open_clip.model.CLIP(**cfg)
   else:
@@ -79,31 +79,30 @@ def openclip_visual(arch: str | os.PathLike) -> torch.nn.Module:
 def openclip_keys(tree: Mapping[Any, Any]) -> dict[str, str]:
   """Flat Flax path -> key of the OpenCLIP image tower (no 'visual.' prefix), for every leaf."""
   flat = tree_util.flatten(tree)
-  state = openclip_interop.state_dict_from_tree(tree, prefix='')
+  state = openclip_interop.state_dict_from_tree(tree, prefix="")
   if len(state) != len(flat):
-    raise AssertionError(f'openclip_keys: {len(flat)} paths map to {len(state)} keys')
+    raise AssertionError(f"openclip_keys: {len(flat)} paths map to {len(state)} keys")
   keys = {}
   for (path, leaf), (key, value) in zip(flat.items(), state.items()):  # same order by construction
     if np.size(leaf) != np.size(value) or sorted(np.shape(leaf)) != sorted(np.shape(value)):
-      raise AssertionError(f'openclip_keys: {path} {np.shape(leaf)} vs {key} {np.shape(value)}')
+      raise AssertionError(f"openclip_keys: {path} {np.shape(leaf)} vs {key} {np.shape(value)}")
     keys[path] = key
   return keys
 
 
 def is_decomposed(key: str) -> bool:
   """The official rule: ('attn' or 'mlp' in the key) and neither 'ln' nor 'bias' in it."""
-  return ('attn' in key or 'mlp' in key) and not ('ln' in key or 'bias' in key)
+  return ("attn" in key or "mlp" in key) and not ("ln" in key or "bias" in key)
 
 
-def to_state_dict(tree: Mapping[Any, Any], device: str | torch.device = 'cpu'
-                  ) -> dict[str, torch.Tensor]:
+def to_state_dict(tree: Mapping[Any, Any], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
   """A Flax image-tower tree as an OpenCLIP `.visual` state dict of float32 torch tensors.
 
   Arrays that are already contiguous, writable float32 are shared with the tree, not copied
   (kernels and convolutions are transposed, hence copied).
   """
   state = {}
-  for key, value in openclip_interop.state_dict_from_tree(tree, prefix='').items():
+  for key, value in openclip_interop.state_dict_from_tree(tree, prefix="").items():
     value = np.ascontiguousarray(value, np.float32)
     if not value.flags.writeable:  # e.g. a view of a JAX buffer
       value = value.copy()
@@ -111,14 +110,17 @@ def to_state_dict(tree: Mapping[Any, Any], device: str | torch.device = 'cpu'
   return state
 
 
-def task_vectors(pretrained: Mapping[str, torch.Tensor],
-                 finetuned: Sequence[Mapping[str, torch.Tensor]], *, origin: str = 'pretrained'
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+def task_vectors(
+  pretrained: Mapping[str, torch.Tensor],
+  finetuned: Sequence[Mapping[str, torch.Tensor]],
+  *,
+  origin: str = "pretrained",
+) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
   """(origin state dict, key -> [tau_t for t]): tau_t = theta_t - origin for every tensor."""
   if origin not in ORIGINS:
-    raise ValueError(f'task_vectors: origin={origin!r}; expected one of {ORIGINS}')
+    raise ValueError(f"task_vectors: origin={origin!r}; expected one of {ORIGINS}")
   with torch.no_grad():
-    if origin == 'pretrained':
+    if origin == "pretrained":
       base = dict(pretrained)
     else:
       base = {k: torch.stack([sd[k] for sd in finetuned]).mean(0) for k in pretrained}
@@ -126,9 +128,9 @@ def task_vectors(pretrained: Mapping[str, torch.Tensor],
   return base, tau
 
 
-def svd_vanilla(tau: Mapping[str, Sequence[torch.Tensor]]
-                ) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
-                           dict[str, list[torch.Tensor]]]:
+def svd_vanilla(
+  tau: Mapping[str, Sequence[torch.Tensor]],
+) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], dict[str, list[torch.Tensor]]]:
   """Full thin SVD of every decomposed key's task vectors, one call per (key, task).
 
   Returns:
@@ -148,7 +150,7 @@ def initial_mask_logits(num_tasks: int, rank: int, initial_rank_ratio: float) ->
   """(T, r): +0.1, and -0.1 at indices >= int(rho * r) (rho == 0 means 1 / T)."""
   ratio = 1.0 / num_tasks if initial_rank_ratio == 0 else initial_rank_ratio
   logits = torch.full((num_tasks, rank), 0.1)
-  logits[:, int(ratio * rank):] = -0.1
+  logits[:, int(ratio * rank) :] = -0.1
   return logits
 
 
@@ -174,11 +176,20 @@ class OfficialStep:
       the keys themselves).
   """
 
-  def __init__(self, visual: torch.nn.Module, origin: Mapping[str, torch.Tensor],
-               svd: Mapping[str, Sequence[tuple[torch.Tensor, ...]]],
-               dense: Mapping[str, Sequence[torch.Tensor]], heads: torch.Tensor, *,
-               prior: float = 0.3, initial_rank_ratio: float = 1.0, temperature: float = 10.0,
-               lr: float = 1e-3, paths: Mapping[str, str] | None = None):
+  def __init__(
+    self,
+    visual: torch.nn.Module,
+    origin: Mapping[str, torch.Tensor],
+    svd: Mapping[str, Sequence[tuple[torch.Tensor, ...]]],
+    dense: Mapping[str, Sequence[torch.Tensor]],
+    heads: torch.Tensor,
+    *,
+    prior: float = 0.3,
+    initial_rank_ratio: float = 1.0,
+    temperature: float = 10.0,
+    lr: float = 1e-3,
+    paths: Mapping[str, str] | None = None,
+  ):
     self.visual = visual
     self.origin = dict(origin)
     self.svd = {k: list(v) for k, v in svd.items()}
@@ -191,13 +202,17 @@ class OfficialStep:
     self.paths = dict(paths) if paths is not None else {k: k for k in self.origin}
     device = heads.device
     self.mask_logits = {
-        k: torch.nn.Parameter(initial_mask_logits(self.num_tasks, factors[0][1].shape[0],
-                                                  initial_rank_ratio).to(device))
-        for k, factors in self.svd.items()}
+      k: torch.nn.Parameter(
+        initial_mask_logits(self.num_tasks, factors[0][1].shape[0], initial_rank_ratio).to(device)
+      )
+      for k, factors in self.svd.items()
+    }
     self.coefficients = torch.nn.Parameter(
-        torch.full((self.num_tasks, len(self.merged_keys)), float(prior), device=device))
-    self.optimizer = torch.optim.Adam([*self.mask_logits.values(), self.coefficients], lr=lr,
-                                      betas=(0.9, 0.999))
+      torch.full((self.num_tasks, len(self.merged_keys)), float(prior), device=device)
+    )
+    self.optimizer = torch.optim.Adam(
+      [*self.mask_logits.values(), self.coefficients], lr=lr, betas=(0.9, 0.999)
+    )
 
   def merged_state_dict(self) -> dict[str, torch.Tensor]:
     """origin + sum_t lambda_t (straight-through masked SVD or dense tau), for every key."""
@@ -238,8 +253,9 @@ class OfficialStep:
     self.optimizer.zero_grad()
     return loss.item()
 
-  def loss_and_grads(self, images: torch.Tensor
-                     ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
+  def loss_and_grads(
+    self, images: torch.Tensor
+  ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(loss, path -> d loss / d mask logits (T, r), path -> d loss / d coefficients (T,)).
 
     No optimizer step; the gradients are cleared afterwards.
@@ -247,8 +263,7 @@ class OfficialStep:
     self.optimizer.zero_grad()
     loss, _ = self.loss(images)
     loss.backward()
-    mask_grads = {self.paths[k]: v.grad.detach().cpu().numpy().copy()
-                  for k, v in self.mask_logits.items()}
+    mask_grads = {self.paths[k]: v.grad.detach().cpu().numpy().copy() for k, v in self.mask_logits.items()}
     coef = self.coefficients.grad.detach().cpu().numpy()
     coef_grads = {self.paths[k]: coef[:, i].copy() for k, i in self.column.items()}
     self.optimizer.zero_grad()
@@ -261,15 +276,22 @@ class OfficialStep:
     return masks, {self.paths[k]: coef[:, i].copy() for k, i in self.column.items()}
 
 
-def torch_images(images: np.ndarray, device: str | torch.device = 'cpu') -> torch.Tensor:
+def torch_images(images: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
   """(T, B, H, W, 3) NHWC numpy -> (T, B, 3, H, W) NCHW float32 torch."""
   nchw = np.ascontiguousarray(images.transpose(0, 1, 4, 2, 3), np.float32)
   return torch.from_numpy(nchw).to(device)
 
 
-def build(inputs: Inputs, *, origin: str = 'pretrained', initial_rank_ratio: float = 1.0,
-          prior: float = 0.3, temperature: float = 10.0, lr: float = 1e-3,
-          device: str | torch.device = 'cpu') -> tuple[OfficialStep, torch.Tensor]:
+def build(
+  inputs: Inputs,
+  *,
+  origin: str = "pretrained",
+  initial_rank_ratio: float = 1.0,
+  prior: float = 0.3,
+  temperature: float = 10.0,
+  lr: float = 1e-3,
+  device: str | torch.device = "cpu",
+) -> tuple[OfficialStep, torch.Tensor]:
   """The official step on `inputs` (untimed), and the NCHW torch images."""
   paths = {key: path for path, key in openclip_keys(inputs.pretrained).items()}
   visual = openclip_visual(inputs.arch).to(device)
@@ -278,14 +300,24 @@ def build(inputs: Inputs, *, origin: str = 'pretrained', initial_rank_ratio: flo
   base, tau = task_vectors(pretrained, finetuned, origin=origin)
   svd, dense = svd_vanilla(tau)
   heads = torch.from_numpy(inputs.heads).to(device)
-  step = OfficialStep(visual, base, svd, dense, heads, prior=prior,
-                      initial_rank_ratio=initial_rank_ratio, temperature=temperature, lr=lr,
-                      paths=paths)
+  step = OfficialStep(
+    visual,
+    base,
+    svd,
+    dense,
+    heads,
+    prior=prior,
+    initial_rank_ratio=initial_rank_ratio,
+    temperature=temperature,
+    lr=lr,
+    paths=paths,
+  )
   return step, torch_images(inputs.images, device)
 
 
-def loss_and_grads(step: OfficialStep, images: torch.Tensor
-                   ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
+def loss_and_grads(
+  step: OfficialStep, images: torch.Tensor
+) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
   """`step.loss_and_grads(images)`: the loss and the gradients keyed by flat Flax paths."""
   return step.loss_and_grads(images)
 
@@ -295,24 +327,23 @@ def loss_and_grads(step: OfficialStep, images: torch.Tensor
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--arch', default='ViT-B-32', help='OpenCLIP model config name or JSON path')
-  parser.add_argument('--tasks', type=int, default=8)
-  parser.add_argument('--steps', type=int, default=3, help='timed steps after the first one')
-  parser.add_argument('--batch', type=int, default=4, help='images per task per step')
-  parser.add_argument('--classes', type=int, default=10, help='classes of every random head')
-  parser.add_argument('--origin', choices=ORIGINS, default='pretrained')
-  parser.add_argument('--initial-rank-ratio', type=float, default=1.0)
-  parser.add_argument('--prior', type=float, default=0.3)
-  parser.add_argument('--noise', type=float, default=1e-3, help='std of the fine-tuning noise')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--device', default='cpu', help="torch device: 'cpu' or 'cuda'")
-  parser.add_argument('--threads', type=int, default=None,
-                      help='torch CPU threads (default: os.cpu_count())')
+  parser.add_argument("--arch", default="ViT-B-32", help="OpenCLIP model config name or JSON path")
+  parser.add_argument("--tasks", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps after the first one")
+  parser.add_argument("--batch", type=int, default=4, help="images per task per step")
+  parser.add_argument("--classes", type=int, default=10, help="classes of every random head")
+  parser.add_argument("--origin", choices=ORIGINS, default="pretrained")
+  parser.add_argument("--initial-rank-ratio", type=float, default=1.0)
+  parser.add_argument("--prior", type=float, default=0.3)
+  parser.add_argument("--noise", type=float, default=1e-3, help="std of the fine-tuning noise")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--device", default="cpu", help="torch device: 'cpu' or 'cuda'")
+  parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: os.cpu_count())")
   return parser.parse_args(argv)
 
 
 def _sync(device: torch.device) -> None:
-  if device.type == 'cuda':
+  if device.type == "cuda":
     torch.cuda.synchronize(device)
 
 
@@ -326,16 +357,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
   torch.set_num_threads(args.threads or os.cpu_count() or 1)
   device = torch.device(args.device)
   result: dict[str, object] = {
-      'args': vars(args),
-      'machine': {'cpu_count': os.cpu_count(), 'host': platform.machine(),
-                  'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
-                  'device': (torch.cuda.get_device_name(device) if device.type == 'cuda'
-                             else 'cpu')}}
-  print('machine:', json.dumps(result['machine']))
-  result['host_peak_rss_imports_gb'] = _host_peak_rss_gb()  # JAX and torch imported
+    "args": vars(args),
+    "machine": {
+      "cpu_count": os.cpu_count(),
+      "host": platform.machine(),
+      "torch": torch.__version__,
+      "torch_threads": torch.get_num_threads(),
+      "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+    },
+  }
+  print("machine:", json.dumps(result["machine"]))
+  result["host_peak_rss_imports_gb"] = _host_peak_rss_gb()  # JAX and torch imported
 
-  inputs = make_inputs(args.arch, tasks=args.tasks, batch=args.batch, classes=args.classes,
-                       noise=args.noise, seed=args.seed)
+  inputs = make_inputs(
+    args.arch, tasks=args.tasks, batch=args.batch, classes=args.classes, noise=args.noise, seed=args.seed
+  )
   paths = {key: path for path, key in openclip_keys(inputs.pretrained).items()}
   visual = openclip_visual(args.arch).to(device)
   pretrained = to_state_dict(inputs.pretrained, device)
@@ -345,50 +381,63 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
   images = torch_images(inputs.images, device)
   num_params = sum(v.numel() for v in pretrained.values())
   del inputs
-  result['host_peak_rss_inputs_gb'] = _host_peak_rss_gb()
-  print(f'{args.arch}: {num_params / 1e6:.1f}M params, {args.tasks} tasks; inputs built '
-        f"(host peak RSS so far {result['host_peak_rss_inputs_gb']} GB)")
+  result["host_peak_rss_inputs_gb"] = _host_peak_rss_gb()
+  print(
+    f"{args.arch}: {num_params / 1e6:.1f}M params, {args.tasks} tasks; inputs built "
+    f"(host peak RSS so far {result['host_peak_rss_inputs_gb']} GB)"
+  )
 
   _sync(device)
   start = time.perf_counter()
   base, tau = task_vectors(pretrained, finetuned, origin=args.origin)
   _sync(device)
-  result['task_vectors_s'] = time.perf_counter() - start
+  result["task_vectors_s"] = time.perf_counter() - start
   del finetuned, pretrained
   start = time.perf_counter()
   svd, dense = svd_vanilla(tau)
   _sync(device)
-  result['decompose_s'] = time.perf_counter() - start
+  result["decompose_s"] = time.perf_counter() - start
   del tau
   print(f"task vectors {result['task_vectors_s']:.2f} s, decomposition {result['decompose_s']:.2f} s")
 
-  official = OfficialStep(visual, base, svd, dense, heads, prior=args.prior,
-                          initial_rank_ratio=args.initial_rank_ratio, lr=1e-3, paths=paths)
+  official = OfficialStep(
+    visual,
+    base,
+    svd,
+    dense,
+    heads,
+    prior=args.prior,
+    initial_rank_ratio=args.initial_rank_ratio,
+    lr=1e-3,
+    paths=paths,
+  )
   start = time.perf_counter()
   loss = official.step(images)
   _sync(device)
-  result['first_step_s'] = time.perf_counter() - start
+  result["first_step_s"] = time.perf_counter() - start
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
     loss = official.step(images)  # .item() inside: the step has finished
     times.append(time.perf_counter() - start)
-  result['step_s'] = times
-  result['step_s_median'] = statistics.median(times) if times else None
-  result['steps_per_s'] = 1.0 / result['step_s_median'] if times else None
-  result['loss'] = loss
-  result['host_peak_rss_gb'] = _host_peak_rss_gb()
-  result['torch_threads'] = torch.get_num_threads()
-  if device.type == 'cuda':
-    result['device_peak_gb'] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-  print(f"first step {result['first_step_s']:.3f} s; median of {args.steps} steps "
-        f"{result['step_s_median'] or 0:.3f} s = {result['steps_per_s'] or 0:.3f} steps/s; "
-        f"loss {loss:.4f}; host peak RSS {result['host_peak_rss_gb']} GB")
-  print('result:', json.dumps(result))
+  result["step_s"] = times
+  result["step_s_median"] = statistics.median(times) if times else None
+  result["steps_per_s"] = 1.0 / result["step_s_median"] if times else None
+  result["loss"] = loss
+  result["host_peak_rss_gb"] = _host_peak_rss_gb()
+  result["torch_threads"] = torch.get_num_threads()
+  if device.type == "cuda":
+    result["device_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+  print(
+    f"first step {result['first_step_s']:.3f} s; median of {args.steps} steps "
+    f"{result['step_s_median'] or 0:.3f} s = {result['steps_per_s'] or 0:.3f} steps/s; "
+    f"loss {loss:.4f}; host peak RSS {result['host_peak_rss_gb']} GB"
+  )
+  print("result:", json.dumps(result))
   return result
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   # The inputs are built with JAX on the host; keep JAX off any accelerator (no preallocation there).
-  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update("jax_platforms", "cpu")
   main()

@@ -16,18 +16,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-import warnings
 
 import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from adarank_jax import files
-from adarank_jax import tree_util
+from adarank_jax import files, tree_util
 
 CHECKSUM_NAME = "checksum.json"
 _CHECKSUM_FORMAT = "sha256 per leaf of dtype, shape and bytes, v1"
@@ -124,8 +123,10 @@ def verify(directory: str | os.PathLike, tree: Any) -> None:
   # Leaves restored but never recorded: a restore target with more leaves than the save; not corruption.
   if problems:
     raise CorruptCheckpointError(
-        f"{directory}: checkpoint is corrupt (its bytes changed after it was written): "
-        + "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
+      f"{directory}: checkpoint is corrupt (its bytes changed after it was written): "
+      + "; ".join(problems[:10])
+      + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+    )
 
 
 @contextlib.contextmanager
@@ -137,9 +138,11 @@ def _naming(path: Path, what: str) -> Iterator[None]:
   except (OSError, ValueError, RuntimeError) as error:
     if isinstance(error, OSError) and error.filename:
       raise
-    raise OSError(getattr(error, "errno", None) or 0,
-                  f"writing {what} failed ({type(error).__name__}: {str(error)[:300]}); is the disk "
-                  "full or read-only?", str(path)) from error
+    raise OSError(
+      getattr(error, "errno", None) or 0,
+      f"writing {what} failed ({type(error).__name__}: {str(error)[:300]}); is the disk full or read-only?",
+      str(path),
+    ) from error
 
 
 def _write_tree(path: Path, tree: Any) -> None:
@@ -194,8 +197,8 @@ class Manager:
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
     self.directory = Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    )
 
   def step_directory(self, step: int) -> Path:
     """Where checkpoint `step` lives."""
@@ -220,8 +223,9 @@ class Manager:
       tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except (ValueError, OSError, KeyError) as error:  # e.g. a truncated _METADATA or a missing file
       raise CorruptCheckpointError(
-          f"{self.step_directory(step)}: checkpoint cannot be read, truncated or corrupt "
-          f"({type(error).__name__}: {str(error)[:300]})") from error
+        f"{self.step_directory(step)}: checkpoint cannot be read, truncated or corrupt "
+        f"({type(error).__name__}: {str(error)[:300]})"
+      ) from error
     verify(self.step_directory(step), tree)
     return tree
 
@@ -269,12 +273,17 @@ class Manager:
         warnings.warn(str(error), stacklevel=2)
         continue
       self._manager.delete(step)
-      warnings.warn(f"{first_error}\n  Restored the previous good checkpoint {self.step_directory(older)} "
-                    f"instead of {self.step_directory(step)}, which was deleted; training continues "
-                    f"from step {older}.", stacklevel=2)
+      warnings.warn(
+        f"{first_error}\n  Restored the previous good checkpoint {self.step_directory(older)} "
+        f"instead of {self.step_directory(step)}, which was deleted; training continues "
+        f"from step {older}.",
+        stacklevel=2,
+      )
       return tree
-    raise CorruptCheckpointError(f"{first_error}\n  No older checkpoint in {self.directory} verifies "
-                                 f"either; delete {self.directory} to start over.") from None
+    raise CorruptCheckpointError(
+      f"{first_error}\n  No older checkpoint in {self.directory} verifies "
+      f"either; delete {self.directory} to start over."
+    ) from None
 
   def close(self) -> None:
     self._manager.close()

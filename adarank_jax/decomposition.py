@@ -39,7 +39,7 @@ import threadpoolctl
 
 from adarank_jax import tree_util
 
-METHODS = ('auto', 'host', 'xla')
+METHODS = ("auto", "host", "xla")
 
 
 class SVD(NamedTuple):
@@ -50,6 +50,7 @@ class SVD(NamedTuple):
     s: (T, r) singular values, descending.
     vt: (T, r, n) right singular vectors (transposed).
   """
+
   u: jax.Array
   s: jax.Array
   vt: jax.Array
@@ -68,20 +69,26 @@ def resolve_method(method: str, backend: str | None = None) -> str:
     backend: a JAX platform name ('cpu', 'gpu', 'tpu'); None means `jax.default_backend()`.
   """
   if method not in METHODS:
-    raise ValueError(f'decompose: method={method!r}; expected one of {METHODS}')
-  if method != 'auto':
+    raise ValueError(f"decompose: method={method!r}; expected one of {METHODS}")
+  if method != "auto":
     return method
-  return 'host' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  return "host" if (backend or jax.default_backend()) == "cpu" else "xla"
 
 
 def default_workers() -> int:
   """Host-path threads: the CPUs this process may run on."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def decompose(tau: Mapping[Any, Any], select: Mapping[Any, Any], *, rank: int | None = None,
-              dtype: Any = None, method: str = 'auto', workers: int | None = None
-              ) -> dict[Any, Any]:
+def decompose(
+  tau: Mapping[Any, Any],
+  select: Mapping[Any, Any],
+  *,
+  rank: int | None = None,
+  dtype: Any = None,
+  method: str = "auto",
+  workers: int | None = None,
+) -> dict[Any, Any]:
   """SVD factors where `select` is True, dense task vectors elsewhere.
 
   Args:
@@ -103,13 +110,27 @@ def decompose(tau: Mapping[Any, Any], select: Mapping[Any, Any], *, rank: int | 
       on T, rank < 1, or `method` is unknown.
   """
   tau_flat = tree_util.flatten(tau)
-  return _decompose([tau_flat], select, num_tasks=_chunk_size(tau_flat), rank=rank, dtype=dtype,
-                    method=method, workers=workers)
+  return _decompose(
+    [tau_flat],
+    select,
+    num_tasks=_chunk_size(tau_flat),
+    rank=rank,
+    dtype=dtype,
+    method=method,
+    workers=workers,
+  )
 
 
-def decompose_streaming(select: Mapping[Any, Any], task_vectors: Iterable[Mapping[Any, Any]], *,
-                        num_tasks: int, rank: int | None = None, dtype: Any = None,
-                        method: str = 'auto', workers: int | None = None) -> dict[Any, Any]:
+def decompose_streaming(
+  select: Mapping[Any, Any],
+  task_vectors: Iterable[Mapping[Any, Any]],
+  *,
+  num_tasks: int,
+  rank: int | None = None,
+  dtype: Any = None,
+  method: str = "auto",
+  workers: int | None = None,
+) -> dict[Any, Any]:
   """`decompose` of task vectors given one task at a time; equal to `decompose(stack(...))`.
 
   Only one task's tree is referenced at a time (plus the growing outputs), so `task_vectors` can
@@ -132,8 +153,8 @@ def decompose_streaming(select: Mapping[Any, Any], task_vectors: Iterable[Mappin
       structure.
   """
   if num_tasks < 1:
-    raise ValueError(f'decompose_streaming: num_tasks={num_tasks}; expected a positive int')
-  host = resolve_method(method) == 'host'
+    raise ValueError(f"decompose_streaming: num_tasks={num_tasks}; expected a positive int")
+  host = resolve_method(method) == "host"
 
   def chunks() -> Iterator[dict[str, Any]]:
     for tree in task_vectors:
@@ -141,20 +162,21 @@ def decompose_streaming(select: Mapping[Any, Any], task_vectors: Iterable[Mappin
       del tree  # hold no task while the caller makes the next one
       yield {path: _with_task_axis(flat.pop(path), host=host) for path in list(flat)}
 
-  return _decompose(chunks(), select, num_tasks=num_tasks, rank=rank, dtype=dtype, method=method,
-                    workers=workers)
+  return _decompose(
+    chunks(), select, num_tasks=num_tasks, rank=rank, dtype=dtype, method=method, workers=workers
+  )
 
 
 def reconstruct(svd: SVD) -> jax.Array:
   """(T, m, n) = u @ diag(s) @ vt per task, in float32."""
   f32 = lambda x: x.astype(jnp.float32)
-  return jnp.einsum('tmr,tr,trn->tmn', f32(svd.u), f32(svd.s), f32(svd.vt))
+  return jnp.einsum("tmr,tr,trn->tmn", f32(svd.u), f32(svd.s), f32(svd.vt))
 
 
 def truncate(svd: SVD, rank: int) -> SVD:
   """The top min(rank, r) components of every task's factors."""
   if rank < 1:
-    raise ValueError(f'truncate: rank={rank}; expected a positive int')
+    raise ValueError(f"truncate: rank={rank}; expected a positive int")
   return SVD(svd.u[..., :rank], svd.s[..., :rank], svd.vt[..., :rank, :])
 
 
@@ -169,16 +191,24 @@ def _with_task_axis(leaf: Any, *, host: bool) -> Any:
   return jnp.asarray(leaf)[None]
 
 
-def _decompose(chunks: Iterable[Mapping[str, Any]], select: Mapping[Any, Any], *, num_tasks: int,
-               rank: int | None, dtype: Any, method: str, workers: int | None) -> dict[Any, Any]:
+def _decompose(
+  chunks: Iterable[Mapping[str, Any]],
+  select: Mapping[Any, Any],
+  *,
+  num_tasks: int,
+  rank: int | None,
+  dtype: Any,
+  method: str,
+  workers: int | None,
+) -> dict[Any, Any]:
   if rank is not None and rank < 1:
-    raise ValueError(f'decompose: rank={rank}; expected a positive int or None')
+    raise ValueError(f"decompose: rank={rank}; expected a positive int or None")
   method = resolve_method(method)
   if workers is not None and workers < 1:
-    raise ValueError(f'decompose: workers={workers}; expected a positive int or None')
+    raise ValueError(f"decompose: workers={workers}; expected a positive int or None")
   select_flat = tree_util.flatten(select)
   dtype = None if dtype is None else jnp.dtype(dtype)
-  outputs = _Outputs(num_tasks, host=method == 'host')
+  outputs = _Outputs(num_tasks, host=method == "host")
   layout: dict[str, tuple[int, ...]] | None = None  # path -> per-task shape, from the first chunk
   start = 0
   with _HostContext(method, workers) as pool:
@@ -189,7 +219,7 @@ def _decompose(chunks: Iterable[Mapping[str, Any]], select: Mapping[Any, Any], *
         _check_chunk(chunk, layout)
       size = _chunk_size(chunk)
       if start + size > num_tasks:
-        raise ValueError(f'decompose: got more than num_tasks={num_tasks} task vectors')
+        raise ValueError(f"decompose: got more than num_tasks={num_tasks} task vectors")
       svd_paths = [path for path in chunk if select_flat[path]]
       for path in chunk.keys() - set(svd_paths):
         outputs.put_dense(path, chunk[path], start, dtype)
@@ -200,35 +230,38 @@ def _decompose(chunks: Iterable[Mapping[str, Any]], select: Mapping[Any, Any], *
       start += size
       del chunk  # hold no task while the next one is made
   if start != num_tasks:
-    raise ValueError(f'decompose: got {start} task vectors; expected num_tasks={num_tasks}')
+    raise ValueError(f"decompose: got {start} task vectors; expected num_tasks={num_tasks}")
   return tree_util.unflatten(outputs.finish(list(layout or {})))
 
 
-def _check_first_chunk(chunk: Mapping[str, Any], select_flat: Mapping[str, Any]
-                       ) -> dict[str, tuple[int, ...]]:
+def _check_first_chunk(
+  chunk: Mapping[str, Any], select_flat: Mapping[str, Any]
+) -> dict[str, tuple[int, ...]]:
   missing = sorted(set(chunk) - set(select_flat))
   if missing:
-    raise ValueError(f'decompose: `select` has no entry for keys {missing}')
+    raise ValueError(f"decompose: `select` has no entry for keys {missing}")
   for path, leaf in chunk.items():
     if bool(select_flat[path]) and np.ndim(leaf) != 3:
-      raise ValueError(f'decompose: selected key {path!r} has shape {np.shape(leaf)}; expected '
-                       '(tasks, m, n), a matrix per task')
+      raise ValueError(
+        f"decompose: selected key {path!r} has shape {np.shape(leaf)}; expected "
+        "(tasks, m, n), a matrix per task"
+      )
   return {path: tuple(np.shape(leaf)[1:]) for path, leaf in chunk.items()}
 
 
 def _check_chunk(chunk: Mapping[str, Any], layout: Mapping[str, tuple[int, ...]]) -> None:
   per_task = {path: np.broadcast_to(False, np.shape(leaf)[1:]) for path, leaf in chunk.items()}
-  tree_util.check_structure(layout, per_task, source='decompose (a task vector vs. the first one)')
+  tree_util.check_structure(layout, per_task, source="decompose (a task vector vs. the first one)")
 
 
 def _chunk_size(chunk: Mapping[str, Any]) -> int:
   """The length of the leaves' common leading (task) axis."""
   scalars = sorted(path for path, leaf in chunk.items() if not np.ndim(leaf))
   if scalars:
-    raise ValueError(f'decompose: leaves {scalars} have no task axis')
+    raise ValueError(f"decompose: leaves {scalars} have no task axis")
   sizes = {np.shape(leaf)[0] for leaf in chunk.values()}
   if len(sizes) > 1:
-    raise ValueError(f'decompose: leaves disagree on the number of tasks: {sorted(sizes)}')
+    raise ValueError(f"decompose: leaves disagree on the number of tasks: {sorted(sizes)}")
   return sizes.pop() if sizes else 0
 
 
@@ -249,8 +282,9 @@ class _Outputs:
     """The host buffers of an SVD leaf, allocated on first use."""
     if path not in self.arrays:
       t = self.num_tasks
-      self.arrays[path] = SVD(_aligned_empty((t, m, k), dtype), _aligned_empty((t, k), dtype),
-                              _aligned_empty((t, k, n), dtype))
+      self.arrays[path] = SVD(
+        _aligned_empty((t, m, k), dtype), _aligned_empty((t, k), dtype), _aligned_empty((t, k, n), dtype)
+      )
     return self.arrays[path]
 
   def put_dense(self, path: str, leaf: Any, start: int, dtype: Any) -> None:
@@ -260,7 +294,7 @@ class _Outputs:
       if path not in self.arrays:
         out_dtype = np.asarray(leaf).dtype if dtype is None else dtype
         self.arrays[path] = _aligned_empty((self.num_tasks,) + np.shape(leaf)[1:], out_dtype)
-      self.arrays[path][start:start + np.shape(leaf)[0]] = np.asarray(leaf)
+      self.arrays[path][start : start + np.shape(leaf)[0]] = np.asarray(leaf)
     else:
       self.put_device(path, jnp.asarray(leaf) if dtype is None else jnp.asarray(leaf, dtype), start)
 
@@ -295,7 +329,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nd
   nbytes = int(np.prod(shape)) * dtype.itemsize
   raw = np.empty(nbytes + align, np.uint8)
   offset = -raw.ctypes.data % align
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+  return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def _to_jax(x: Any) -> jax.Array:
@@ -313,7 +347,7 @@ def _write(buffer: jax.Array, value: jax.Array, start: jax.Array) -> jax.Array:
 # XLA path: equal-shape leaves of a chunk stacked and decomposed by one jitted, vmapped call.
 
 
-@functools.partial(jax.jit, static_argnames=('rank', 'dtype'))
+@functools.partial(jax.jit, static_argnames=("rank", "dtype"))
 def _svd_group(stack: jax.Array, *, rank: int | None, dtype: Any) -> SVD:
   """(L, T, m, n) -> SVD with u (L, T, m, k), s (L, T, k), vt (L, T, k, n), in float32 math."""
   svd = functools.partial(jnp.linalg.svd, full_matrices=False)
@@ -324,8 +358,9 @@ def _svd_group(stack: jax.Array, *, rank: int | None, dtype: Any) -> SVD:
   return SVD(*(x.astype(out_dtype) for x in factors))
 
 
-def _xla_chunk(chunk: Mapping[str, Any], paths: list[str], start: int, outputs: _Outputs, *,
-               rank: int | None, dtype: Any) -> None:
+def _xla_chunk(
+  chunk: Mapping[str, Any], paths: list[str], start: int, outputs: _Outputs, *, rank: int | None, dtype: Any
+) -> None:
   groups: dict[tuple[tuple[int, ...], Any], list[str]] = {}
   for path in paths:
     groups.setdefault((np.shape(chunk[path]), jnp.result_type(chunk[path])), []).append(path)
@@ -345,15 +380,15 @@ class _HostContext:
   """A thread pool plus single-threaded BLAS for the host path; nothing for the XLA path."""
 
   def __init__(self, method: str, workers: int | None):
-    self.workers = (workers or default_workers()) if method == 'host' else 0
+    self.workers = (workers or default_workers()) if method == "host" else 0
 
   def __enter__(self) -> concurrent.futures.ThreadPoolExecutor | None:
     if not self.workers:
       return None
     # One BLAS thread per worker: the matrices are the parallelism. Multithreaded OpenBLAS inside
     # gesdd scales poorly and collapses when the cores are shared (benchmark_svd).
-    self.limits = threadpoolctl.threadpool_limits(limits=1, user_api='blas')
-    self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix='svd')
+    self.limits = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+    self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="svd")
     return self.pool
 
   def __exit__(self, *exc: Any) -> None:
@@ -362,9 +397,16 @@ class _HostContext:
       self.limits.restore_original_limits()
 
 
-def _host_chunk(pool: concurrent.futures.ThreadPoolExecutor, chunk: Mapping[str, Any],
-                paths: list[str], start: int, outputs: _Outputs, *, rank: int | None,
-                dtype: Any) -> None:
+def _host_chunk(
+  pool: concurrent.futures.ThreadPoolExecutor,
+  chunk: Mapping[str, Any],
+  paths: list[str],
+  start: int,
+  outputs: _Outputs,
+  *,
+  rank: int | None,
+  dtype: Any,
+) -> None:
   """Decomposes every (path, task) matrix of the chunk; returns when all are written."""
   jobs = []
   for path in paths:
@@ -382,20 +424,21 @@ def _host_chunk(pool: concurrent.futures.ThreadPoolExecutor, chunk: Mapping[str,
       future.result()
     except (np.linalg.LinAlgError, ValueError) as error:
       path, t = futures[future]
-      raise ValueError(f'decompose: the SVD of {path!r}, task {t}, failed ({error}); NaN or Inf '
-                       'in the task vector?') from error
+      raise ValueError(
+        f"decompose: the SVD of {path!r}, task {t}, failed ({error}); NaN or Inf in the task vector?"
+      ) from error
 
 
-def _host_svd(matrix: np.ndarray, u_out: np.ndarray, s_out: np.ndarray, vt_out: np.ndarray
-              ) -> None:
+def _host_svd(matrix: np.ndarray, u_out: np.ndarray, s_out: np.ndarray, vt_out: np.ndarray) -> None:
   """Thin SVD of one (m, n) matrix into the top-k views u_out (m, k), s_out (k,), vt_out (k, n)."""
   m, n = matrix.shape
   tall = matrix.T if m < n else matrix  # gesdd is fastest on the tall orientation
   try:
     u, s, vt = _sgesdd(tall)
   except np.linalg.LinAlgError:  # gesdd's rare convergence failures: retry with the QR-based gesvd
-    u, s, vt = scipy.linalg.svd(np.asarray(tall, np.float32), full_matrices=False,
-                                check_finite=False, lapack_driver='gesvd')
+    u, s, vt = scipy.linalg.svd(
+      np.asarray(tall, np.float32), full_matrices=False, check_finite=False, lapack_driver="gesvd"
+    )
   if m < n:  # tau^T = U S Vt  =>  tau = Vt^T S U^T
     u, vt = vt.T, u.T
   k = s_out.shape[0]
@@ -413,13 +456,14 @@ def _lapack(name: str) -> Any:
   Every argument is a pointer (Fortran calling convention, 32-bit ints).
   """
   capsule = scipy.linalg.cython_lapack.__pyx_capi__[name]
-  get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
-      ('PyCapsule_GetName', ctypes.pythonapi))
+  get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
   get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
-      ('PyCapsule_GetPointer', ctypes.pythonapi))
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+  )
   signature = get_name(capsule)  # b'void (char *, int *, ...)'
-  return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * (signature.count(b',') + 1))(
-      get_pointer(capsule, signature))
+  return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * (signature.count(b",") + 1))(
+    get_pointer(capsule, signature)
+  )
 
 
 def _sgesdd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -429,28 +473,44 @@ def _sgesdd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     np.linalg.LinAlgError: gesdd did not converge (info > 0).
     ValueError: LAPACK rejected an argument (info < 0; -4 is a NaN in the matrix).
   """
-  a = np.array(matrix, dtype=np.float32, order='F')  # our copy: gesdd overwrites it
+  a = np.array(matrix, dtype=np.float32, order="F")  # our copy: gesdd overwrites it
   m, n = a.shape
   r = min(m, n)
   s = np.empty(r, np.float32)
-  u = np.empty((m, r), np.float32, order='F')
-  vt = np.empty((r, n), np.float32, order='F')
+  u = np.empty((m, r), np.float32, order="F")
+  vt = np.empty((r, n), np.float32, order="F")
   iwork = np.empty(8 * r, np.intc)
   info = np.zeros(1, np.intc)
   dims = np.array([m, n, max(m, 1), max(m, 1), max(r, 1)], np.intc)  # m, n, lda, ldu, ldvt
-  jobz = ctypes.c_char(b'S')
+  jobz = ctypes.c_char(b"S")
   ptr = lambda x: x.ctypes.data
+
   def call(work: np.ndarray, lwork: np.ndarray) -> None:
-    _lapack('sgesdd')(ctypes.addressof(jobz), ptr(dims), ptr(dims[1:]), ptr(a), ptr(dims[2:]),
-                      ptr(s), ptr(u), ptr(dims[3:]), ptr(vt), ptr(dims[4:]), ptr(work),
-                      ptr(lwork), ptr(iwork), ptr(info))
+    _lapack("sgesdd")(
+      ctypes.addressof(jobz),
+      ptr(dims),
+      ptr(dims[1:]),
+      ptr(a),
+      ptr(dims[2:]),
+      ptr(s),
+      ptr(u),
+      ptr(dims[3:]),
+      ptr(vt),
+      ptr(dims[4:]),
+      ptr(work),
+      ptr(lwork),
+      ptr(iwork),
+      ptr(info),
+    )
+
   query = np.zeros(1, np.float32)
   call(query, np.array([-1], np.intc))  # workspace query
   lwork = int(np.ceil(query[0] * np.float32(1 + 1e-6)))  # float32 may round the size down
   call(np.empty(max(lwork, 1), np.float32), np.array([lwork], np.intc))
   if info[0] > 0:
-    raise np.linalg.LinAlgError(f'gesdd did not converge (info={info[0]})')
+    raise np.linalg.LinAlgError(f"gesdd did not converge (info={info[0]})")
   if info[0] < 0:
-    raise ValueError(f'gesdd: argument {-info[0]} had an illegal value'
-                     + (' (a NaN in the matrix)' if info[0] == -4 else ''))
+    raise ValueError(
+      f"gesdd: argument {-info[0]} had an illegal value" + (" (a NaN in the matrix)" if info[0] == -4 else "")
+    )
   return u, s, vt

@@ -35,8 +35,9 @@ class BatchError(ValueError):
   """A batch lacks a reserved key, has labels out of range, or differs in shape from the first batch."""
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int,
-                     mask: np.ndarray | None = None) -> np.ndarray:
+def confusion_matrix(
+  labels: np.ndarray, predictions: np.ndarray, num_classes: int, mask: np.ndarray | None = None
+) -> np.ndarray:
   """Counts of (true, predicted) pairs over the real rows.
 
   Args:
@@ -60,8 +61,9 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     labels, predictions = labels[keep], predictions[keep]
   for name, values in (("labels", labels), ("predictions", predictions)):
     if values.size and (values.min() < 0 or values.max() >= num_classes):
-      raise ValueError(f"{name} must lie in [0, {num_classes}), got values in "
-                       f"[{values.min()}, {values.max()}]")
+      raise ValueError(
+        f"{name} must lie in [0, {num_classes}), got values in [{values.min()}, {values.max()}]"
+      )
   confusion = np.zeros((num_classes, num_classes), np.int64)
   np.add.at(confusion, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
   return confusion
@@ -105,10 +107,7 @@ def matthews_corrcoef(confusion: np.ndarray) -> float:
   return float(cov_ytyp / np.sqrt(denominator))
 
 
-METRICS: dict[str, Callable[[np.ndarray], float]] = {
-    "accuracy": accuracy,
-    "matthews": matthews_corrcoef,
-}
+METRICS: dict[str, Callable[[np.ndarray], float]] = {"accuracy": accuracy, "matthews": matthews_corrcoef}
 
 
 def _metric_fn(metric: str, task: str | None = None) -> Callable[[np.ndarray], float]:
@@ -126,8 +125,9 @@ def average(scores: Mapping[str, float]) -> float:
   return float(np.mean(values))
 
 
-def normalized_scores(scores: Mapping[str, float], individual: Mapping[str, float]
-                      ) -> dict[str, float | None]:
+def normalized_scores(
+  scores: Mapping[str, float], individual: Mapping[str, float]
+) -> dict[str, float | None]:
   """Normalized score = merged / individual (fine-tuned) score, per task and on average.
 
   The average is the mean of the per-task ratios (not the ratio of the mean scores), as in the
@@ -165,8 +165,9 @@ def _signature(batch: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str
   return {key: (tuple(value.shape), str(value.dtype)) for key, value in batch.items()}
 
 
-def _check_batch(index: int, batch: Mapping[str, Any],
-                 expected: dict[str, tuple[tuple[int, ...], str]] | None) -> None:
+def _check_batch(
+  index: int, batch: Mapping[str, Any], expected: dict[str, tuple[tuple[int, ...], str]] | None
+) -> None:
   for key in (LABEL_KEY, MASK_KEY):
     if key not in batch:
       raise BatchError(f"batch {index} has no {key!r} key; keys are {sorted(batch)}")
@@ -175,21 +176,29 @@ def _check_batch(index: int, batch: Mapping[str, Any],
       raise BatchError(f"batch {index}: {key!r} is a {type(value).__name__}, expected a numpy array")
   rows = np.shape(batch[MASK_KEY])
   if len(rows) != 1 or np.shape(batch[LABEL_KEY]) != rows:
-    raise BatchError(f"batch {index}: {LABEL_KEY!r} and {MASK_KEY!r} must both have shape (B,), got "
-                     f"{np.shape(batch[LABEL_KEY])} and {rows}")
+    raise BatchError(
+      f"batch {index}: {LABEL_KEY!r} and {MASK_KEY!r} must both have shape (B,), got "
+      f"{np.shape(batch[LABEL_KEY])} and {rows}"
+    )
   if expected is None:
     return
   actual = _signature(batch)
   if actual != expected:
-    diffs = [f"{k!r}: {actual.get(k)} vs {expected.get(k)}"
-             for k in sorted(set(actual) | set(expected)) if actual.get(k) != expected.get(k)]
-    raise BatchError(f"batch {index} differs from batch 0 in (shape, dtype): {'; '.join(diffs)}. Pad every "
-                     f"batch to the same shape and mark padding rows with {MASK_KEY}=0, so that predict_fn "
-                     "compiles once")
+    diffs = [
+      f"{k!r}: {actual.get(k)} vs {expected.get(k)}"
+      for k in sorted(set(actual) | set(expected))
+      if actual.get(k) != expected.get(k)
+    ]
+    raise BatchError(
+      f"batch {index} differs from batch 0 in (shape, dtype): {'; '.join(diffs)}. Pad every "
+      f"batch to the same shape and mark padding rows with {MASK_KEY}=0, so that predict_fn "
+      "compiles once"
+    )
 
 
-def _fetch_counts(predictions: jax.Array, labels: np.ndarray, mask: np.ndarray, index: int, *,
-                  num_classes: int) -> np.ndarray:
+def _fetch_counts(
+  predictions: jax.Array, labels: np.ndarray, mask: np.ndarray, index: int, *, num_classes: int
+) -> np.ndarray:
   """Brings one batch's (B,) predictions to the host and counts its real rows."""
   try:
     return confusion_matrix(labels, np.asarray(jax.device_get(predictions)), num_classes, mask)
@@ -220,8 +229,9 @@ def accumulate_confusion(predict_fn: PredictFn, batches: Iterable[Mapping[str, A
     logits = predict_fn(inputs)
     rows = np.shape(batch[MASK_KEY])[0]
     if logits.ndim != 2 or logits.shape[0] != rows:
-      raise BatchError(f"batch {index}: predict_fn returned logits of shape {logits.shape}, expected "
-                       f"({rows}, num_classes)")
+      raise BatchError(
+        f"batch {index}: predict_fn returned logits of shape {logits.shape}, expected ({rows}, num_classes)"
+      )
     if confusion is None:
       confusion = np.zeros((logits.shape[-1],) * 2, np.int64)
     predictions = _argmax(logits)

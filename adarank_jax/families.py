@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,35 +29,42 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adarank_jax import train
-from adarank_jax import tree_util
-from adarank_jax.data import clip_tokenizer
-from adarank_jax.data import registry
-from adarank_jax.models import clip
-from adarank_jax.models import functional
+from adarank_jax import train, tree_util
+from adarank_jax.data import clip_tokenizer, registry
+from adarank_jax.models import clip, functional
 from adarank_jax.models import heads as heads_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """A loaded family: the trees to merge, the heads and the pure functions over them."""
-  kind: str                                  # 'vision' | 'text': which input pipeline feeds it
-  merged: Any                                # pretrained tree of the merged part
-  finetuned: tuple[Any, ...]                 # T fine-tuned trees of the same structure
+
+  kind: str  # 'vision' | 'text': which input pipeline feeds it
+  merged: Any  # pretrained tree of the merged part
+  finetuned: tuple[Any, ...]  # T fine-tuned trees of the same structure
   logits: Callable[[Any, int, Any], jax.Array]
-  train_logits: train.LogitsFn               # `logits` of every task at once, for the training step
+  train_logits: train.LogitsFn  # `logits` of every task at once, for the training step
   predict: Callable[[Any, int, Any], jax.Array]  # jitted `logits` for evaluation, compiled sparingly
   export: Callable[[Any, str | os.PathLike], None]
-  image_size: int = 0                        # vision: the model's input resolution
-  tokenizer: str = ""                        # text: local tokenizer directory
+  image_size: int = 0  # vision: the model's input resolution
+  tokenizer: str = ""  # text: local tokenizer directory
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str],
-              dtype: str, run_pickled_code: bool, cache_dir: str | os.PathLike,
-              tasks_per_forward: int | None = 1, remat: bool = False) -> Setup:
+def load_clip(
+  *,
+  model: str,
+  pretrained: str,
+  finetuned: Sequence[str],
+  tasks: Sequence[str],
+  dtype: str,
+  run_pickled_code: bool,
+  cache_dir: str | os.PathLike,
+  tasks_per_forward: int | None = 1,
+  remat: bool = False,
+) -> Setup:
   """OpenCLIP checkpoints -> image towers + zero-shot heads built with the Flax text tower.
 
   Args:
@@ -72,6 +79,7 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
       `train.one_forward`'s tasks_per_call (None: all tasks in one call) and remat.
   """
   from adarank_jax.interop import openclip  # pylint: disable=g-import-not-at-top (needs torch for .pt)
+
   config = clip.load_config(model)
   loaded, problems = [], []
   for path, text in ((pretrained, True), *((path, False) for path in finetuned)):
@@ -80,13 +88,15 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
     except (ValueError, OSError) as error:
       problems.append(str(error))
   if problems:
-    raise ValueError(f"{len(problems)} of {1 + len(finetuned)} checkpoints cannot be used:\n  "
-                     + "\n  ".join(problems))
+    raise ValueError(
+      f"{len(problems)} of {1 + len(finetuned)} checkpoints cannot be used:\n  " + "\n  ".join(problems)
+    )
   full, *tuned = loaded
   tuned = tuple(tuned)
   heads = zero_shot_heads(config, full, tasks, cache_dir=cache_dir, source=f"model config {model}")
   graphdef, _ = functional.split(
-      nnx.eval_shape(lambda: clip.build(config.vision, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))))
+    nnx.eval_shape(lambda: clip.build(config.vision, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
+  )
 
   def apply(params, head, images):
     return heads_lib.classify(functional.call(graphdef, params, images), head)
@@ -98,9 +108,12 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
   jitted = jax.jit(apply)
   # Training: the tower traced once, called on `tasks_per_forward` tasks' images at a time, then each
   # task's head on its own rows.
-  train_logits = train.one_forward(lambda params, batch: functional.call(graphdef, params, batch["image"]),
-                                   lambda t, features: heads_lib.classify(features, heads[t]),
-                                   tasks_per_call=tasks_per_forward, remat=remat)
+  train_logits = train.one_forward(
+    lambda params, batch: functional.call(graphdef, params, batch["image"]),
+    lambda t, features: heads_lib.classify(features, heads[t]),
+    tasks_per_call=tasks_per_forward,
+    remat=remat,
+  )
 
   def predict(params, t, batch):
     return jitted(params, heads[t], batch["image"])
@@ -108,13 +121,21 @@ def load_clip(*, model: str, pretrained: str, finetuned: Sequence[str], tasks: S
   def export(params, path):
     openclip.export_openclip({**full, "visual": jax.device_get(params)}, path)
 
-  return Setup(kind="vision", merged=full["visual"], finetuned=tuned, logits=logits,
-               train_logits=train_logits, predict=predict, export=export,
-               image_size=config.vision.image_size)
+  return Setup(
+    kind="vision",
+    merged=full["visual"],
+    finetuned=tuned,
+    logits=logits,
+    train_logits=train_logits,
+    predict=predict,
+    export=export,
+    image_size=config.vision.image_size,
+  )
 
 
-def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
-                    cache_dir: str | os.PathLike, source: str = "") -> tuple[np.ndarray, ...]:
+def zero_shot_heads(
+  config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *, cache_dir: str | os.PathLike, source: str = ""
+) -> tuple[np.ndarray, ...]:
   """Each task's (classes, dim) head from its class names and templates, cached per model and task.
 
   Every task's token ids are checked against the text tower's vocabulary before any head is built (an
@@ -126,34 +147,50 @@ def zero_shot_heads(config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *,
   for name in tasks:  # all at once, before any compute: ids beyond the vocabulary would give NaN heads
     task = registry.get(name)
     heads_lib.check_token_ids(
-        tokenize([template.format(c) for c in task.classnames for template in task.templates]),
-        config.text.vocab_size, source=f"{source} (task {name})")
+      tokenize([template.format(c) for c in task.classnames for template in task.templates]),
+      config.text.vocab_size,
+      source=f"{source} (task {name})",
+    )
   graphdef, _ = functional.split(nnx.eval_shape(lambda: clip.build(config, rngs=nnx.Rngs(0))))
   encode_text = jax.jit(functools.partial(functional.call, graphdef, method="encode_text"))
   fingerprint = heads_lib.fingerprint({"text": full["text"], "logit_scale": full["logit_scale"]})[:16]
   out = []
   for name in tasks:
     task = registry.get(name)
-    out.append(heads_lib.cached_zero_shot_head(
-        cache_dir=Path(cache_dir), key=f"{fingerprint}_{name}",
+    out.append(
+      heads_lib.cached_zero_shot_head(
+        cache_dir=Path(cache_dir),
+        key=f"{fingerprint}_{name}",
         encode_text_fn=lambda tokens: encode_text(full, jnp.asarray(tokens)),
         tokenize_fn=tokenize,
-        classnames=task.classnames, templates=task.templates,
-        logit_scale=float(np.asarray(full["logit_scale"])), vocab_size=config.text.vocab_size,
-        source=f"{source} (task {name})"))
+        classnames=task.classnames,
+        templates=task.templates,
+        logit_scale=float(np.asarray(full["logit_scale"])),
+        vocab_size=config.text.vocab_size,
+        source=f"{source} (task {name})",
+      )
+    )
   return tuple(out)
 
 
-
 # The files of a Hugging Face tokenizer, copied from the pretrained directory into LM exports.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "vocab.txt",
+  "vocab.json",
+  "merges.txt",
+  "added_tokens.json",
+)
 
 # The classification heads the official LM code swaps in per task: architecture -> (body key, head
 # key). The body is merged; each task keeps its own fine-tuned head.
-LM_HEADS = {"RobertaForSequenceClassification": ("roberta", "classifier"),
-            "BertForSequenceClassification": ("bert", "classifier"),
-            "GPT2ForSequenceClassification": ("transformer", "score")}
+LM_HEADS = {
+  "RobertaForSequenceClassification": ("roberta", "classifier"),
+  "BertForSequenceClassification": ("bert", "classifier"),
+  "GPT2ForSequenceClassification": ("transformer", "score"),
+}
 
 
 def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], dtype: str) -> Setup:
@@ -175,6 +212,7 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
   """
   from adarank_jax.interop import hf  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import gpt2, roberta  # pylint: disable=g-import-not-at-top
+
   if len(tasks) != len(finetuned):
     raise ValueError(f"load_lm: {len(tasks)} tasks but {len(finetuned)} fine-tuned directories")
   pre_config, pre_tree = hf.load_hf(pretrained)
@@ -183,23 +221,28 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
     config, tree = hf.load_hf(path)
     hf.check_compatible(pre_config, config, reference_source=pretrained, source=path)
     if config.architecture not in LM_HEADS:
-      raise ValueError(f"{path}: a {config.architecture}; fine-tuned models must be one of "
-                       f"{', '.join(LM_HEADS)}")
+      raise ValueError(
+        f"{path}: a {config.architecture}; fine-tuned models must be one of {', '.join(LM_HEADS)}"
+      )
     if isinstance(config, gpt2.GPT2Config) and config.pad_token_id is None:
-      raise ValueError(f"{Path(path) / 'config.json'}: pad_token_id is not set; GPT-2 sequence "
-                       "classification pools the last token that is not padding, so it needs the id "
-                       "the inputs are padded with (GPT-2's eos id, 50256, for its own tokenizer)")
+      raise ValueError(
+        f"{Path(path) / 'config.json'}: pad_token_id is not set; GPT-2 sequence "
+        "classification pools the last token that is not padding, so it needs the id "
+        "the inputs are padded with (GPT-2's eos id, 50256, for its own tokenizer)"
+      )
     configs.append(config)
     tuned.append(tree)
   body_key, head_key = LM_HEADS[configs[0].architecture]
   body_shapes = tree_util.shapes(tree_util.flatten(tuned[0][body_key]))
   pre_body = tree_util.flatten(pre_tree[body_key] if body_key in pre_tree else pre_tree)
   pre_body = {k: v for k, v in pre_body.items() if k in body_shapes}  # e.g. a bare body's pooler
-  tree_util.check_structure(body_shapes, pre_body, source=f"{pretrained} (the {body_key} body of "
-                                                           f"{finetuned[0]})")
+  tree_util.check_structure(
+    body_shapes, pre_body, source=f"{pretrained} (the {body_key} body of {finetuned[0]})"
+  )
   heads = [tree[head_key] for tree in tuned]
   is_gpt2 = isinstance(pre_config, gpt2.GPT2Config)
   builder = gpt2.build if is_gpt2 else roberta.build
+
   def graphdef(config):
     config = dataclasses.replace(config, dtype=dtype)
     return functional.split(nnx.eval_shape(lambda: builder(config, rngs=nnx.Rngs(0))))[0]
@@ -208,8 +251,10 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
 
   def logits(params, t, batch):
     if is_gpt2 and "token_type_ids" in batch:
-      raise ValueError("the tokenizer gives token_type_ids, which GPT-2 classifiers here do not take; "
-                       "use a GPT2TokenizerFast (inputs: input_ids, attention_mask)")
+      raise ValueError(
+        "the tokenizer gives token_type_ids, which GPT-2 classifiers here do not take; "
+        "use a GPT2TokenizerFast (inputs: input_ids, attention_mask)"
+      )
     return functional.call(graphdefs[t], {**params, head_key: heads[t]}, **batch)
 
   def export(params, path):
@@ -221,8 +266,13 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
         if (Path(pretrained) / name).is_file():
           shutil.copyfile(Path(pretrained) / name, Path(path) / task / name)
 
-  return Setup(kind="text", merged={body_key: tree_util.unflatten(pre_body)},
-               finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
-               logits=logits, train_logits=train.per_task(logits),
-               predict=jax.jit(logits, static_argnums=1), export=export,
-               tokenizer=str(pretrained))
+  return Setup(
+    kind="text",
+    merged={body_key: tree_util.unflatten(pre_body)},
+    finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
+    logits=logits,
+    train_logits=train.per_task(logits),
+    predict=jax.jit(logits, static_argnums=1),
+    export=export,
+    tokenizer=str(pretrained),
+  )

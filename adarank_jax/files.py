@@ -8,17 +8,17 @@ killed mid-write leaves that temporary file behind; `remove_stale_temps` deletes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import contextlib
 import errno
 import fcntl
 import json
 import os
-from pathlib import Path
 import shutil
 import tempfile
-from typing import Any
 import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 TEMP_SUFFIX = ".tmp"
 LOCK_NAME = ".lock"
@@ -157,8 +157,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
   try:
     return json.loads(text)
   except json.JSONDecodeError as error:
-    raise CorruptFileError(f"{path}: truncated or corrupt JSON ({error}); delete or restore the file") \
-        from error
+    raise CorruptFileError(
+      f"{path}: truncated or corrupt JSON ({error}); delete or restore the file"
+    ) from error
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -183,8 +184,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     except ValueError as error:
       is_last = all(not rest.strip() for rest in lines[number:])
       if is_last and not text.endswith("\n"):
-        warnings.warn(f"{path}: dropped a torn last record (line {number}; a killed run was writing it)",
-                      stacklevel=2)
+        warnings.warn(
+          f"{path}: dropped a torn last record (line {number}; a killed run was writing it)", stacklevel=2
+        )
         break
       raise CorruptFileError(f"{path}: line {number} is not a JSON record ({error})") from error
     records.append(dict(record))
@@ -236,8 +238,9 @@ class WorkdirLock:
       holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
       os.close(fd)
       raise WorkdirBusyError(  # pylint: disable=raise-missing-from
-          f"{workdir}: another run (pid {holder}) is using this workdir (it holds {self.path}); wait "
-          f"for it to finish or choose another --workdir") from None
+        f"{workdir}: another run (pid {holder}) is using this workdir (it holds {self.path}); wait "
+        f"for it to finish or choose another --workdir"
+      ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     self._fd = fd
@@ -268,4 +271,3 @@ def clear_dir(directory: str | os.PathLike[str], *, keep: tuple[str, ...] = (LOC
       shutil.rmtree(child)
     else:
       child.unlink()
-

@@ -6,28 +6,34 @@ python -m adarank_jax.main --config configs/demo.py          # the embedded digi
 """
 
 import os
-from pathlib import Path
 import sys
 import traceback
+from pathlib import Path
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adarank_jax import files
-from adarank_jax import validate
+from adarank_jax import files, validate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (configs/*.py[:args]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", "", "Output directory; default runs/<config.name>.")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last checkpoint.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete what --workdir holds and start over.")
-_EXPORT = flags.DEFINE_enum("export", None, ["", "safetensors", "pt", "hf"],
-                            "Also write each merged model: OpenCLIP state dict (clip) or HF directory; "
-                            "default: config.export; --export= writes none.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print the traceback too (or set "
-                             "ADARANK_VERBOSE=1); without it an error is one 'error: ...' message.")
+_EXPORT = flags.DEFINE_enum(
+  "export",
+  None,
+  ["", "safetensors", "pt", "hf"],
+  "Also write each merged model: OpenCLIP state dict (clip) or HF directory; "
+  "default: config.export; --export= writes none.",
+)
+_VERBOSE = flags.DEFINE_bool(
+  "verbose",
+  False,
+  "On an error, print the traceback too (or set "
+  "ADARANK_VERBOSE=1); without it an error is one 'error: ...' message.",
+)
 flags.mark_flags_as_required(["config"])
 VERBOSE_ENV = "ADARANK_VERBOSE"
 
@@ -79,8 +85,10 @@ def _main(argv):
     continued = validate.check_workdir(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
   if config.mesh.multi_host:
     import jax  # pylint: disable=g-import-not-at-top
+
     jax.distributed.initialize()
   from adarank_jax import run  # pylint: disable=g-import-not-at-top  (heavy imports after validation)
+
   try:
     run.run(config, workdir, continued=continued, overwrite=_OVERWRITE.value, export=export)
   finally:

@@ -24,14 +24,14 @@ INIT_LOGIT = 0.1  # |initial logit|: +0.1 keeps a component, -0.1 drops it (offi
 def initial_rank(rank: int, *, initial_rank_ratio: float, num_tasks: int) -> int:
   """Number of components kept at init: floor(rho * rank), with rho == 0 meaning 1 / num_tasks."""
   if not 0.0 <= initial_rank_ratio <= 1.0:
-    raise ValueError(f'initial_rank_ratio={initial_rank_ratio}; expected a value in [0, 1] '
-                     '(0 means 1 / num_tasks)')
+    raise ValueError(
+      f"initial_rank_ratio={initial_rank_ratio}; expected a value in [0, 1] (0 means 1 / num_tasks)"
+    )
   ratio = 1.0 / num_tasks if initial_rank_ratio == 0 else initial_rank_ratio
   return int(ratio * rank)
 
 
-def init_logits(factors: Mapping[Any, Any], *, initial_rank_ratio: float, num_tasks: int
-                ) -> dict[Any, Any]:
+def init_logits(factors: Mapping[Any, Any], *, initial_rank_ratio: float, num_tasks: int) -> dict[Any, Any]:
   """Initial mask logits for every SVD leaf of `factors`.
 
   Args:
@@ -52,7 +52,7 @@ def init_logits(factors: Mapping[Any, Any], *, initial_rank_ratio: float, num_ta
       continue
     tasks, rank = leaf.s.shape
     if tasks != num_tasks:
-      raise ValueError(f'init_logits: {path!r} has {tasks} tasks; expected num_tasks={num_tasks}')
+      raise ValueError(f"init_logits: {path!r} has {tasks} tasks; expected num_tasks={num_tasks}")
     keep = initial_rank(rank, initial_rank_ratio=initial_rank_ratio, num_tasks=num_tasks)
     row = jnp.where(jnp.arange(rank) < keep, INIT_LOGIT, -INIT_LOGIT).astype(jnp.float32)
     logits[path] = jnp.broadcast_to(row, (tasks, rank))
@@ -78,9 +78,9 @@ def straight_through(logits: jax.Array, temperature: float) -> jax.Array:
 # How `merging.merge` turns logits into masks: training uses 'ste', evaluation/export 'hard',
 # and 'soft' is the differentiable surrogate (finite-difference checks, the soft-mask ablation).
 MASK_FNS: dict[str, Callable[[jax.Array, float], jax.Array]] = {
-    'ste': straight_through,
-    'soft': soft_mask,
-    'hard': lambda logits, temperature: hard_mask(logits),  # the threshold ignores temperature
+  "ste": straight_through,
+  "soft": soft_mask,
+  "hard": lambda logits, temperature: hard_mask(logits),  # the threshold ignores temperature
 }
 
 

@@ -31,25 +31,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adarank_jax import masking
-from adarank_jax import tree_util
+from adarank_jax import masking, tree_util
 from adarank_jax.decomposition import SVD, is_svd
 
+COEFFICIENTS = ("tensor", "task")
 
-COEFFICIENTS = ('tensor', 'task')
 
-
-def init_coefficients(factors: Mapping[Any, Any], *, num_tasks: int, prior: float,
-                      per: str = 'tensor') -> Any:
+def init_coefficients(
+  factors: Mapping[Any, Any], *, num_tasks: int, prior: float, per: str = "tensor"
+) -> Any:
   """lambda filled with `prior`: per='tensor' a float32 (T,) array for every leaf (SVD and dense) of
   `factors` (AdaRank, layer-wise AdaMerging); per='task' one (T,) array for all of them (task-wise
   AdaMerging). `merge` takes either form."""
-  if per == 'task':
+  if per == "task":
     return jnp.full((num_tasks,), prior, jnp.float32)
-  if per != 'tensor':
-    raise ValueError(f'init_coefficients: per={per!r}; expected one of {COEFFICIENTS}')
-  return tree_util.unflatten({
-      path: jnp.full((num_tasks,), prior, jnp.float32) for path in tree_util.flatten(factors)})
+  if per != "tensor":
+    raise ValueError(f"init_coefficients: per={per!r}; expected one of {COEFFICIENTS}")
+  return tree_util.unflatten(
+    {path: jnp.full((num_tasks,), prior, jnp.float32) for path in tree_util.flatten(factors)}
+  )
 
 
 def clamp(x: jax.Array, low: float, high: float) -> jax.Array:
@@ -80,10 +80,10 @@ def svd_delta(svd: SVD, weights: jax.Array, *, precision: Any = None) -> jax.Arr
   """
   tasks, m, rank = svd.u.shape
   dtype = _compute_dtype(weights, *svd)
-  scale = weights.astype(dtype) * svd.s.astype(dtype)                       # (T, r)
-  left = svd.u.astype(dtype) * scale[:, None, :]                            # (T, m, r)
-  left = jnp.transpose(left, (1, 0, 2)).reshape(m, tasks * rank)            # (m, T*r)
-  right = svd.vt.astype(dtype).reshape(tasks * rank, svd.vt.shape[-1])      # (T*r, n)
+  scale = weights.astype(dtype) * svd.s.astype(dtype)  # (T, r)
+  left = svd.u.astype(dtype) * scale[:, None, :]  # (T, m, r)
+  left = jnp.transpose(left, (1, 0, 2)).reshape(m, tasks * rank)  # (m, T*r)
+  right = svd.vt.astype(dtype).reshape(tasks * rank, svd.vt.shape[-1])  # (T*r, n)
   return jnp.matmul(left, right, precision=precision)
 
 
@@ -94,8 +94,9 @@ def masked_deltas(svd: SVD, mask: jax.Array, *, precision: Any = None) -> jax.Ar
   return jnp.matmul(left, svd.vt.astype(dtype), precision=precision)
 
 
-def cached_svd_delta(deltas: jax.Array, svd: SVD, coefficients: jax.Array, mask: jax.Array, *,
-                     precision: Any = None) -> jax.Array:
+def cached_svd_delta(
+  deltas: jax.Array, svd: SVD, coefficients: jax.Array, mask: jax.Array, *, precision: Any = None
+) -> jax.Array:
   """sum_t coefficients_t deltas_t, differentiable in `coefficients` and `mask` as `svd_delta` is.
 
   `deltas` must equal `masked_deltas(svd, hard(mask))`: the forward value is read from them, and the
@@ -112,8 +113,7 @@ def _cached_svd_delta(precision, deltas, svd, coefficients, mask):
 
 
 def _cached_svd_delta_fwd(precision, deltas, svd, coefficients, mask):
-  return (_cached_svd_delta(precision, deltas, svd, coefficients, mask),
-          (deltas, svd, coefficients, mask))
+  return (_cached_svd_delta(precision, deltas, svd, coefficients, mask), (deltas, svd, coefficients, mask))
 
 
 def _cached_svd_delta_bwd(precision, residuals, grad):
@@ -123,16 +123,20 @@ def _cached_svd_delta_bwd(precision, residuals, grad):
   # g_{t,i} = (U_t^T G V_t)_{ii}: one product of G with the factor on its longer side, then a
   # column-wise dot with the other factor; the (T, min(m, n), r) intermediate is the smaller one.
   m, n = grad.shape
-  if m <= n:   # (G V_t): (m, n) @ (n, r) per task, then sum_m U_t[m, i] (G V_t)[m, i]
-    right = jnp.einsum('mn,trn->tmr', grad.astype(dtype), vt, precision=precision)
-    g = jnp.sum(right * u, axis=1) * s                                     # (T, r): s_i g_i
-  else:        # (U_t^T G): (r, m) @ (m, n) per task, then sum_n (U_t^T G)[i, n] V_t^T[i, n]
-    left = jnp.einsum('tmr,mn->trn', u, grad.astype(dtype), precision=precision)
+  if m <= n:  # (G V_t): (m, n) @ (n, r) per task, then sum_m U_t[m, i] (G V_t)[m, i]
+    right = jnp.einsum("mn,trn->tmr", grad.astype(dtype), vt, precision=precision)
+    g = jnp.sum(right * u, axis=1) * s  # (T, r): s_i g_i
+  else:  # (U_t^T G): (r, m) @ (m, n) per task, then sum_n (U_t^T G)[i, n] V_t^T[i, n]
+    left = jnp.einsum("tmr,mn->trn", u, grad.astype(dtype), precision=precision)
     g = jnp.sum(left * vt, axis=-1) * s
   grad_coefficients = jnp.sum(g * mask.astype(dtype), axis=-1)
   grad_mask = coefficients.astype(dtype)[:, None] * g
-  return (jnp.zeros_like(deltas), jax.tree.map(jnp.zeros_like, svd),
-          grad_coefficients.astype(coefficients.dtype), grad_mask.astype(mask.dtype))
+  return (
+    jnp.zeros_like(deltas),
+    jax.tree.map(jnp.zeros_like, svd),
+    grad_coefficients.astype(coefficients.dtype),
+    grad_mask.astype(mask.dtype),
+  )
 
 
 _cached_svd_delta.defvjp(_cached_svd_delta_fwd, _cached_svd_delta_bwd)
@@ -146,17 +150,24 @@ def dense_delta(tau: jax.Array, coefficients: jax.Array) -> jax.Array:
 
 def _lookup(flat: Mapping[str, Any], path: str, what: str, shape: tuple[int, ...]) -> Any:
   if path not in flat:
-    raise ValueError(f'merge: {what} has no entry for key {path!r}')
+    raise ValueError(f"merge: {what} has no entry for key {path!r}")
   if tuple(np.shape(flat[path])) != shape:
-    raise ValueError(f'merge: {what}[{path!r}] has shape {tuple(np.shape(flat[path]))}; '
-                     f'expected {shape}')
+    raise ValueError(f"merge: {what}[{path!r}] has shape {tuple(np.shape(flat[path]))}; expected {shape}")
   return flat[path]
 
 
-def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Mapping[Any, Any],
-          coefficients: Any, *, temperature: float, mask_mode: str = 'ste',
-          precision: Any = None, deltas: Mapping[Any, Any] | None = None,
-          coefficient_range: tuple[float, float] | None = None) -> dict[Any, Any]:
+def merge(
+  origin: Mapping[Any, Any],
+  factors: Mapping[Any, Any],
+  mask_logits: Mapping[Any, Any],
+  coefficients: Any,
+  *,
+  temperature: float,
+  mask_mode: str = "ste",
+  precision: Any = None,
+  deltas: Mapping[Any, Any] | None = None,
+  coefficient_range: tuple[float, float] | None = None,
+) -> dict[Any, Any]:
   """The merged param tree (pure; jittable and differentiable in mask_logits and coefficients).
 
   Args:
@@ -184,8 +195,8 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
       mask logit / coefficient / factor.
   """
   if mask_mode not in masking.MASK_FNS:
-    raise ValueError(f'merge: mask_mode={mask_mode!r}; expected one of {sorted(masking.MASK_FNS)}')
-  if deltas is not None and mask_mode == 'soft':
+    raise ValueError(f"merge: mask_mode={mask_mode!r}; expected one of {sorted(masking.MASK_FNS)}")
+  if deltas is not None and mask_mode == "soft":
     raise ValueError("merge: cached deltas hold hard-masked components; mask_mode='soft' cannot use them")
   mask_fn = masking.MASK_FNS[mask_mode]
   delta_cache = {} if deltas is None else tree_util.flatten(deltas)
@@ -201,35 +212,45 @@ def merge(origin: Mapping[Any, Any], factors: Mapping[Any, Any], mask_logits: Ma
     if is_svd(factor):
       tasks, m, rank = factor.u.shape
       if shape != (m, factor.vt.shape[-1]):
-        raise ValueError(f'merge: factors[{path!r}] rebuild a {(m, factor.vt.shape[-1])} matrix; '
-                         f'the origin is {shape}')
-      lam = _lookup(coef_flat, path, 'coefficients', (tasks,))
-      mask = mask_fn(_lookup(logit_flat, path, 'mask_logits', (tasks, rank)), temperature)
+        raise ValueError(
+          f"merge: factors[{path!r}] rebuild a {(m, factor.vt.shape[-1])} matrix; the origin is {shape}"
+        )
+      lam = _lookup(coef_flat, path, "coefficients", (tasks,))
+      mask = mask_fn(_lookup(logit_flat, path, "mask_logits", (tasks, rank)), temperature)
       if deltas is not None:
-        cached = _lookup(delta_cache, path, 'deltas', (tasks, *shape))
+        cached = _lookup(delta_cache, path, "deltas", (tasks, *shape))
         return cached_svd_delta(cached, factor, lam, mask, precision=precision)
       return svd_delta(factor, lam[:, None] * mask, precision=precision)
     tasks = np.shape(factor)[0]
     if tuple(np.shape(factor)[1:]) != shape:
-      raise ValueError(f'merge: factors[{path!r}] has shape {np.shape(factor)}; expected '
-                       f'(tasks, *{shape})')
-    return dense_delta(factor, _lookup(coef_flat, path, 'coefficients', (tasks,)))
+      raise ValueError(f"merge: factors[{path!r}] has shape {np.shape(factor)}; expected (tasks, *{shape})")
+    return dense_delta(factor, _lookup(coef_flat, path, "coefficients", (tasks,)))
 
-  return add_deltas(origin, factors, delta, name='merge')
+  return add_deltas(origin, factors, delta, name="merge")
 
 
-def init_deltas(factors: Mapping[Any, Any], mask_logits: Mapping[Any, Any], *,
-                precision: Any = None) -> dict[Any, Any]:
+def init_deltas(
+  factors: Mapping[Any, Any], mask_logits: Mapping[Any, Any], *, precision: Any = None
+) -> dict[Any, Any]:
   """The cache of per-task deltas: `masked_deltas(factor, hard_mask(logits))` for every SVD path."""
   logit_flat = tree_util.flatten(mask_logits)
-  return tree_util.unflatten({
+  return tree_util.unflatten(
+    {
       path: masked_deltas(factor, masking.hard_mask(logit_flat[path]), precision=precision)
-      for path, factor in tree_util.flatten(factors).items() if is_svd(factor)})
+      for path, factor in tree_util.flatten(factors).items()
+      if is_svd(factor)
+    }
+  )
 
 
-def refresh_deltas(factors: Mapping[Any, Any], deltas: Mapping[Any, Any],
-                   old_logits: Mapping[Any, Any], new_logits: Mapping[Any, Any], *,
-                   precision: Any = None) -> dict[Any, Any]:
+def refresh_deltas(
+  factors: Mapping[Any, Any],
+  deltas: Mapping[Any, Any],
+  old_logits: Mapping[Any, Any],
+  new_logits: Mapping[Any, Any],
+  *,
+  precision: Any = None,
+) -> dict[Any, Any]:
   """`deltas` made current for `new_logits`: D_{t,k} is rebuilt from the factors where task t's hard
   mask of matrix k changed between `old_logits` and `new_logits`, and kept as it is elsewhere.
 
@@ -241,22 +262,27 @@ def refresh_deltas(factors: Mapping[Any, Any], deltas: Mapping[Any, Any],
   out = {}
   for path, cached in tree_util.flatten(deltas).items():
     factor, mask = factor_flat[path], masking.hard_mask(new_flat[path])
-    changed = jnp.any(masking.hard_mask(old_flat[path]) != mask, axis=-1)        # (T,)
+    changed = jnp.any(masking.hard_mask(old_flat[path]) != mask, axis=-1)  # (T,)
 
     def rebuild(t, cached, factor=factor, mask=mask, changed=changed):
       def fresh(cached):
         one = SVD(*(jax.lax.dynamic_slice_in_dim(x, t, 1) for x in factor))
         update = masked_deltas(one, jax.lax.dynamic_slice_in_dim(mask, t, 1), precision=precision)
         return jax.lax.dynamic_update_slice_in_dim(cached, update.astype(cached.dtype), t, 0)
+
       return jax.lax.cond(changed[t], fresh, lambda cached: cached, cached)
 
     out[path] = jax.lax.fori_loop(0, cached.shape[0], rebuild, cached)
   return tree_util.unflatten(out)
 
 
-def add_deltas(origin: Mapping[Any, Any], deltas: Mapping[Any, Any],
-               delta_fn: Callable[[str, Any, tuple[int, ...]], jax.Array], *, name: str
-               ) -> dict[Any, Any]:
+def add_deltas(
+  origin: Mapping[Any, Any],
+  deltas: Mapping[Any, Any],
+  delta_fn: Callable[[str, Any, tuple[int, ...]], jax.Array],
+  *,
+  name: str,
+) -> dict[Any, Any]:
   """origin + delta_fn(path, deltas[path], origin shape) where `deltas` has the path; origin elsewhere.
 
   The one place every merge (AdaRank and the static baselines) adds its update to the origin: the
@@ -267,7 +293,7 @@ def add_deltas(origin: Mapping[Any, Any], deltas: Mapping[Any, Any],
   delta_flat = tree_util.flatten(deltas)
   unknown = sorted(set(delta_flat) - set(origin_flat))
   if unknown:
-    raise ValueError(f'{name}: the deltas hold keys that the origin lacks: {unknown}')
+    raise ValueError(f"{name}: the deltas hold keys that the origin lacks: {unknown}")
   merged = {}
   for path, base in origin_flat.items():
     if path in delta_flat:

@@ -6,7 +6,6 @@ sum with no weighting and no regulariser. Labels are never seen.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
@@ -24,7 +23,7 @@ def entropy(logits: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """
   logits = logits.astype(jnp.result_type(jnp.float32, logits.dtype))
   log_p = jax.nn.log_softmax(logits, axis=-1)
-  per_row = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)                      # (B,)
+  per_row = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)  # (B,)
   if weights is None:
     return jnp.mean(per_row)
   weights = weights.astype(per_row.dtype)

@@ -10,15 +10,15 @@ export's temp file, a failed load followed by a corrected rerun, a second lock o
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import contextlib
 import json
 import os
-from pathlib import Path
 import sys
 import tempfile
 import traceback
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -42,17 +42,21 @@ def _raises(call: Callable[[], object], error: type[BaseException], *needles: st
 
 def _short(text: str, width: int = 110) -> str:
   text = " ".join(text.split())
-  return text if len(text) <= width else text[:width - 3] + "..."
+  return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _tiny_clip_state(seed: int = 0) -> dict[str, np.ndarray]:
   from adarank_jax import tree_util  # pylint: disable=g-import-not-at-top
   from adarank_jax.interop import openclip  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import clip  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   abstract = clip.abstract_params(clip.load_config(TINY_CLIP))
-  return openclip.state_dict_from_tree(tree_util.unflatten(
-      {k: rng.normal(size=v.shape).astype(np.float32) for k, v in tree_util.flatten(abstract).items()}))
+  return openclip.state_dict_from_tree(
+    tree_util.unflatten(
+      {k: rng.normal(size=v.shape).astype(np.float32) for k, v in tree_util.flatten(abstract).items()}
+    )
+  )
 
 
 # --------------------------------------------------------------------------------------------- cases
@@ -61,15 +65,21 @@ def _tiny_clip_state(seed: int = 0) -> dict[str, np.ndarray]:
 def non_finite_config(tmp: Path) -> str:
   from adarank_jax import validate  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
+
   config = demo.get_config("quick=true")
   config.adarank.ta.prior = float("nan")
   config.adarank.mask_temperature = float("inf")
-  return _raises(lambda: validate.validate(config), validate.ConfigError, "adarank.ta.prior=nan",
-                 "adarank.mask_temperature=inf")
+  return _raises(
+    lambda: validate.validate(config),
+    validate.ConfigError,
+    "adarank.ta.prior=nan",
+    "adarank.mask_temperature=inf",
+  )
 
 
 def int_weights(tmp: Path) -> str:
   from adarank_jax.interop import openclip, state_dict  # pylint: disable=g-import-not-at-top
+
   key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
   state = _tiny_clip_state()
   state_dict.save_state_dict(state, tmp / "pretrained.safetensors")
@@ -77,8 +87,14 @@ def int_weights(tmp: Path) -> str:
   bad = tmp / "ft" / "Digits.safetensors"
   state_dict.save_state_dict(state, bad)
   loader = _raises(lambda: openclip.load_openclip(bad, TINY_CLIP), ValueError, str(bad), key, "int64")
-  _raises(lambda: openclip.convert_checkpoints(TINY_CLIP, tmp / "pretrained.safetensors", {"Digits": bad},
-                                               tmp / "out"), ValueError, key, "nothing was written")
+  _raises(
+    lambda: openclip.convert_checkpoints(
+      TINY_CLIP, tmp / "pretrained.safetensors", {"Digits": bad}, tmp / "out"
+    ),
+    ValueError,
+    key,
+    "nothing was written",
+  )
   if (tmp / "out").exists():
     raise AssertionError("the converter wrote output")
   return "loader and converter: " + loader
@@ -86,9 +102,11 @@ def int_weights(tmp: Path) -> str:
 
 def out_of_vocabulary(tmp: Path) -> str:
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   from adarank_jax import families  # pylint: disable=g-import-not-at-top
   from adarank_jax.digits import tasks as digit_tasks  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import clip, functional  # pylint: disable=g-import-not-at-top
+
   digit_tasks.register_tasks()
   raw = json.loads(TINY_CLIP.read_text())
   raw["text_cfg"]["vocab_size"] = 128
@@ -96,9 +114,15 @@ def out_of_vocabulary(tmp: Path) -> str:
   path.write_text(json.dumps(raw))
   config = clip.load_config(path)
   _, full = functional.split(clip.build(config, rngs=nnx.Rngs(0)))
-  observed = _raises(lambda: families.zero_shot_heads(config, full, ["DigitsParity"], cache_dir=tmp / "heads",
-                                                      source=f"model config {path}"),
-                     ValueError, str(path), "vocab_size 128", "max token id")
+  observed = _raises(
+    lambda: families.zero_shot_heads(
+      config, full, ["DigitsParity"], cache_dir=tmp / "heads", source=f"model config {path}"
+    ),
+    ValueError,
+    str(path),
+    "vocab_size 128",
+    "max token id",
+  )
   if (tmp / "heads").exists() and any((tmp / "heads").iterdir()):
     raise AssertionError("a head was cached")
   return observed
@@ -106,10 +130,20 @@ def out_of_vocabulary(tmp: Path) -> str:
 
 def non_finite_head(tmp: Path) -> str:
   from adarank_jax.models import heads  # pylint: disable=g-import-not-at-top
-  observed = _raises(lambda: heads.cached_zero_shot_head(
-      tmp, key="k", encode_text_fn=lambda t: np.full((len(t), 3), np.nan),
-      tokenize_fn=lambda texts: np.zeros((len(texts), 4), np.int32), classnames=["a"], templates=["{}"],
-      logit_scale=0.0), ValueError, "NaN or Inf")
+
+  observed = _raises(
+    lambda: heads.cached_zero_shot_head(
+      tmp,
+      key="k",
+      encode_text_fn=lambda t: np.full((len(t), 3), np.nan),
+      tokenize_fn=lambda texts: np.zeros((len(texts), 4), np.int32),
+      classnames=["a"],
+      templates=["{}"],
+      logit_scale=0.0,
+    ),
+    ValueError,
+    "NaN or Inf",
+  )
   if list(tmp.iterdir()):
     raise AssertionError("a non-finite head was cached")
   return observed
@@ -130,21 +164,30 @@ def flipped_checkpoint_bytes(tmp: Path) -> str:
     raw = bytearray(target.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     target.write_bytes(bytes(raw))
-    error = _raises(lambda: manager.restore(6, state(0), fallback=False), checkpoint.CorruptCheckpointError,
-                    str(tmp / "ckpts" / "6"), "w: sha256")
+    error = _raises(
+      lambda: manager.restore(6, state(0), fallback=False),
+      checkpoint.CorruptCheckpointError,
+      str(tmp / "ckpts" / "6"),
+      "w: sha256",
+    )
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       restored = manager.restore(manager.latest_step(), state(0))  # what train.fit does
     if int(restored["step"]) != 3 or not any("ckpts/3 instead of" in str(w.message) for w in caught):
-      raise AssertionError(f"restored step {int(restored['step'])}, warnings {[str(w.message) for w in caught]}")
+      raise AssertionError(
+        f"restored step {int(restored['step'])}, warnings {[str(w.message) for w in caught]}"
+      )
   finally:
     manager.close()
-  return error.replace(" (its bytes changed after it was written)", "") + \
-      "; restore of the latest falls back to step 3 with a warning"
+  return (
+    error.replace(" (its bytes changed after it was written)", "")
+    + "; restore of the latest falls back to step 3 with a warning"
+  )
 
 
 def corrupt_testbed_file(tmp: Path) -> str:
   from adarank_jax.digits import testbed  # pylint: disable=g-import-not-at-top
+
   (tmp / "finetuned").mkdir()
   (tmp / "pretrained.safetensors").write_bytes(b"p" * 1000)
   (tmp / "finetuned" / "Digits.safetensors").write_bytes(b"f" * 1000)
@@ -163,18 +206,22 @@ def corrupt_testbed_file(tmp: Path) -> str:
 
 def torn_jsonl(tmp: Path) -> str:
   from adarank_jax import report  # pylint: disable=g-import-not-at-top
+
   path = tmp / "evals.jsonl"
   path.write_text('{"step": 2, "average": 0.5}\n{"step": 4, "aver')
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     records = report.read_jsonl(path)
-  if records != [{"step": 2, "average": 0.5}] or not any("torn last record" in str(w.message) for w in caught):
+  if records != [{"step": 2, "average": 0.5}] or not any(
+    "torn last record" in str(w.message) for w in caught
+  ):
     raise AssertionError(f"records {records}")
   return f"{len(records)} record kept; warning: {caught[0].message}"
 
 
 def killed_export_temp(tmp: Path) -> str:
   from adarank_jax import files  # pylint: disable=g-import-not-at-top
+
   export = tmp / "export"
   export.mkdir()
   (export / "ties.safetensors").write_bytes(b"whole")
@@ -189,6 +236,7 @@ def killed_export_temp(tmp: Path) -> str:
 def failed_load_then_rerun(tmp: Path) -> str:
   from adarank_jax import files, validate  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
+
   workdir = tmp / "w"
   # What a run whose checkpoints failed to load leaves: the lock file, no config.json.
   with files.WorkdirLock(workdir):
@@ -198,34 +246,48 @@ def failed_load_then_rerun(tmp: Path) -> str:
   continued = validate.check_workdir(corrected, workdir, resume=False, overwrite=False)
   if continued is not False:
     raise AssertionError(f"check_workdir returned {continued}")
-  _raises(lambda: validate.check_workdir(corrected, workdir, resume=True, overwrite=False),
-          validate.ConfigError, "no run to resume")
+  _raises(
+    lambda: validate.check_workdir(corrected, workdir, resume=True, overwrite=False),
+    validate.ConfigError,
+    "no run to resume",
+  )
   return "corrected config starts fresh (check_workdir False); --resume says no run to resume"
 
 
 def second_lock(tmp: Path) -> str:
   from adarank_jax import files  # pylint: disable=g-import-not-at-top
+
   with files.WorkdirLock(tmp / "w"):
-    observed = _raises(lambda: files.WorkdirLock(tmp / "w").acquire(), files.WorkdirBusyError,
-                       f"pid {os.getpid()}")
+    observed = _raises(
+      lambda: files.WorkdirLock(tmp / "w").acquire(), files.WorkdirBusyError, f"pid {os.getpid()}"
+    )
   files.WorkdirLock(tmp / "w").acquire().release()
   return observed
 
 
 CASES: tuple[tuple[str, str, Callable[[Path], str]], ...] = (
-    ("non-finite config values", "ConfigError naming prior=nan, mask_temperature=inf", non_finite_config),
-    ("int weights in a checkpoint", "loader and converter refuse, naming file and key; nothing written",
-     int_weights),
-    ("out-of-vocabulary token ids", "error naming the model config, max id vs vocab_size; nothing cached",
-     out_of_vocabulary),
-    ("non-finite zero-shot head", "error; never cached", non_finite_head),
-    ("flipped checkpoint bytes", "CorruptCheckpointError naming dir and leaf; latest falls back",
-     flipped_checkpoint_bytes),
-    ("corrupted testbed cache file", "verify names the file", corrupt_testbed_file),
-    ("torn jsonl", "last record dropped with a warning", torn_jsonl),
-    ("killed export temp file", "remove_stale_temps deletes it, keeps the rest", killed_export_temp),
-    ("failed load then corrected rerun", "rerun starts fresh, not 'different config'", failed_load_then_rerun),
-    ("second lock on a workdir", "WorkdirBusyError naming the holder's pid", second_lock),
+  ("non-finite config values", "ConfigError naming prior=nan, mask_temperature=inf", non_finite_config),
+  (
+    "int weights in a checkpoint",
+    "loader and converter refuse, naming file and key; nothing written",
+    int_weights,
+  ),
+  (
+    "out-of-vocabulary token ids",
+    "error naming the model config, max id vs vocab_size; nothing cached",
+    out_of_vocabulary,
+  ),
+  ("non-finite zero-shot head", "error; never cached", non_finite_head),
+  (
+    "flipped checkpoint bytes",
+    "CorruptCheckpointError naming dir and leaf; latest falls back",
+    flipped_checkpoint_bytes,
+  ),
+  ("corrupted testbed cache file", "verify names the file", corrupt_testbed_file),
+  ("torn jsonl", "last record dropped with a warning", torn_jsonl),
+  ("killed export temp file", "remove_stale_temps deletes it, keeps the rest", killed_export_temp),
+  ("failed load then corrected rerun", "rerun starts fresh, not 'different config'", failed_load_then_rerun),
+  ("second lock on a workdir", "WorkdirBusyError naming the holder's pid", second_lock),
 )
 
 
@@ -250,8 +312,9 @@ def run_cases(cases=CASES) -> list[tuple[str, str, str, bool]]:
 
 def format_table(rows) -> str:
   lines = ["| case | expected | observed | pass |", "|---|---|---|---|"]
-  lines += [f"| {name} | {expected} | {observed} | {'yes' if ok else 'NO'} |"
-            for name, expected, observed, ok in rows]
+  lines += [
+    f"| {name} | {expected} | {observed} | {'yes' if ok else 'NO'} |" for name, expected, observed, ok in rows
+  ]
   return "\n".join(lines)
 
 
@@ -262,7 +325,10 @@ def main() -> int:
     rows = run_cases()
   print(format_table(rows))
   failed = [name for name, _, _, ok in rows if not ok]
-  print(f"\n{len(rows) - len(failed)} of {len(rows)} cases pass" + (f"; failed: {', '.join(failed)}" if failed else ""))
+  print(
+    f"\n{len(rows) - len(failed)} of {len(rows)} cases pass"
+    + (f"; failed: {', '.join(failed)}" if failed else "")
+  )
   return 1 if failed else 0
 
 

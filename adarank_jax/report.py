@@ -7,30 +7,31 @@ correlation in [-1, 1]); the markdown shows them in % with one decimal. Files ar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
 import json
+import math
 import os
 import pathlib
-import math
 import time
-from typing import Any, TypedDict
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypedDict
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-import numpy as np
 
-from adarank_jax import evaluate
-from adarank_jax import files
+from adarank_jax import evaluate, files
 
 SELECTION_FINAL = "final step"
-SELECTION_ORACLE = ("best average test accuracy over evaluation points (oracle: selected on the "
-                    "labelled test set)")
-SELECTION_VALIDATION = ("best average accuracy over evaluation points on labelled validation splits "
-                        "held out of the tasks' training data")
+SELECTION_ORACLE = (
+  "best average test accuracy over evaluation points (oracle: selected on the labelled test set)"
+)
+SELECTION_VALIDATION = (
+  "best average accuracy over evaluation points on labelled validation splits "
+  "held out of the tasks' training data"
+)
 # config.adarank.selection -> how results.json and results.md describe it.
-SELECTION_OF = {"final": SELECTION_FINAL, "oracle": SELECTION_ORACLE,
-                "validation": SELECTION_VALIDATION}
+SELECTION_OF = {"final": SELECTION_FINAL, "oracle": SELECTION_ORACLE, "validation": SELECTION_VALIDATION}
 SELECTIONS = tuple(SELECTION_OF.values())
 INDIVIDUAL_ROW = "individual"  # the fine-tuned reference row of the tables
 MAX_ANNOTATED_CELLS = 400  # the heatmap writes the count in each cell up to this many cells
@@ -49,6 +50,7 @@ class Results(TypedDict):
     scores; empty when the fine-tuned models were not evaluated.
   timings_s: what -> seconds, e.g. {"load_s": 3.1, "adarank_ta_s": 600.0}.
   """
+
   name: str
   model: str
   tasks: list[str]
@@ -60,16 +62,25 @@ class Results(TypedDict):
   timings_s: dict[str, float]
 
 
-def new_results(*, name: str, tasks: Sequence[str], model: str, selection: str,
-                steps: Mapping[str, int] | None = None) -> Results:
+def new_results(
+  *, name: str, tasks: Sequence[str], model: str, selection: str, steps: Mapping[str, int] | None = None
+) -> Results:
   """An empty Results (no methods, no individual scores yet)."""
   if selection not in SELECTIONS:
     raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
   if evaluate.AVERAGE_KEY in tasks or len(set(tasks)) != len(tasks):
     raise ValueError(f"tasks must be distinct and not {evaluate.AVERAGE_KEY!r}, got {list(tasks)}")
-  return Results(name=name, model=model, tasks=list(tasks), selection=selection,
-                 steps={k: int(v) for k, v in (steps or {}).items()}, selected_steps={},
-                 methods={}, individual={}, timings_s={})
+  return Results(
+    name=name,
+    model=model,
+    tasks=list(tasks),
+    selection=selection,
+    steps={k: int(v) for k, v in (steps or {}).items()},
+    selected_steps={},
+    methods={},
+    individual={},
+    timings_s={},
+  )
 
 
 def _to_json(value: Any) -> Any:
@@ -163,29 +174,43 @@ def markdown_table(results: Results, tasks: Sequence[str] | None = None) -> str:
       normalized = _normalized(own, individual)
       score_rows[-1].append(_percent(normalized[evaluate.AVERAGE_KEY]))
       if method != INDIVIDUAL_ROW:
-        normalized_rows.append([method] + [_percent(normalized[t]) for t in tasks]
-                               + [_percent(normalized[evaluate.AVERAGE_KEY])])
+        normalized_rows.append(
+          [method] + [_percent(normalized[t]) for t in tasks] + [_percent(normalized[evaluate.AVERAGE_KEY])]
+        )
   if not individual:
     return "Scores (%)\n\n" + _table(["Method", *tasks, "Avg."], score_rows) + "\n"
-  return ("Scores (%)\n\n" + _table(["Method", *tasks, "Avg.", "Norm. avg."], score_rows)
-          + "\n\nNormalized scores (% of the individual fine-tuned model)\n\n"
-          + _table(["Method", *tasks, "Avg."], normalized_rows) + "\n")
+  return (
+    "Scores (%)\n\n"
+    + _table(["Method", *tasks, "Avg.", "Norm. avg."], score_rows)
+    + "\n\nNormalized scores (% of the individual fine-tuned model)\n\n"
+    + _table(["Method", *tasks, "Avg."], normalized_rows)
+    + "\n"
+  )
 
 
 def write_markdown(path: str | os.PathLike[str], results: Results) -> None:
   """Writes results.md: name, model, how the step was selected, steps and timings, then markdown_table."""
   if not isinstance(results, Mapping):
-    raise TypeError(f"write_markdown({str(path)!r}, ...) takes the Results dict (it renders the metadata and "
-                    f"the tables itself), got a {type(results).__name__}")
+    raise TypeError(
+      f"write_markdown({str(path)!r}, ...) takes the Results dict (it renders the metadata and "
+      f"the tables itself), got a {type(results).__name__}"
+    )
   timings = ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items()) or "not recorded"
   selected = results["selected_steps"]
-  steps = ", ".join(f"{k} {v}" + (f" (reported: step {selected[k]})" if selected.get(k, v) != v else "")
-                    for k, v in results["steps"].items()) or "none (no training)"
-  header = (f"# {results['name']}\n\n"
-            f"- model: {results['model']}\n"
-            f"- selection: {results['selection']}\n"
-            f"- steps: {steps}\n"
-            f"- timings (s): {timings}\n")
+  steps = (
+    ", ".join(
+      f"{k} {v}" + (f" (reported: step {selected[k]})" if selected.get(k, v) != v else "")
+      for k, v in results["steps"].items()
+    )
+    or "none (no training)"
+  )
+  header = (
+    f"# {results['name']}\n\n"
+    f"- model: {results['model']}\n"
+    f"- selection: {results['selection']}\n"
+    f"- steps: {steps}\n"
+    f"- timings (s): {timings}\n"
+  )
   if results["individual"]:
     header += "- normalized = merged / individual per task; the normalized average is the mean of ratios\n"
   header += "\n"
@@ -203,8 +228,10 @@ def _check_mask_logits(mask_logits: Mapping[str, Any], num_tasks: int | None = N
     if num_tasks is None:
       num_tasks = logits.shape[0]
     if logits.shape[0] != num_tasks:
-      raise ValueError(f"mask_logits[{layer!r}] has {logits.shape[0]} task rows, expected {num_tasks} "
-                       "(one per task, the same in every layer)")
+      raise ValueError(
+        f"mask_logits[{layer!r}] has {logits.shape[0]} task rows, expected {num_tasks} "
+        "(one per task, the same in every layer)"
+      )
   return arrays
 
 
@@ -219,14 +246,21 @@ def _short_labels(paths: Sequence[str]) -> list[str]:
 
 def layer_order(paths: Iterable[str]) -> list[str]:
   """Paths sorted with numeric parts compared as numbers: "resblocks/2/..." before "resblocks/10/..."."""
+
   def key(path):
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split("/")]
+
   return sorted(paths, key=key)
 
 
-def rank_heatmap(mask_logits: Mapping[str, Any], task_names: Sequence[str], path: str | os.PathLike[str], *,
-                 layer_names: Sequence[str] | None = None,
-                 title: str = "Kept singular components (mask logit > 0)") -> np.ndarray:
+def rank_heatmap(
+  mask_logits: Mapping[str, Any],
+  task_names: Sequence[str],
+  path: str | os.PathLike[str],
+  *,
+  layer_names: Sequence[str] | None = None,
+  title: str = "Kept singular components (mask logit > 0)",
+) -> np.ndarray:
   """Writes a PNG heatmap of how many singular components each task keeps in each decomposed layer.
 
   Rows are layers, columns tasks; the counts are written in the cells when there are at most
@@ -266,8 +300,15 @@ def rank_heatmap(mask_logits: Mapping[str, Any], task_names: Sequence[str], path
   if counts.size <= MAX_ANNOTATED_CELLS:
     middle = (counts.min() + counts.max()) / 2
     for (row, col), count in np.ndenumerate(counts):
-      ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
-              color="black" if count > middle else "white")
+      ax.text(
+        col,
+        row,
+        str(count),
+        ha="center",
+        va="center",
+        fontsize=7,
+        color="black" if count > middle else "white",
+      )
   _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
   return counts
 
@@ -337,12 +378,14 @@ class _EventFile:
   def __init__(self, logdir: pathlib.Path):
     from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
     from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     self._writer = event_file_writer.EventFileWriter(str(logdir))
 
   def scalars(self, step: int, values: Mapping[str, float], wall_time: float) -> None:
-    summary = self._summary_pb2.Summary(value=[
-        self._summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+    summary = self._summary_pb2.Summary(
+      value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()]
+    )
     self._writer.add_event(self._event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
 
   def flush(self) -> None:

@@ -16,24 +16,26 @@ import jax
 import ml_collections
 import numpy as np
 
-from adarank_jax import checkpoint
-from adarank_jax import decomposition
-from adarank_jax import evaluate
-from adarank_jax import families
-from adarank_jax import files
-from adarank_jax import merging
-from adarank_jax import methods
-from adarank_jax import report
-from adarank_jax import task_vectors
-from adarank_jax import train
-from adarank_jax import tree_util
-from adarank_jax import validate
-from adarank_jax.data import pipeline
-from adarank_jax.data import registry
+from adarank_jax import (
+  checkpoint,
+  decomposition,
+  evaluate,
+  families,
+  files,
+  merging,
+  methods,
+  report,
+  task_vectors,
+  train,
+  tree_util,
+  validate,
+)
+from adarank_jax.data import pipeline, registry
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, overwrite: bool,
-        export: str) -> dict[str, Any]:
+def run(
+  config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, overwrite: bool, export: str
+) -> dict[str, Any]:
   """Runs `config.methods` in order; writes results.json, results.md, rank heatmaps and exports."""
   # ------------------------------------------------------------------------------------------ Mesh
   # One mesh for the run: every task's batch is split over 'data'; with factor_placement="task" the
@@ -45,8 +47,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   data_axis = mesh.shape["data"]
   if config.adarank.batch_size_per_task % data_axis:
     raise validate.ConfigError(
-        f"adarank.batch_size_per_task={config.adarank.batch_size_per_task}: expected a multiple of the "
-        f"mesh's data axis ({data_axis} devices) so every task's batch splits evenly")
+      f"adarank.batch_size_per_task={config.adarank.batch_size_per_task}: expected a multiple of the "
+      f"mesh's data axis ({data_axis} devices) so every task's batch splits evenly"
+    )
   print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
 
   # ------------------------------------------------------------------------------------------ Workdir
@@ -78,27 +81,34 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
       except (registry.DatasetNotFoundError, registry.DatasetMismatchError) as error:
         missing.append(str(error))
   if missing:
-    raise validate.ConfigError(f"{len(missing)} of {len(tasks)} data sets cannot be read:\n  "
-                               + "\n  ".join(missing))
+    raise validate.ConfigError(
+      f"{len(missing)} of {len(tasks)} data sets cannot be read:\n  " + "\n  ".join(missing)
+    )
 
   # ------------------------------------------------------------------------------------------ Models
   # The checkpoints: the config's, or those of the named testbed, built (or reused, verified) here.
   model, pretrained, finetuned = config.model.name, config.model.pretrained, config.model.finetuned
   if config.testbed.name == "digits":
     from adarank_jax.digits import testbed  # pylint: disable=g-import-not-at-top (only the demo needs it)
+
     built = testbed.build(testbed.default_cache_dir(), quick=config.testbed.quick, seed=config.testbed.seed)
     model, pretrained, finetuned = built.model_config, built.pretrained, built.finetuned_template
   start = time.perf_counter()
   paths = [str(validate.finetuned_path(finetuned, t)) for t in tasks]
   if config.family == "clip":
-    setup = families.load_clip(model=model, pretrained=pretrained,
-                               finetuned=paths, tasks=tasks, dtype=config.model.dtype,
-                               run_pickled_code=config.model.run_pickled_code, cache_dir=cache_dir,
-                               tasks_per_forward=config.adarank.tasks_per_forward or None,
-                               remat=config.adarank.remat)
+    setup = families.load_clip(
+      model=model,
+      pretrained=pretrained,
+      finetuned=paths,
+      tasks=tasks,
+      dtype=config.model.dtype,
+      run_pickled_code=config.model.run_pickled_code,
+      cache_dir=cache_dir,
+      tasks_per_forward=config.adarank.tasks_per_forward or None,
+      remat=config.adarank.remat,
+    )
   else:
-    setup = families.load_lm(pretrained=pretrained, finetuned=paths, tasks=tasks,
-                             dtype=config.model.dtype)
+    setup = families.load_lm(pretrained=pretrained, finetuned=paths, tasks=tasks, dtype=config.model.dtype)
   timings = {"load_s": time.perf_counter() - start}
   if not continued:
     files.write_atomic(workdir / "config.json", config.to_json(indent=2) + "\n")
@@ -108,8 +118,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   if setup.kind == "vision":
     prepare = pipeline.vision_preprocessor(image_size=setup.image_size)
   else:
-    prepare = pipeline.text_preprocessor(tokenizer_dir=config.data.tokenizer or setup.tokenizer,
-                                         max_length=config.data.max_length)
+    prepare = pipeline.text_preprocessor(
+      tokenizer_dir=config.data.tokenizer or setup.tokenizer, max_length=config.data.max_length
+    )
   inputs_of = functools.partial(pipeline.model_inputs, kind=setup.kind)
 
   def evaluate_params(params, only=None, on=sources) -> dict[str, float]:
@@ -117,12 +128,18 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
     scores = {}
     for t, name in enumerate(tasks):
       if only is None or t in only:
-        batches = pipeline.eval_batches(on[t], prepare=prepare, batch_size=config.eval.batch_size,
-                                        max_examples=config.eval.max_examples,
-                                        workers=config.data.workers)
+        batches = pipeline.eval_batches(
+          on[t],
+          prepare=prepare,
+          batch_size=config.eval.batch_size,
+          max_examples=config.eval.max_examples,
+          workers=config.data.workers,
+        )
         scores[name] = evaluate.evaluate_task(
-            lambda batch, t=t: setup.predict(params, t, inputs_of(batch)), batches,
-            metric=registry.get(name).metric)
+          lambda batch, t=t: setup.predict(params, t, inputs_of(batch)),
+          batches,
+          metric=registry.get(name).metric,
+        )
     return scores
 
   # ------------------------------------------------------------------------------------------ Methods
@@ -131,8 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
 
   def vectors(origin: str):
     if origin not in memo:
-      memo[origin] = task_vectors.task_vectors(setup.merged, setup.finetuned, origin=origin,
-                                               include=include)
+      memo[origin] = task_vectors.task_vectors(setup.merged, setup.finetuned, origin=origin, include=include)
     return memo[origin]
 
   def factors_of(origin: str, *, rank: int | None, dtype: Any):
@@ -142,8 +158,10 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
       _, tau = vectors(origin)
       select = tree_util.select(tau, config.merge.decompose)
       if not any(tree_util.flatten(select).values()):
-        raise ValueError(f"merge.decompose={tuple(config.merge.decompose)} selects no matrix of the merged "
-                         f"tree; its paths look like {sorted(tree_util.flatten(tau))[:3]}")
+        raise ValueError(
+          f"merge.decompose={tuple(config.merge.decompose)} selects no matrix of the merged "
+          f"tree; its paths look like {sorted(tree_util.flatten(tau))[:3]}"
+        )
       memo[key] = jax.block_until_ready(decomposition.decompose(tau, select, rank=rank, dtype=dtype))
       timings[f"decompose_{origin}_s"] = time.perf_counter() - begin
     return memo[key]
@@ -158,11 +176,24 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
     key = (learn, training.coefficient_range)
     if key not in compiled:
       compiled[key] = (
-          train.make_train_step(logits_fn=setup.train_logits, optimizer=train.make_optimizer(1e-3),
-                                temperature=temperature, num_tasks=len(tasks), mesh=mesh, learn=learn,
-                                coefficient_range=training.coefficient_range),
-          jax.jit(functools.partial(merging.merge, temperature=temperature, mask_mode="hard",
-                                    coefficient_range=training.coefficient_range)))
+        train.make_train_step(
+          logits_fn=setup.train_logits,
+          optimizer=train.make_optimizer(1e-3),
+          temperature=temperature,
+          num_tasks=len(tasks),
+          mesh=mesh,
+          learn=learn,
+          coefficient_range=training.coefficient_range,
+        ),
+        jax.jit(
+          functools.partial(
+            merging.merge,
+            temperature=temperature,
+            mask_mode="hard",
+            coefficient_range=training.coefficient_range,
+          )
+        ),
+      )
     return compiled[key]
 
   def method_inputs(method: methods.Method) -> tuple[Any, ...]:
@@ -181,17 +212,23 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
     if method.needs in methods.COMPONENTS:  # a static merge's components, with its keywords
       if ("components", method.needs) not in memo:
         keywords = {k: v for k, v in config.merge[method.needs].items() if k != "scaling"}
-        memo["components", method.needs] = jax.jit(functools.partial(
-            methods.COMPONENTS[method.needs], **keywords))(factors)
+        memo["components", method.needs] = jax.jit(
+          functools.partial(methods.COMPONENTS[method.needs], **keywords)
+        )(factors)
       factors = memo["components", method.needs]
     return vectors(origin)[0], factors
 
   results = report.new_results(
-      name=config.name, tasks=tasks, model=config.model.name if not config.testbed.name else
-      f"{config.testbed.name} testbed ({Path(model).stem})",
-      steps={m: config[methods.get(m).training.section[0]].num_steps
-             for m in config.methods if methods.get(m).trains},
-      selection=report.SELECTION_OF[config.adarank.selection])
+    name=config.name,
+    tasks=tasks,
+    model=config.model.name
+    if not config.testbed.name
+    else f"{config.testbed.name} testbed ({Path(model).stem})",
+    steps={
+      m: config[methods.get(m).training.section[0]].num_steps for m in config.methods if methods.get(m).trains
+    },
+    selection=report.SELECTION_OF[config.adarank.selection],
+  )
   for method in config.methods:
     begin = time.perf_counter()
     print(f"[{method}]")
@@ -208,20 +245,31 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
         origin, factors = method_inputs(spec)
         train_step, hard_merge = step_and_merge(spec.training)
         params, results["selected_steps"][method] = _adapt(
-            config, workdir / method, spec, writer=writer, origin=origin,
-            factors=factors, evaluate_params=evaluate_params, sources=sources,
-            validation_sources=validation_sources, prepare=prepare, inputs_of=inputs_of, mesh=mesh,
-            train_step=train_step, hard_merge=hard_merge)
+          config,
+          workdir / method,
+          spec,
+          writer=writer,
+          origin=origin,
+          factors=factors,
+          evaluate_params=evaluate_params,
+          sources=sources,
+          validation_sources=validation_sources,
+          prepare=prepare,
+          inputs_of=inputs_of,
+          mesh=mesh,
+          train_step=train_step,
+          hard_merge=hard_merge,
+        )
       else:  # a static method: its hyperparameters are its function's keywords (config.merge.<name>)
         hyperparameters = dict(config.merge[method]) if method in config.merge else {}
         params = jax.jit(functools.partial(spec.merge, **hyperparameters))(*method_inputs(spec))
       results["methods"][method] = evaluate_params(params)
       if export:
-        setup.export(params, workdir / "export" / (
-            method if export == "hf" else f"{method}.{export}"))
+        setup.export(params, workdir / "export" / (method if export == "hf" else f"{method}.{export}"))
     timings[f"{method}_s"] = time.perf_counter() - begin
-    writer.scalars(0, {f"{method}/{k}": v for k, v in
-                       (results["methods"].get(method) or results["individual"]).items()})
+    writer.scalars(
+      0, {f"{method}/{k}": v for k, v in (results["methods"].get(method) or results["individual"]).items()}
+    )
 
   # ------------------------------------------------------------------------------------------ Reports
   results["timings_s"] = timings
@@ -230,15 +278,35 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, continued: bool, ov
   report.write_markdown(workdir / "results.md", results)
   writer.close()
   print(table)
-  print(f"\nwritten to {workdir}: results.json, results.md"
-        + (", export/" if export else "") + "".join(
-            f", {m}/rank_heatmap.png" for m in config.methods
-            if methods.get(m).trains and methods.get(m).training.masks))
+  print(
+    f"\nwritten to {workdir}: results.json, results.md"
+    + (", export/" if export else "")
+    + "".join(
+      f", {m}/rank_heatmap.png"
+      for m in config.methods
+      if methods.get(m).trains and methods.get(m).training.masks
+    )
+  )
   return results
 
 
-def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factors, evaluate_params,
-           sources, validation_sources, prepare, inputs_of, mesh, train_step, hard_merge):
+def _adapt(
+  config,
+  outdir: Path,
+  spec: methods.Method,
+  *,
+  writer,
+  origin,
+  factors,
+  evaluate_params,
+  sources,
+  validation_sources,
+  prepare,
+  inputs_of,
+  mesh,
+  train_step,
+  hard_merge,
+):
   """Learns a trained method's state on the unlabeled test streams; returns the hard-merged tree of
   the reported model (config.adarank.selection) and its step."""
   name, training = spec.name, spec.training
@@ -250,19 +318,32 @@ def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factor
   frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
   rows = jax.tree.leaves(factors)[0].shape[0]  # T, or T + 1 with Iso-CTS's common row
   state = train.init_state(
-      frozen[1], optimizer=train.make_optimizer(hp.learning_rate), num_tasks=rows,
-      initial_rank_ratio=hp.initial_rank_ratio if training.masks else 1.0, prior=hp.prior,
-      coefficients_per=training.coefficients, cache_deltas=config.adarank.cache_deltas)
+    frozen[1],
+    optimizer=train.make_optimizer(hp.learning_rate),
+    num_tasks=rows,
+    initial_rank_ratio=hp.initial_rank_ratio if training.masks else 1.0,
+    prior=hp.prior,
+    coefficients_per=training.coefficients,
+    cache_deltas=config.adarank.cache_deltas,
+  )
   state = train.place_state(state, mesh)
   # The adaptation data: each task's whole test split, or a seeded subset of it (data_fraction).
-  adaptation = [pipeline.subset(src, config.adarank.data_fraction, seed=config.seed + t)
-                for t, src in enumerate(sources)]
+  adaptation = [
+    pipeline.subset(src, config.adarank.data_fraction, seed=config.seed + t) for t, src in enumerate(sources)
+  ]
 
   def make_batches(start):
-    streams = [pipeline.adaptation_stream(
-        src, prepare=prepare, batch_size=config.adarank.batch_size_per_task,
-        seed=config.seed + t, start_batch=start, workers=config.data.workers)
-        for t, src in enumerate(adaptation)]
+    streams = [
+      pipeline.adaptation_stream(
+        src,
+        prepare=prepare,
+        batch_size=config.adarank.batch_size_per_task,
+        seed=config.seed + t,
+        start_batch=start,
+        workers=config.data.workers,
+      )
+      for t, src in enumerate(adaptation)
+    ]
     return (tuple(inputs_of(next(s)) for s in streams) for _ in iter(int, 1))
 
   # Evaluation points: every eval_every steps (and step 0 when a step is selected), each scored on
@@ -289,8 +370,7 @@ def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factor
       record["validation"] = evaluate_params(params, on=validation_sources)
       record["validation_average"] = evaluate.average(record["validation"])
     report.write_jsonl(evals_path, record)
-    writer.scalars(step, {f"{name}/{k}": record[k] for k in ("average", "validation_average")
-                          if k in record})
+    writer.scalars(step, {f"{name}/{k}": record[k] for k in ("average", "validation_average") if k in record})
     key = SELECTION_KEYS.get(selection)
     if key and record[key] > best[key]:  # a candidate: its model is kept until the run ends
       best.update(record)
@@ -300,20 +380,30 @@ def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factor
   if selection != "final" and restored == 0 and best["step"] < 0:
     # The initial state is a candidate too (the official code evaluates it first).
     evaluation_point(0, jax.device_get((state.mask_logits, state.coefficients)))
-  points = train.fit(frozen, state, train_step=train_step, make_batches=make_batches,
-                     num_steps=num_steps, log_every=config.adarank.log_every, checkpoint=manager,
-                     checkpoint_every=config.adarank.checkpoint_every, mesh=mesh)
+  points = train.fit(
+    frozen,
+    state,
+    train_step=train_step,
+    make_batches=make_batches,
+    num_steps=num_steps,
+    log_every=config.adarank.log_every,
+    checkpoint=manager,
+    checkpoint_every=config.adarank.checkpoint_every,
+    mesh=mesh,
+  )
   try:
     for point in points:  # the loop body runs at every logging point, before its checkpoint
       scalars = {}
       for key, value in point.metrics.items():  # per-task vectors (entropies): a scalar per task
         value = np.asarray(value)
-        scalars.update({f"{name}/{key}/{task}": v for task, v in zip(config.tasks, value)}
-                       if value.ndim else {f"{name}/{key}": value})
+        scalars.update(
+          {f"{name}/{key}/{task}": v for task, v in zip(config.tasks, value)}
+          if value.ndim
+          else {f"{name}/{key}": value}
+        )
       writer.scalars(point.step, scalars)
       if point.step % config.adarank.eval_every == 0:
-        evaluation_point(point.step,
-                         jax.device_get((point.state.mask_logits, point.state.coefficients)))
+        evaluation_point(point.step, jax.device_get((point.state.mask_logits, point.state.coefficients)))
       state = point.state
   except train.NonFiniteLossError as error:
     raise train.NonFiniteLossError(f"{name}: {error}") from error
@@ -321,10 +411,11 @@ def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factor
   trainable = jax.device_get((state.mask_logits, state.coefficients))
   if selection != "final":
     trainable = checkpoint.load_tree(candidates / f"step_{best['step']}", trainable)
-    on = ("the labelled test set: an oracle" if selection == "oracle"
-          else "the labelled validation splits")
-    print(f"[{name}] {selection} selection: step {best['step']} (average "
-          f"{best[SELECTION_KEYS[selection]]:.4f} on {on})")
+    on = "the labelled test set: an oracle" if selection == "oracle" else "the labelled validation splits"
+    print(
+      f"[{name}] {selection} selection: step {best['step']} (average "
+      f"{best[SELECTION_KEYS[selection]]:.4f} on {on})"
+    )
     for old in candidates.iterdir():
       if old.name != f"step_{best['step']}":
         shutil.rmtree(old)
@@ -334,8 +425,10 @@ def _adapt(config, outdir: Path, spec: methods.Method, *, writer, origin, factor
   if training.masks:
     labels = list(config.tasks) + ["common"] * (rows - len(config.tasks))
     report.rank_heatmap(tree_util.flatten(mask_logits), labels, outdir / "rank_heatmap.png")
-  return (jax.device_get(hard_merge(origin, factors, mask_logits, coefficients)),
-          num_steps if selection == "final" else best["step"])
+  return (
+    jax.device_get(hard_merge(origin, factors, mask_logits, coefficients)),
+    num_steps if selection == "final" else best["step"],
+  )
 
 
 # The evaluation record's score that each selection maximises ('final' takes the last step).
@@ -362,4 +455,5 @@ def _drop_metrics(path: Path, method: str, tasks, *, after_step: int) -> None:
     if not keys or not all(k.startswith(prefix) for k in keys):
       return True
     return not (set(keys) <= summary or record["step"] > after_step)
+
   files.rewrite_jsonl(path, keep)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from adarank_jax import tree_util
 
-ORIGINS = ('pretrained', 'average')
+ORIGINS = ("pretrained", "average")
 
 
 def is_float(leaf: Any) -> bool:
@@ -42,15 +42,16 @@ def _deltas(origin: jax.Array, leaves: tuple[jax.Array, ...]) -> jax.Array:
   return jnp.stack([leaf - origin for leaf in leaves]).astype(origin.dtype)
 
 
-def _check_finetuned(base_flat: Mapping[str, Any], finetuned: Sequence[Mapping[Any, Any]]
-                     ) -> list[dict[str, Any]]:
+def _check_finetuned(
+  base_flat: Mapping[str, Any], finetuned: Sequence[Mapping[Any, Any]]
+) -> list[dict[str, Any]]:
   if not finetuned:
-    raise ValueError('task_vectors: got no fine-tuned trees; expected at least one')
+    raise ValueError("task_vectors: got no fine-tuned trees; expected at least one")
   expected = tree_util.shapes(base_flat)
   flats = []
   for t, tree in enumerate(finetuned):
     flat = tree_util.flatten(tree)
-    tree_util.check_structure(expected, flat, source=f'finetuned[{t}] (vs. the pretrained tree)')
+    tree_util.check_structure(expected, flat, source=f"finetuned[{t}] (vs. the pretrained tree)")
     flats.append(flat)
   return flats
 
@@ -65,14 +66,21 @@ def weight_average(finetuned: Sequence[Mapping[Any, Any]]) -> dict[Any, Any]:
     A param tree of the same structure (float leaves averaged in float32, cast back).
   """
   flats = _check_finetuned(tree_util.flatten(finetuned[0]) if finetuned else {}, finetuned)
-  return tree_util.unflatten({
+  return tree_util.unflatten(
+    {
       path: _mean(tuple(flat[path] for flat in flats)) if is_float(leaf) else leaf
-      for path, leaf in flats[0].items()})
+      for path, leaf in flats[0].items()
+    }
+  )
 
 
-def task_vectors(base: Mapping[Any, Any], finetuned: Sequence[Mapping[Any, Any]], *,
-                 origin: str, include: Mapping[Any, Any] | None = None
-                 ) -> tuple[dict[Any, Any], dict[Any, Any]]:
+def task_vectors(
+  base: Mapping[Any, Any],
+  finetuned: Sequence[Mapping[Any, Any]],
+  *,
+  origin: str,
+  include: Mapping[Any, Any] | None = None,
+) -> tuple[dict[Any, Any], dict[Any, Any]]:
   """Origin and stacked task vectors of T fine-tuned models.
 
   Args:
@@ -93,21 +101,21 @@ def task_vectors(base: Mapping[Any, Any], finetuned: Sequence[Mapping[Any, Any]]
     StructureError: a fine-tuned tree's keys or shapes differ from `base`.
   """
   if origin not in ORIGINS:
-    raise ValueError(f'task_vectors: origin={origin!r}; expected one of {ORIGINS}')
+    raise ValueError(f"task_vectors: origin={origin!r}; expected one of {ORIGINS}")
   base_flat = tree_util.flatten(base)
   flats = _check_finetuned(base_flat, finetuned)
   include_flat = tree_util.flatten(include) if include is not None else None
   if include_flat is not None:
     missing = sorted(set(base_flat) - set(include_flat))
     if missing:
-      raise ValueError(f'task_vectors: `include` has no entry for keys {missing}')
+      raise ValueError(f"task_vectors: `include` has no entry for keys {missing}")
   origin_flat, tau_flat = {}, {}
   for path, leaf in base_flat.items():
     if not is_float(leaf):
       origin_flat[path] = leaf
       continue
     stack = tuple(flat[path] for flat in flats)
-    origin_flat[path] = _mean(stack) if origin == 'average' else leaf
+    origin_flat[path] = _mean(stack) if origin == "average" else leaf
     if include_flat is None or bool(include_flat[path]):
       tau_flat[path] = _deltas(jnp.asarray(origin_flat[path]), stack)
   return tree_util.unflatten(origin_flat), tree_util.unflatten(tau_flat)

@@ -33,14 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from adarank_jax import checkpoint as checkpoint_lib
-from adarank_jax import masking
-from adarank_jax import merging
-from adarank_jax import objectives
+from adarank_jax import masking, merging, objectives
 
-FACTOR_PLACEMENTS = ('replicated', 'task')
+FACTOR_PLACEMENTS = ("replicated", "task")
 
 TaskLogitsFn = Callable[[Any, int, Any], jax.Array]
 LogitsFn = Callable[[Any, Sequence[Any]], Sequence[jax.Array]]
@@ -57,6 +56,7 @@ class TrainState(NamedTuple):
     deltas: None, or the cache of per-task deltas U_t diag(b_t s_t) V_t^T, (T, m, n) per SVD leaf
       (`merging.init_deltas`): derived from the factors and the logits, so never checkpointed.
   """
+
   step: jax.Array
   mask_logits: Any
   coefficients: Any
@@ -74,9 +74,16 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
   return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, b1=0.9, b2=0.999)
 
 
-def init_state(factors: Mapping[Any, Any], *, optimizer: optax.GradientTransformation,
-               num_tasks: int, initial_rank_ratio: float, prior: float,
-               coefficients_per: str = 'tensor', cache_deltas: bool = False) -> TrainState:
+def init_state(
+  factors: Mapping[Any, Any],
+  *,
+  optimizer: optax.GradientTransformation,
+  num_tasks: int,
+  initial_rank_ratio: float,
+  prior: float,
+  coefficients_per: str = "tensor",
+  cache_deltas: bool = False,
+) -> TrainState:
   """Step 0: logits +-0.1 from `initial_rank_ratio`, every coefficient = `prior`, fresh Adam.
 
   `coefficients_per`: 'tensor' (one lambda per task per tensor) or 'task' (one per task, shared by
@@ -88,14 +95,15 @@ def init_state(factors: Mapping[Any, Any], *, optimizer: optax.GradientTransform
   where the factors live (place the factors first); the step then does about half the rebuild
   work (see `merging`). The math is the same either way.
   """
-  mask_logits = masking.init_logits(factors, initial_rank_ratio=initial_rank_ratio,
-                                    num_tasks=num_tasks)
-  coefficients = merging.init_coefficients(factors, num_tasks=num_tasks, prior=prior,
-                                           per=coefficients_per)
-  return TrainState(step=jnp.zeros((), jnp.int32), mask_logits=mask_logits,
-                    coefficients=coefficients,
-                    opt_state=optimizer.init((mask_logits, coefficients)),
-                    deltas=_init_deltas(factors, mask_logits) if cache_deltas else None)
+  mask_logits = masking.init_logits(factors, initial_rank_ratio=initial_rank_ratio, num_tasks=num_tasks)
+  coefficients = merging.init_coefficients(factors, num_tasks=num_tasks, prior=prior, per=coefficients_per)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    mask_logits=mask_logits,
+    coefficients=coefficients,
+    opt_state=optimizer.init((mask_logits, coefficients)),
+    deltas=_init_deltas(factors, mask_logits) if cache_deltas else None,
+  )
 
 
 _init_deltas = jax.jit(merging.init_deltas)
@@ -103,14 +111,20 @@ _init_deltas = jax.jit(merging.init_deltas)
 
 def per_task(task_logits_fn: TaskLogitsFn) -> LogitsFn:
   """logits_fn running `task_logits_fn(params, t, batches[t])` for every task t (traced T times)."""
+
   def logits_fn(params, batches):
     return [task_logits_fn(params, t, batch) for t, batch in enumerate(batches)]
+
   return logits_fn
 
 
-def one_forward(body_fn: Callable[[Any, Any], jax.Array],
-                head_fn: Callable[[int, jax.Array], jax.Array], *,
-                tasks_per_call: int | None = None, remat: bool = False) -> LogitsFn:
+def one_forward(
+  body_fn: Callable[[Any, Any], jax.Array],
+  head_fn: Callable[[int, jax.Array], jax.Array],
+  *,
+  tasks_per_call: int | None = None,
+  remat: bool = False,
+) -> LogitsFn:
   """logits_fn running the shared body, traced once, over all tasks' inputs, then each task's head.
 
   Args:
@@ -137,24 +151,33 @@ def one_forward(body_fn: Callable[[Any, Any], jax.Array],
     else:
       groups, rest = divmod(len(batches), tasks_per_call)
       if tasks_per_call < 1 or rest or len(set(sizes)) > 1:
-        raise ValueError(f'one_forward: tasks_per_call={tasks_per_call} must divide the '
-                         f'{len(batches)} tasks, whose batches must be equal (sizes {sizes})')
+        raise ValueError(
+          f"one_forward: tasks_per_call={tasks_per_call} must divide the "
+          f"{len(batches)} tasks, whose batches must be equal (sizes {sizes})"
+        )
       rows = tasks_per_call * sizes[0]
-      grouped = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(groups, rows, *xs[0].shape[1:]),
-                             *batches)
+      grouped = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(groups, rows, *xs[0].shape[1:]), *batches)
       features = jax.lax.map(lambda inputs: body(params, inputs), grouped)
       features = features.reshape(groups * rows, *features.shape[2:])
     ends = np.cumsum(sizes)
-    return [head_fn(t, features[end - size:end]) for t, (size, end) in enumerate(zip(sizes, ends))]
+    return [head_fn(t, features[end - size : end]) for t, (size, end) in enumerate(zip(sizes, ends))]
+
   return logits_fn
 
 
-LEARN = ('both', 'masks', 'coefficients')
+LEARN = ("both", "masks", "coefficients")
 
 
-def make_loss_fn(*, logits_fn: LogitsFn, temperature: float, num_tasks: int,
-                 mask_mode: str = 'ste', precision: Any = None, learn: str = 'both',
-                 coefficient_range: tuple[float, float] | None = None) -> Callable[..., Any]:
+def make_loss_fn(
+  *,
+  logits_fn: LogitsFn,
+  temperature: float,
+  num_tasks: int,
+  mask_mode: str = "ste",
+  precision: Any = None,
+  learn: str = "both",
+  coefficient_range: tuple[float, float] | None = None,
+) -> Callable[..., Any]:
   """loss_fn((mask_logits, coefficients), (origin, factors), batches, deltas=None) -> (loss, (T,) H).
 
   `batches` is a length-T sequence of the tasks' inputs, as `logits_fn(params, batches)` takes them.
@@ -164,30 +187,46 @@ def make_loss_fn(*, logits_fn: LogitsFn, temperature: float, num_tasks: int,
   no gradient, so Adam leaves it at its initial value). `coefficient_range`: see `merging.merge`.
   """
   if learn not in LEARN:
-    raise ValueError(f'make_loss_fn: learn={learn!r}; expected one of {LEARN}')
+    raise ValueError(f"make_loss_fn: learn={learn!r}; expected one of {LEARN}")
 
   def loss_fn(trainable, frozen, batches, deltas=None):
     if len(batches) != num_tasks:
-      raise ValueError(f'loss: got {len(batches)} task batches; expected num_tasks={num_tasks}')
+      raise ValueError(f"loss: got {len(batches)} task batches; expected num_tasks={num_tasks}")
     mask_logits, coefficients = trainable
-    if learn == 'coefficients':
+    if learn == "coefficients":
       mask_logits = jax.lax.stop_gradient(mask_logits)
-    elif learn == 'masks':
+    elif learn == "masks":
       coefficients = jax.lax.stop_gradient(coefficients)
     origin, factors = frozen
-    params = merging.merge(origin, factors, mask_logits, coefficients, temperature=temperature,
-                           mask_mode=mask_mode, precision=precision, deltas=deltas,
-                           coefficient_range=coefficient_range)
+    params = merging.merge(
+      origin,
+      factors,
+      mask_logits,
+      coefficients,
+      temperature=temperature,
+      mask_mode=mask_mode,
+      precision=precision,
+      deltas=deltas,
+      coefficient_range=coefficient_range,
+    )
     entropies = jnp.stack([objectives.entropy(logits) for logits in logits_fn(params, batches)])
     return jnp.sum(entropies), entropies
 
   return loss_fn
 
 
-def make_train_step(*, logits_fn: LogitsFn, optimizer: optax.GradientTransformation,
-                    temperature: float, num_tasks: int, mesh: Mesh | None = None,
-                    mask_mode: str = 'ste', precision: Any = None, learn: str = 'both',
-                    coefficient_range: tuple[float, float] | None = None) -> Callable[..., Any]:
+def make_train_step(
+  *,
+  logits_fn: LogitsFn,
+  optimizer: optax.GradientTransformation,
+  temperature: float,
+  num_tasks: int,
+  mesh: Mesh | None = None,
+  mask_mode: str = "ste",
+  precision: Any = None,
+  learn: str = "both",
+  coefficient_range: tuple[float, float] | None = None,
+) -> Callable[..., Any]:
   """One jitted `step(frozen, state, batches) -> (state, metrics)`; `state` is donated.
 
   Args:
@@ -203,25 +242,34 @@ def make_train_step(*, logits_fn: LogitsFn, optimizer: optax.GradientTransformat
   Returns:
     The jitted step. metrics: loss (scalar), entropy (T,), kept_fraction (scalar, after the update).
   """
-  loss_fn = make_loss_fn(logits_fn=logits_fn, temperature=temperature,
-                         num_tasks=num_tasks, mask_mode=mask_mode, precision=precision,
-                         learn=learn, coefficient_range=coefficient_range)
+  loss_fn = make_loss_fn(
+    logits_fn=logits_fn,
+    temperature=temperature,
+    num_tasks=num_tasks,
+    mask_mode=mask_mode,
+    precision=precision,
+    learn=learn,
+    coefficient_range=coefficient_range,
+  )
 
   def step(frozen, state: TrainState, batches):
     trainable = (state.mask_logits, state.coefficients)
     (loss, entropies), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        trainable, frozen, batches, state.deltas)
+      trainable, frozen, batches, state.deltas
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     mask_logits, coefficients = optax.apply_updates(trainable, updates)
     deltas = state.deltas
     if deltas is not None:  # rebuild the deltas of the (task, matrix) pairs whose hard mask flipped
-      deltas = merging.refresh_deltas(frozen[1], deltas, state.mask_logits, mask_logits,
-                                      precision=precision)
-    new_state = TrainState(step=state.step + 1, mask_logits=mask_logits, coefficients=coefficients,
-                           opt_state=opt_state,
-                           deltas=deltas)
-    metrics = {'loss': loss, 'entropy': entropies,
-               'kept_fraction': masking.kept_fraction(mask_logits)}
+      deltas = merging.refresh_deltas(frozen[1], deltas, state.mask_logits, mask_logits, precision=precision)
+    new_state = TrainState(
+      step=state.step + 1,
+      mask_logits=mask_logits,
+      coefficients=coefficients,
+      opt_state=opt_state,
+      deltas=deltas,
+    )
+    metrics = {"loss": loss, "entropy": entropies, "kept_fraction": masking.kept_fraction(mask_logits)}
     return new_state, metrics
 
   if mesh is None:
@@ -232,8 +280,9 @@ def make_train_step(*, logits_fn: LogitsFn, optimizer: optax.GradientTransformat
     # factors are (replicated or split over 'task'), as `init_state` placed them.
     replicated = NamedSharding(mesh, P())
     new_state, metrics = step(frozen, state, batches)
-    new_state = jax.lax.with_sharding_constraint(new_state._replace(deltas=None), replicated
-                                                 )._replace(deltas=new_state.deltas)
+    new_state = jax.lax.with_sharding_constraint(new_state._replace(deltas=None), replicated)._replace(
+      deltas=new_state.deltas
+    )
     return new_state, jax.lax.with_sharding_constraint(metrics, replicated)
 
   return jax.jit(sharded_step, donate_argnums=1)
@@ -250,38 +299,42 @@ def make_mesh(*, task: int = 1, devices: Sequence[jax.Device] | None = None) -> 
   """
   devices = list(jax.devices() if devices is None else devices)
   if task < 1 or len(devices) % task:
-    raise ValueError(f'make_mesh: task={task} must be a positive divisor of the {len(devices)} '
-                     'devices')
+    raise ValueError(f"make_mesh: task={task} must be a positive divisor of the {len(devices)} devices")
   if task == 1:
-    return jax.make_mesh((len(devices),), ('data',), axis_types=(AxisType.Auto,), devices=devices)
-  return jax.make_mesh((len(devices) // task, task), ('data', 'task'),
-                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+  return jax.make_mesh(
+    (len(devices) // task, task), ("data", "task"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+  )
 
 
-def place_frozen(frozen: tuple[Any, Any], mesh: Mesh, *, factor_placement: str = 'replicated'
-                 ) -> tuple[Any, Any]:
+def place_frozen(
+  frozen: tuple[Any, Any], mesh: Mesh, *, factor_placement: str = "replicated"
+) -> tuple[Any, Any]:
   """Puts (origin, factors) on `mesh`: origin replicated; factors replicated or split on 'task'.
 
   With 'task', every factor array (u, s, vt and dense task vectors) is split along its leading
   task axis, which must divide evenly by the mesh's 'task' size.
   """
   if factor_placement not in FACTOR_PLACEMENTS:
-    raise ValueError(f'place_frozen: factor_placement={factor_placement!r}; expected one of '
-                     f'{FACTOR_PLACEMENTS}')
+    raise ValueError(
+      f"place_frozen: factor_placement={factor_placement!r}; expected one of {FACTOR_PLACEMENTS}"
+    )
   origin, factors = frozen
   replicated = NamedSharding(mesh, P())
-  if factor_placement == 'replicated':
+  if factor_placement == "replicated":
     factor_sharding = replicated
   else:
-    if 'task' not in mesh.axis_names:
-      raise ValueError(f"place_frozen: factor_placement='task' needs a mesh with a 'task' axis; "
-                       f'got axes {mesh.axis_names}')
-    shards = mesh.shape['task']
+    if "task" not in mesh.axis_names:
+      raise ValueError(
+        f"place_frozen: factor_placement='task' needs a mesh with a 'task' axis; got axes {mesh.axis_names}"
+      )
+    shards = mesh.shape["task"]
     bad = sorted({np.shape(x)[0] for x in jax.tree.leaves(factors) if np.shape(x)[0] % shards})
     if bad:
-      raise ValueError(f"place_frozen: task counts {bad} do not divide over the mesh's 'task' "
-                       f'axis of size {shards}')
-    factor_sharding = NamedSharding(mesh, P('task'))
+      raise ValueError(
+        f"place_frozen: task counts {bad} do not divide over the mesh's 'task' axis of size {shards}"
+      )
+    factor_sharding = NamedSharding(mesh, P("task"))
   return jax.device_put(origin, replicated), jax.device_put(factors, factor_sharding)
 
 
@@ -293,7 +346,7 @@ def place_state(state: TrainState, mesh: Mesh) -> TrainState:
 
 def place_batches(batches: Any, mesh: Mesh) -> Any:
   """Splits every leaf of every task's batch along its leading (batch) axis over 'data'."""
-  return jax.device_put(batches, NamedSharding(mesh, P('data')))
+  return jax.device_put(batches, NamedSharding(mesh, P("data")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,26 +361,25 @@ def save_state(manager: checkpoint_lib.Manager, state: TrainState) -> None:
   manager.save(int(jax.device_get(state.step)), state._replace(deltas=None)._asdict())
 
 
-def restore_state(manager: checkpoint_lib.Manager, step: int, target: TrainState,
-                  factors: Mapping[Any, Any]) -> TrainState:
+def restore_state(
+  manager: checkpoint_lib.Manager, step: int, target: TrainState, factors: Mapping[Any, Any]
+) -> TrainState:
   """The state saved at `step`, with the structure, dtypes and shardings of `target`.
 
   If `target` caches deltas, its cache is made current for the restored mask logits (rebuilt from
   `factors` where a hard mask differs) in place: `target.deltas` is consumed.
   """
   saved = manager.restore(step, target._replace(deltas=None)._asdict())
-  state = TrainState(**{**saved, 'deltas': None})
+  state = TrainState(**{**saved, "deltas": None})
   if target.deltas is None:
     return state
-  return state._replace(deltas=_refresh_deltas(factors, target.deltas, target.mask_logits,
-                                               state.mask_logits))
+  return state._replace(deltas=_refresh_deltas(factors, target.deltas, target.mask_logits, state.mask_logits))
 
 
 _refresh_deltas = jax.jit(merging.refresh_deltas, donate_argnums=1)
 
 
-def resume(manager: checkpoint_lib.Manager, state: TrainState, factors: Mapping[Any, Any]
-           ) -> TrainState:
+def resume(manager: checkpoint_lib.Manager, state: TrainState, factors: Mapping[Any, Any]) -> TrainState:
   """The latest checkpoint's state (see `restore_state`; a corrupt newest step falls back to the one
   before), or `state` itself when `manager` holds none."""
   latest = manager.latest_step()
@@ -340,25 +392,36 @@ class NonFiniteLossError(FloatingPointError):
 
 def _check_finite(step: int, loss: Any) -> None:
   if not np.isfinite(loss):
-    raise NonFiniteLossError(f'step {step}: the loss is {float(loss)}; stopped before logging or '
-                             'checkpointing this state (check the prior, the learning rate and '
-                             'the inputs)')
+    raise NonFiniteLossError(
+      f"step {step}: the loss is {float(loss)}; stopped before logging or "
+      "checkpointing this state (check the prior, the learning rate and "
+      "the inputs)"
+    )
 
 
 class Logged(NamedTuple):
   """What `fit` yields at a logging point: the step, its numpy metrics (loss, entropy (T,),
   kept_fraction, steps_per_s) and the state after it. The state's buffers are donated to the next
   step: copy (jax.device_get) whatever must outlive the loop body."""
+
   step: int
   metrics: dict[str, np.ndarray]
   state: TrainState
 
 
-def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[..., Any],
-        make_batches: Callable[[int], Iterator[Any]], num_steps: int,
-        log_every: int = 50, checkpoint: checkpoint_lib.Manager | None = None,
-        checkpoint_every: int | None = None, mesh: Mesh | None = None,
-        progress: bool = True) -> Iterator[Logged]:
+def fit(
+  frozen: tuple[Any, Any],
+  state: TrainState,
+  *,
+  train_step: Callable[..., Any],
+  make_batches: Callable[[int], Iterator[Any]],
+  num_steps: int,
+  log_every: int = 50,
+  checkpoint: checkpoint_lib.Manager | None = None,
+  checkpoint_every: int | None = None,
+  mesh: Mesh | None = None,
+  progress: bool = True,
+) -> Iterator[Logged]:
   """Runs `train_step` from `state.step` to `num_steps` and yields a `Logged` every `log_every` steps
   and at the last step. The caller resumes first, then logs, evaluates and selects inline:
 
@@ -395,7 +458,7 @@ def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[...,
   start = int(jax.device_get(state.step))
   batch_iter = make_batches(start)  # every step takes one batch of every task
   last_time, last_step = time.perf_counter(), start
-  with tqdm.tqdm(total=num_steps, initial=start, disable=not progress, desc='train') as bar:
+  with tqdm.tqdm(total=num_steps, initial=start, disable=not progress, desc="train") as bar:
     for step in range(start + 1, num_steps + 1):
       batches = next(batch_iter)
       if mesh is not None:
@@ -403,15 +466,17 @@ def fit(frozen: tuple[Any, Any], state: TrainState, *, train_step: Callable[...,
       state, metrics = train_step(frozen, state, batches)
       bar.update(1)
       saving = checkpoint is not None and (
-          step == num_steps or (checkpoint_every and step % checkpoint_every == 0))
+        step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
+      )
       if saving or step % log_every == 0 or step == num_steps:  # never log or keep a non-finite state
-        _check_finite(step, jax.device_get(metrics['loss']))
+        _check_finite(step, jax.device_get(metrics["loss"]))
       if step % log_every == 0 or step == num_steps:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
-        metrics['steps_per_s'] = np.asarray((step - last_step) / max(now - last_time, 1e-9))
-        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
-                        steps_per_s=f"{float(metrics['steps_per_s']):.2f}")
+        metrics["steps_per_s"] = np.asarray((step - last_step) / max(now - last_time, 1e-9))
+        bar.set_postfix(
+          loss=f"{float(metrics['loss']):.4f}", steps_per_s=f"{float(metrics['steps_per_s']):.2f}"
+        )
         yield Logged(step, metrics, state)
         last_time, last_step = time.perf_counter(), step  # the loop body's time is not training's
       if saving:

@@ -61,8 +61,9 @@ def shapes(flat: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   return {path: tuple(np.shape(value)) for path, value in flat.items()}
 
 
-def check_structure(expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, Any], *,
-                    source: str) -> None:
+def check_structure(
+  expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, Any], *, source: str
+) -> None:
   """Raises StructureError naming `source` and every missing, unexpected and mis-shaped key.
 
   Args:
@@ -73,9 +74,10 @@ def check_structure(expected: Mapping[str, tuple[int, ...]], actual: Mapping[str
   missing = sorted(set(expected) - set(actual))
   unexpected = sorted(set(actual) - set(expected))
   mismatched = sorted(
-      f"{key}: expected shape {tuple(expected[key])}, got {tuple(np.shape(actual[key]))}"
-      for key in set(expected) & set(actual)
-      if tuple(np.shape(actual[key])) != tuple(expected[key]))
+    f"{key}: expected shape {tuple(expected[key])}, got {tuple(np.shape(actual[key]))}"
+    for key in set(expected) & set(actual)
+    if tuple(np.shape(actual[key])) != tuple(expected[key])
+  )
   problems = []
   if missing:
     problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import ml_collections
 
-from adarank_jax import baselines
-from adarank_jax import files
-from adarank_jax import methods
+from adarank_jax import baselines, files, methods
 from adarank_jax import train as train_lib
 from adarank_jax.data import registry
 
@@ -18,9 +16,18 @@ FAMILIES = ("clip", "roberta", "gpt2")
 SELECTIONS = ("final", "oracle", "validation")  # config.adarank.selection (see run.py)
 EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",)}
 # Fields that may change when a run is resumed (they do not change what was computed so far).
-RESUMABLE = ("adarank.num_steps", "adamerging.num_steps", "adarank.log_every", "adarank.checkpoint_every", "adarank.eval_every",
-             "adarank.cache_deltas", "adarank.tasks_per_forward", "adarank.remat", "data.workers",
-             "export")
+RESUMABLE = (
+  "adarank.num_steps",
+  "adamerging.num_steps",
+  "adarank.log_every",
+  "adarank.checkpoint_every",
+  "adarank.eval_every",
+  "adarank.cache_deltas",
+  "adarank.tasks_per_forward",
+  "adarank.remat",
+  "data.workers",
+  "export",
+)
 
 
 class ConfigError(ValueError):
@@ -47,8 +54,9 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
   for key, value in _flat_items(config):
     if isinstance(value, float):
       need(math.isfinite(value), f"{key}={value!r}: expected a finite number")
-  need(config.testbed.name in ("", "digits"),
-       f"testbed.name={config.testbed.name!r}: expected '' or 'digits'")
+  need(
+    config.testbed.name in ("", "digits"), f"testbed.name={config.testbed.name!r}: expected '' or 'digits'"
+  )
   need(config.family in FAMILIES, f"family={config.family!r}: expected one of {FAMILIES}")
   tasks = tuple(config.tasks)
   need(len(tasks) > 0, "tasks: empty")
@@ -61,80 +69,121 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
 
   for base in ("ta", "cart", "tsv_m", "iso_cts"):
     hp = config.adarank[base]
-    need(0 < hp.initial_rank_ratio <= 1,
-         f"adarank.{base}.initial_rank_ratio={hp.initial_rank_ratio}: expected a value in (0, 1]")
+    need(
+      0 < hp.initial_rank_ratio <= 1,
+      f"adarank.{base}.initial_rank_ratio={hp.initial_rank_ratio}: expected a value in (0, 1]",
+    )
     need(hp.learning_rate > 0, f"adarank.{base}.learning_rate={hp.learning_rate}: expected > 0")
     need(_is_number(hp.prior), f"adarank.{base}.prior={hp.prior!r}: expected a number")
-  need(config.adamerging.learning_rate > 0,
-       f"adamerging.learning_rate={config.adamerging.learning_rate}: expected > 0")
-  need(_is_number(config.adamerging.prior), f"adamerging.prior={config.adamerging.prior!r}: expected a number")
-  for section, key in [("adarank", k) for k in ("num_steps", "batch_size_per_task", "eval_every",
-                                                "log_every", "checkpoint_every")] + [("adamerging", "num_steps")]:
+  need(
+    config.adamerging.learning_rate > 0,
+    f"adamerging.learning_rate={config.adamerging.learning_rate}: expected > 0",
+  )
+  need(
+    _is_number(config.adamerging.prior), f"adamerging.prior={config.adamerging.prior!r}: expected a number"
+  )
+  for section, key in [
+    ("adarank", k)
+    for k in ("num_steps", "batch_size_per_task", "eval_every", "log_every", "checkpoint_every")
+  ] + [("adamerging", "num_steps")]:
     value = config[section][key]
     need(isinstance(value, int) and value > 0, f"{section}.{key}={value!r}: expected a positive integer")
-  need(config.adarank.learn in train_lib.LEARN,
-       f"adarank.learn={config.adarank.learn!r}: expected one of {train_lib.LEARN}")
+  need(
+    config.adarank.learn in train_lib.LEARN,
+    f"adarank.learn={config.adarank.learn!r}: expected one of {train_lib.LEARN}",
+  )
   tasks_per_forward = config.adarank.tasks_per_forward
-  need(isinstance(tasks_per_forward, int) and tasks_per_forward >= 0
-       and (tasks_per_forward == 0 or len(tasks) % tasks_per_forward == 0),
-       f"adarank.tasks_per_forward={tasks_per_forward!r}: expected 0 (all tasks at once) or a divisor "
-       f"of the {len(tasks)} tasks")
-  need(0 < config.adarank.data_fraction <= 1,
-       f"adarank.data_fraction={config.adarank.data_fraction}: expected a value in (0, 1]")
-  need(config.adarank.eval_every % config.adarank.log_every == 0,
-       f"adarank.eval_every={config.adarank.eval_every}: expected a multiple of adarank.log_every="
-       f"{config.adarank.log_every} (evaluation runs at logging points)")
-  need(config.adarank.mask_temperature > 0,
-       f"adarank.mask_temperature={config.adarank.mask_temperature}: expected > 0")
+  need(
+    isinstance(tasks_per_forward, int)
+    and tasks_per_forward >= 0
+    and (tasks_per_forward == 0 or len(tasks) % tasks_per_forward == 0),
+    f"adarank.tasks_per_forward={tasks_per_forward!r}: expected 0 (all tasks at once) or a divisor "
+    f"of the {len(tasks)} tasks",
+  )
+  need(
+    0 < config.adarank.data_fraction <= 1,
+    f"adarank.data_fraction={config.adarank.data_fraction}: expected a value in (0, 1]",
+  )
+  need(
+    config.adarank.eval_every % config.adarank.log_every == 0,
+    f"adarank.eval_every={config.adarank.eval_every}: expected a multiple of adarank.log_every="
+    f"{config.adarank.log_every} (evaluation runs at logging points)",
+  )
+  need(
+    config.adarank.mask_temperature > 0,
+    f"adarank.mask_temperature={config.adarank.mask_temperature}: expected > 0",
+  )
   need(config.adarank.rank >= 0, f"adarank.rank={config.adarank.rank}: expected >= 0 (0 = full rank)")
-  need(config.adarank.selection in SELECTIONS,
-       f"adarank.selection={config.adarank.selection!r}: expected one of {SELECTIONS}")
-  need(config.adarank.factor_dtype in ("float32", "bfloat16"),
-       f"adarank.factor_dtype={config.adarank.factor_dtype!r}: expected 'float32' or 'bfloat16'")
-  need(config.model.dtype in ("float32", "bfloat16"),
-       f"model.dtype={config.model.dtype!r}: expected 'float32' or 'bfloat16'")
+  need(
+    config.adarank.selection in SELECTIONS,
+    f"adarank.selection={config.adarank.selection!r}: expected one of {SELECTIONS}",
+  )
+  need(
+    config.adarank.factor_dtype in ("float32", "bfloat16"),
+    f"adarank.factor_dtype={config.adarank.factor_dtype!r}: expected 'float32' or 'bfloat16'",
+  )
+  need(
+    config.model.dtype in ("float32", "bfloat16"),
+    f"model.dtype={config.model.dtype!r}: expected 'float32' or 'bfloat16'",
+  )
   merge = config.merge
   for key, value in (("cart.rank_ratio", merge.cart.rank_ratio), ("ties.density", merge.ties.density)):
     need(0 < value <= 1, f"merge.{key}={value}: expected a value in (0, 1]")
-  need(0 <= merge.iso_cts.common_fraction <= 1,
-       f"merge.iso_cts.common_fraction={merge.iso_cts.common_fraction}: expected a value in [0, 1]")
-  need(merge.ties.merge in baselines.TIES_MERGES,
-       f"merge.ties.merge={merge.ties.merge!r}: expected one of {tuple(baselines.TIES_MERGES)}")
+  need(
+    0 <= merge.iso_cts.common_fraction <= 1,
+    f"merge.iso_cts.common_fraction={merge.iso_cts.common_fraction}: expected a value in [0, 1]",
+  )
+  need(
+    merge.ties.merge in baselines.TIES_MERGES,
+    f"merge.ties.merge={merge.ties.merge!r}: expected one of {tuple(baselines.TIES_MERGES)}",
+  )
   for name in ("tsv_m", "iso_c", "iso_cts"):
-    need(merge[name].matrices in baselines.MATRIX_RULES,
-         f"merge.{name}.matrices={merge[name].matrices!r}: expected one of {baselines.MATRIX_RULES}")
-  need(merge.iso_cts.side in ("in", "out"),
-       f"merge.iso_cts.side={merge.iso_cts.side!r}: expected 'in' or 'out'")
+    need(
+      merge[name].matrices in baselines.MATRIX_RULES,
+      f"merge.{name}.matrices={merge[name].matrices!r}: expected one of {baselines.MATRIX_RULES}",
+    )
+  need(
+    merge.iso_cts.side in ("in", "out"), f"merge.iso_cts.side={merge.iso_cts.side!r}: expected 'in' or 'out'"
+  )
   need(config.eval.batch_size > 0, f"eval.batch_size={config.eval.batch_size}: expected > 0")
   need(config.eval.max_examples >= 0, f"eval.max_examples={config.eval.max_examples}: expected >= 0")
-  need(config.mesh.factor_placement in train_lib.FACTOR_PLACEMENTS,
-       f"mesh.factor_placement={config.mesh.factor_placement!r}: expected one of "
-       f"{train_lib.FACTOR_PLACEMENTS}")
+  need(
+    config.mesh.factor_placement in train_lib.FACTOR_PLACEMENTS,
+    f"mesh.factor_placement={config.mesh.factor_placement!r}: expected one of {train_lib.FACTOR_PLACEMENTS}",
+  )
   if export:
     allowed = EXPORTS.get(config.family, ())
     need(export in allowed, f"export={export!r}: for family {config.family!r} expected one of {allowed}")
 
   if config.testbed.name:
     set_paths = [f"model.{k}={config.model[k]!r}" for k in ("pretrained", "finetuned") if config.model[k]]
-    need(not set_paths, f"testbed.name={config.testbed.name!r} provides the checkpoints, but "
-         f"{', '.join(set_paths)} is set too; clear one of them")
+    need(
+      not set_paths,
+      f"testbed.name={config.testbed.name!r} provides the checkpoints, but "
+      f"{', '.join(set_paths)} is set too; clear one of them",
+    )
   if not paths or config.testbed.name:
     _raise(problems)
     return
   # Paths: every missing file at once.
   need(bool(config.model.pretrained), "model.pretrained: empty; set --config.model.pretrained=PATH")
   if config.model.pretrained:
-    need(Path(config.model.pretrained).exists(),
-         f"model.pretrained: {config.model.pretrained} does not exist")
+    need(
+      Path(config.model.pretrained).exists(), f"model.pretrained: {config.model.pretrained} does not exist"
+    )
   # Fine-tuned checkpoints are needed by every method but zero-shot CLIP (LM heads come from them).
   if config.family != "clip" or any(m != "zero_shot" for m in config.methods):
     template = config.model.finetuned
-    need("{task}" in template,
-         f"model.finetuned={template!r}: expected a path with {{task}} in it, e.g. 'ckpts/{{task}}.pt'")
+    need(
+      "{task}" in template,
+      f"model.finetuned={template!r}: expected a path with {{task}} in it, e.g. 'ckpts/{{task}}.pt'",
+    )
     if "{task}" in template:
       missing = [str(finetuned_path(template, t)) for t in tasks if not finetuned_path(template, t).exists()]
-      need(not missing, f"model.finetuned: {len(missing)} fine-tuned checkpoint(s) missing: "
-           + ", ".join(missing))
+      need(
+        not missing,
+        f"model.finetuned: {len(missing)} fine-tuned checkpoint(s) missing: " + ", ".join(missing),
+      )
   _raise(problems)
 
 
@@ -168,11 +217,11 @@ def _flat_config(config: ml_collections.ConfigDict) -> dict:
       else:
         out[f"{prefix}{key}"] = value
     return out
+
   return walk(json.loads(config.to_json()))
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: Path, *, resume: bool,
-                  overwrite: bool) -> bool:
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path, *, resume: bool, overwrite: bool) -> bool:
   """Decides what to do with an existing workdir; returns True when a previous run is continued.
 
   A workdir holding a run of a different config is an error unless `overwrite` (then the caller wipes
@@ -186,13 +235,16 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path, *, resume: b
   try:
     old = _flat_config(ml_collections.ConfigDict(files.read_json(saved)))
   except (ValueError, TypeError) as error:
-    raise ConfigError(f"{saved}: cannot read the saved config of the run in {workdir} ({error}); pass "
-                      f"--overwrite to start over there") from error
+    raise ConfigError(
+      f"{saved}: cannot read the saved config of the run in {workdir} ({error}); pass "
+      f"--overwrite to start over there"
+    ) from error
   new = _flat_config(config)
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE)
   if changed:
     details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:10])
     raise ConfigError(
-        f"{workdir} holds a run with a different config ({details}). Pass --overwrite to start "
-        f"over there, or choose another --workdir.")
+      f"{workdir} holds a run with a different config ({details}). Pass --overwrite to start "
+      f"over there, or choose another --workdir."
+    )
   return True

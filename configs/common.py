@@ -12,29 +12,36 @@ TASKS_14 = TASKS_8 + ("CIFAR100", "STL10", "Flowers102", "OxfordIIITPet", "PCAM"
 TASKS_20 = TASKS_14 + ("EMNIST", "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "KMNIST")
 GLUE_7 = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
 # The embedded demo's tasks (adarank_jax/digits/tasks.py, built in memory from scikit-learn's digits).
-DIGITS_8 = ("Digits", "DigitsRotated", "DigitsMirrored", "DigitsInverted", "DigitsNoisy", "DigitsParity",
-            "DigitsMagnitude", "DigitsMod3")
+DIGITS_8 = (
+  "Digits",
+  "DigitsRotated",
+  "DigitsMirrored",
+  "DigitsInverted",
+  "DigitsNoisy",
+  "DigitsParity",
+  "DigitsMagnitude",
+  "DigitsMod3",
+)
 
 # The official code's SVD rule per model family: which matrices are decomposed and masked. Paths are
 # those of the merged tree (the image tower for CLIP, the whole model minus heads for the LMs).
 DECOMPOSE = {
-    "clip": (r"transformer/resblocks/\d+/attn/(in_proj|out_proj)/kernel",
-             r"transformer/resblocks/\d+/mlp/(c_fc|c_proj)/kernel"),
-    # RoBERTa and BERT (body key 'roberta' or 'bert'): every merged weight matrix, i.e. every kernel
-    # outside the (unmerged) embeddings. BERT classifiers also keep their pooler in the body.
-    "roberta": (r"(roberta|bert)/encoder/layer/\d+/attention/self/(query|key|value)/kernel",
-                r"(roberta|bert)/encoder/layer/\d+/attention/output/dense/kernel",
-                r"(roberta|bert)/encoder/layer/\d+/(intermediate|output)/dense/kernel",
-                r"(roberta|bert)/pooler/dense/kernel"),
-    "gpt2": (r"transformer/h/\d+/attn/(c_attn|c_proj)/kernel",
-             r"transformer/h/\d+/mlp/(c_fc|c_proj)/kernel"),
+  "clip": (
+    r"transformer/resblocks/\d+/attn/(in_proj|out_proj)/kernel",
+    r"transformer/resblocks/\d+/mlp/(c_fc|c_proj)/kernel",
+  ),
+  # RoBERTa and BERT (body key 'roberta' or 'bert'): every merged weight matrix, i.e. every kernel
+  # outside the (unmerged) embeddings. BERT classifiers also keep their pooler in the body.
+  "roberta": (
+    r"(roberta|bert)/encoder/layer/\d+/attention/self/(query|key|value)/kernel",
+    r"(roberta|bert)/encoder/layer/\d+/attention/output/dense/kernel",
+    r"(roberta|bert)/encoder/layer/\d+/(intermediate|output)/dense/kernel",
+    r"(roberta|bert)/pooler/dense/kernel",
+  ),
+  "gpt2": (r"transformer/h/\d+/attn/(c_attn|c_proj)/kernel", r"transformer/h/\d+/mlp/(c_fc|c_proj)/kernel"),
 }
 # What the official code leaves unmerged: it stays at the origin (pretrained for TA, average for CART).
-UNMERGED = {
-    "clip": (),
-    "roberta": (r"(roberta|bert)/embeddings/.*",),
-    "gpt2": (r"transformer/(wte|wpe)/.*",),
-}
+UNMERGED = {"clip": (), "roberta": (r"(roberta|bert)/embeddings/.*",), "gpt2": (r"transformer/(wte|wpe)/.*",)}
 
 
 BASES = ("ta", "cart", "tsv_m", "iso_cts")  # the base merges AdaRank runs on (methods adarank_<base>)
@@ -60,33 +67,33 @@ def parse_arg(arg, **defaults):
 def base():
   """All fields with defaults. Paths are empty: set them with --config.x=... or flags."""
   config = ml_collections.ConfigDict()
-  config.name = ""                          # experiment name, shown in reports
-  config.family = "clip"                    # 'clip' | 'roberta' | 'gpt2'
+  config.name = ""  # experiment name, shown in reports
+  config.family = "clip"  # 'clip' | 'roberta' | 'gpt2'
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "ViT-B-32"            # clip: an open_clip model-config name or a JSON file path
-  config.model.pretrained = ""              # pretrained checkpoint: file (.pt/.bin/.safetensors) or HF dir
-  config.model.finetuned = ""               # fine-tuned checkpoints, with {task} in the path
-  config.model.run_pickled_code = False     # allow checkpoints that pickle whole modules (runs their code)
-  config.model.dtype = "float32"            # compute dtype: 'float32' | 'bfloat16'
+  config.model.name = "ViT-B-32"  # clip: an open_clip model-config name or a JSON file path
+  config.model.pretrained = ""  # pretrained checkpoint: file (.pt/.bin/.safetensors) or HF dir
+  config.model.finetuned = ""  # fine-tuned checkpoints, with {task} in the path
+  config.model.run_pickled_code = False  # allow checkpoints that pickle whole modules (runs their code)
+  config.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'
 
-  config.tasks = TASKS_8                    # task names, as in adarank_jax.data.registry
+  config.tasks = TASKS_8  # task names, as in adarank_jax.data.registry
   config.data = ml_collections.ConfigDict()
-  config.data.data_dir = ""                 # tfds data_dir that holds the prepared data sets
-  config.data.tokenizer = ""                # LMs: local tokenizer directory ('' = the pretrained dir)
-  config.data.max_length = 128              # LMs: tokens per example
-  config.data.workers = 2                   # preprocessing threads
-  config.cache_dir = ""                     # zero-shot heads and other caches ('' = <workdir>/cache)
-  config.export = ""                        # also write each merged model under <workdir>/export: '' (no),
-                                            # 'safetensors' | 'pt' (clip: OpenCLIP state dict), 'hf' (LMs);
-                                            # the --export flag overrides it
+  config.data.data_dir = ""  # tfds data_dir that holds the prepared data sets
+  config.data.tokenizer = ""  # LMs: local tokenizer directory ('' = the pretrained dir)
+  config.data.max_length = 128  # LMs: tokens per example
+  config.data.workers = 2  # preprocessing threads
+  config.cache_dir = ""  # zero-shot heads and other caches ('' = <workdir>/cache)
+  config.export = ""  # also write each merged model under <workdir>/export: '' (no),
+  # 'safetensors' | 'pt' (clip: OpenCLIP state dict), 'hf' (LMs);
+  # the --export flag overrides it
 
   # A testbed built (once, cached) before the run; the embedded demo uses 'digits'.
   config.testbed = ml_collections.ConfigDict()
-  config.testbed.name = ""                  # '' (use model.*) | 'digits': the run builds (or reuses) the
-                                            # digits testbed and takes model.name/pretrained/finetuned from it
-  config.testbed.quick = False              # the seconds-long schedule (CI)
+  config.testbed.name = ""  # '' (use model.*) | 'digits': the run builds (or reuses) the
+  # digits testbed and takes model.name/pretrained/finetuned from it
+  config.testbed.quick = False  # the seconds-long schedule (CI)
   config.testbed.seed = 0
 
   # Methods run in this order, each evaluated on every task: the names of adarank_jax/methods.py
@@ -96,7 +103,7 @@ def base():
 
   config.merge = ml_collections.ConfigDict()
   config.merge.decompose = DECOMPOSE["clip"]  # regexes of the SVD-decomposed, masked matrices
-  config.merge.unmerged = UNMERGED["clip"]    # regexes of tensors kept at the origin
+  config.merge.unmerged = UNMERGED["clip"]  # regexes of tensors kept at the origin
   # Static methods' hyperparameters: config.merge.<method>.<keyword of its adarank_jax.baselines
   # function>, with the published defaults.
   config.merge.task_arithmetic = ml_collections.ConfigDict(dict(scaling=0.3))
@@ -108,38 +115,41 @@ def base():
   # Iso-C / Iso-CTS: alpha 1.5 (FusionBench, ViT-B/32 x 8), common fraction 0.8 (Iso-CTS code).
   config.merge.iso_c = ml_collections.ConfigDict(dict(scaling=1.5, matrices="decomposed"))
   config.merge.iso_cts = ml_collections.ConfigDict(
-      dict(scaling=1.5, common_fraction=0.8, side="out", matrices="decomposed"))
+    dict(scaling=1.5, common_fraction=0.8, side="out", matrices="decomposed")
+  )
 
   config.adarank = ml_collections.ConfigDict()
-  config.adarank.ta = ml_collections.ConfigDict(
-      dict(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3))
+  config.adarank.ta = ml_collections.ConfigDict(dict(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3))
   config.adarank.cart = ml_collections.ConfigDict(
-      dict(prior=2.3, initial_rank_ratio=0.16, learning_rate=1e-3))
+    dict(prior=2.3, initial_rank_ratio=0.16, learning_rate=1e-3)
+  )
   # AdaRank on TSV-M (not in the paper's code; docs/algorithm.md, section 9): all of each task's
   # whitened components on, every coefficient at TSV-M's alpha, so step 0 is static TSV-M.
   config.adarank.tsv_m = ml_collections.ConfigDict(
-      dict(prior=1.0, initial_rank_ratio=1.0, learning_rate=1e-3))
+    dict(prior=1.0, initial_rank_ratio=1.0, learning_rate=1e-3)
+  )
   # AdaRank on Iso-CTS (likewise an extension): T + 1 mask rows (the last for the common subspace),
   # all on, every coefficient at Iso-CTS's alpha.
   config.adarank.iso_cts = ml_collections.ConfigDict(
-      dict(prior=1.5, initial_rank_ratio=1.0, learning_rate=1e-3))
+    dict(prior=1.5, initial_rank_ratio=1.0, learning_rate=1e-3)
+  )
   config.adarank.mask_temperature = 10.0
   config.adarank.num_steps = 10_000
   config.adarank.batch_size_per_task = 16
-  config.adarank.eval_every = 500           # evaluation points (all reported in the log)
-  config.adarank.selection = "final"        # 'final' | 'validation' (best average accuracy on labelled
-                                            # validation splits) | 'oracle' (best average TEST accuracy;
-                                            # labelled so)
-  config.adarank.factor_dtype = "float32"   # 'float32' | 'bfloat16' storage of U, s, V
-  config.adarank.rank = 0                   # keep the top-k components only (0 = full rank, as the paper)
+  config.adarank.eval_every = 500  # evaluation points (all reported in the log)
+  config.adarank.selection = "final"  # 'final' | 'validation' (best average accuracy on labelled
+  # validation splits) | 'oracle' (best average TEST accuracy;
+  # labelled so)
+  config.adarank.factor_dtype = "float32"  # 'float32' | 'bfloat16' storage of U, s, V
+  config.adarank.rank = 0  # keep the top-k components only (0 = full rank, as the paper)
   # The step's layout (same math; README "Performance" has the measured trade-offs):
-  config.adarank.cache_deltas = False       # keep each task's masked delta between steps: less rebuild
-                                            # work (~20% faster steps on CPU), one more float32 matrix per
-                                            # task and decomposed matrix (+2.5 GB at ViT-B/32 x 8)
-  config.adarank.tasks_per_forward = 1      # CLIP: the tower (traced once) runs on this many tasks' batches
-                                            # at a time (0 = all at once); 1 is fastest on CPU at batch 16
-  config.adarank.remat = True               # CLIP: recompute the tower's activations in the backward pass
-                                            # (on CPU no slower, and 2.5 GB less at ViT-B/32 x 8, batch 4)
+  config.adarank.cache_deltas = False  # keep each task's masked delta between steps: less rebuild
+  # work (~20% faster steps on CPU), one more float32 matrix per
+  # task and decomposed matrix (+2.5 GB at ViT-B/32 x 8)
+  config.adarank.tasks_per_forward = 1  # CLIP: the tower (traced once) runs on this many tasks' batches
+  # at a time (0 = all at once); 1 is fastest on CPU at batch 16
+  config.adarank.remat = True  # CLIP: recompute the tower's activations in the backward pass
+  # (on CPU no slower, and 2.5 GB less at ViT-B/32 x 8, batch 4)
   config.adarank.log_every = 50
   config.adarank.checkpoint_every = 500
   # Ablations (AdaRank paper, Tables 5-7): what is learned ('both' | 'masks': coefficients frozen at
@@ -155,11 +165,11 @@ def base():
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128
-  config.eval.max_examples = 0              # 0 = the whole test split
+  config.eval.max_examples = 0  # 0 = the whole test split
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.factor_placement = "replicated"  # 'replicated' | 'task': shard the factor stacks by task
-  config.mesh.multi_host = False            # call jax.distributed.initialize() first
+  config.mesh.multi_host = False  # call jax.distributed.initialize() first
   return config
 
 
@@ -176,8 +186,20 @@ def quick(config):
   return config
 
 
-def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, ta, cart,
-               cart_static=None, eval_batch_size=128):
+def experiment(
+  arg,
+  *,
+  family,
+  model,
+  tasks,
+  batch_size,
+  num_steps,
+  eval_every,
+  ta,
+  cart,
+  cart_static=None,
+  eval_batch_size=128,
+):
   """A paper experiment from its numbers (docs/algorithm.md, section 3 table).
 
   Config args: base=ta|cart|tsv_m|iso_cts picks the AdaRank base merge; baselines=true adds the static baselines
@@ -207,9 +229,20 @@ def experiment(arg, *, family, model, tasks, batch_size, num_steps, eval_every, 
     config.merge.cart.update(cart_static)
   config.methods = ("individual", f"adarank_{arg.base}")
   if arg.baselines:
-    config.methods = ("zero_shot", "individual", "weight_averaging", "task_arithmetic", "ties",
-                      "cart", "tsv_m", "iso_c", "iso_cts", "adamerging_task", "adamerging_layer",
-                      f"adarank_{arg.base}")
+    config.methods = (
+      "zero_shot",
+      "individual",
+      "weight_averaging",
+      "task_arithmetic",
+      "ties",
+      "cart",
+      "tsv_m",
+      "iso_c",
+      "iso_cts",
+      "adamerging_task",
+      "adamerging_layer",
+      f"adarank_{arg.base}",
+    )
   config.name = f"{model}_{len(tasks)}tasks_adarank_{arg.base}"
   if arg.quick:
     quick(config)

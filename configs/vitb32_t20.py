@@ -11,9 +11,15 @@ from configs import common
 
 def get_config(arg=None):
   return common.experiment(
-      arg, family="clip", model="ViT-B-32", tasks=common.TASKS_20,
-      batch_size=16, num_steps=10_000, eval_every=500,
-      ta=dict(prior=0.05, initial_rank_ratio=1.0, learning_rate=1e-3),  # AdaRank on TA
-      cart=dict(prior=2.4, initial_rank_ratio=0.32, learning_rate=1e-3),  # AdaRank on CART
-      cart_static=dict(scaling=1.9, rank_ratio=0.32),  # static CART: CART repo's ViT-b-32_20_CART.yaml
-      eval_batch_size=128)
+    arg,
+    family="clip",
+    model="ViT-B-32",
+    tasks=common.TASKS_20,
+    batch_size=16,
+    num_steps=10_000,
+    eval_every=500,
+    ta=dict(prior=0.05, initial_rank_ratio=1.0, learning_rate=1e-3),  # AdaRank on TA
+    cart=dict(prior=2.4, initial_rank_ratio=0.32, learning_rate=1e-3),  # AdaRank on CART
+    cart_static=dict(scaling=1.9, rank_ratio=0.32),  # static CART: CART repo's ViT-b-32_20_CART.yaml
+    eval_batch_size=128,
+  )

@@ -11,9 +11,15 @@ from configs import common
 
 def get_config(arg=None):
   return common.experiment(
-      arg, family="clip", model="ViT-L-14", tasks=common.TASKS_14,
-      batch_size=2, num_steps=100_000, eval_every=1000,
-      ta=dict(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3),  # AdaRank on TA
-      cart=dict(prior=1.25, initial_rank_ratio=0.16, learning_rate=1e-3),  # AdaRank on CART
-      cart_static=None,  # the CART repo has no ViT-L/14 config: static CART uses the defaults
-      eval_batch_size=32)
+    arg,
+    family="clip",
+    model="ViT-L-14",
+    tasks=common.TASKS_14,
+    batch_size=2,
+    num_steps=100_000,
+    eval_every=1000,
+    ta=dict(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3),  # AdaRank on TA
+    cart=dict(prior=1.25, initial_rank_ratio=0.16, learning_rate=1e-3),  # AdaRank on CART
+    cart_static=None,  # the CART repo has no ViT-L/14 config: static CART uses the defaults
+    eval_batch_size=32,
+  )

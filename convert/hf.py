@@ -15,6 +15,7 @@ merged) model directory back to an HF directory that transformers'
 
 The logic lives in `adarank_jax.interop.hf`.
 """
+
 import argparse
 import sys
 
@@ -24,26 +25,31 @@ from adarank_jax.interop import hf
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m convert.hf', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--pretrained', help='HF directory of the pretrained model')
-  parser.add_argument('--finetuned', help='directory whose sub-directories are fine-tuned HF models')
-  parser.add_argument('--export', help='converted model directory (config.json + params/) to export')
-  parser.add_argument('--out', required=True, help='output directory (must not exist for import)')
+  parser = argparse.ArgumentParser(
+    prog="python -m convert.hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--pretrained", help="HF directory of the pretrained model")
+  parser.add_argument("--finetuned", help="directory whose sub-directories are fine-tuned HF models")
+  parser.add_argument("--export", help="converted model directory (config.json + params/) to export")
+  parser.add_argument("--out", required=True, help="output directory (must not exist for import)")
   args = parser.parse_args(argv)
   if args.export is not None:
     if args.pretrained is not None or args.finetuned is not None:
-      parser.error('--export excludes --pretrained/--finetuned')
+      parser.error("--export excludes --pretrained/--finetuned")
     hf.export(args.export, args.out)
-    print(f'wrote {args.out}')
+    print(f"wrote {args.out}")
     return
   if args.pretrained is None or args.finetuned is None:
-    parser.error('import needs both --pretrained and --finetuned (or use --export)')
+    parser.error("import needs both --pretrained and --finetuned (or use --export)")
   finetuned = hf.finetuned_directories(args.finetuned)
-  hf.convert(args.pretrained, finetuned, args.out,
-             progress=lambda items, desc: tqdm.tqdm(items, desc=desc, unit='model', file=sys.stderr))
-  print(f'wrote {args.out}: pretrained + {len(finetuned)} fine-tuned models')
+  hf.convert(
+    args.pretrained,
+    finetuned,
+    args.out,
+    progress=lambda items, desc: tqdm.tqdm(items, desc=desc, unit="model", file=sys.stderr),
+  )
+  print(f"wrote {args.out}: pretrained + {len(finetuned)} fine-tuned models")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

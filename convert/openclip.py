@@ -11,6 +11,7 @@ Export (a tree directory back to an OpenCLIP state dict):
 --finetuned takes checkpoint files and folders: a folder contributes each checkpoint file in it
 (task = file stem) and each subfolder holding one checkpoint (task = subfolder name).
 """
+
 import argparse
 import sys
 
@@ -20,23 +21,36 @@ from adarank_jax.interop import openclip
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m convert.openclip', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', required=True,
-                      help='import: output folder of tree dirs; export: .safetensors or .pt file')
-  parser.add_argument('--config', help='OpenCLIP model config name (ViT-B-32) or JSON path')
-  parser.add_argument('--pretrained', help='pretrained OpenCLIP checkpoint file')
-  parser.add_argument('--finetuned', nargs='+', help='fine-tuned checkpoint files or folders')
-  parser.add_argument('--with-text', action='store_true',
-                      help='also store the full pretrained CLIP (with text tower) as <out>/pretrained_clip')
-  parser.add_argument('--run-pickled-code', action='store_true',
-                      help='allow checkpoints that pickle whole modules (runs code from the files)')
-  parser.add_argument('--export', metavar='TREE_DIR', help='export this tree dir instead of importing')
-  parser.add_argument('--prefix', default=openclip.VISUAL_PREFIX,
-                      help="export: key prefix of an image-tower tree ('visual.' or '')")
+  parser = argparse.ArgumentParser(
+    prog="python -m convert.openclip",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument(
+    "--out", required=True, help="import: output folder of tree dirs; export: .safetensors or .pt file"
+  )
+  parser.add_argument("--config", help="OpenCLIP model config name (ViT-B-32) or JSON path")
+  parser.add_argument("--pretrained", help="pretrained OpenCLIP checkpoint file")
+  parser.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoint files or folders")
+  parser.add_argument(
+    "--with-text",
+    action="store_true",
+    help="also store the full pretrained CLIP (with text tower) as <out>/pretrained_clip",
+  )
+  parser.add_argument(
+    "--run-pickled-code",
+    action="store_true",
+    help="allow checkpoints that pickle whole modules (runs code from the files)",
+  )
+  parser.add_argument("--export", metavar="TREE_DIR", help="export this tree dir instead of importing")
+  parser.add_argument(
+    "--prefix",
+    default=openclip.VISUAL_PREFIX,
+    help="export: key prefix of an image-tower tree ('visual.' or '')",
+  )
   args = parser.parse_args(argv)
   if args.export is None and not (args.config and args.pretrained and args.finetuned):
-    parser.error('import needs --config, --pretrained and --finetuned (or use --export TREE_DIR)')
+    parser.error("import needs --config, --pretrained and --finetuned (or use --export TREE_DIR)")
   return args
 
 
@@ -45,19 +59,25 @@ def main(argv=None) -> int:
   try:
     if args.export is not None:
       from adarank_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
       openclip.export_openclip(checkpoint.load_tree(args.export), args.out, prefix=args.prefix)
-      print(f'wrote {args.out}')
+      print(f"wrote {args.out}")
       return 0
     written = openclip.convert_checkpoints(
-        args.config, args.pretrained, openclip.find_checkpoints(args.finetuned), args.out,
-        with_text=args.with_text, run_pickled_code=args.run_pickled_code,
-        progress=lambda items, desc: tqdm.tqdm(items, desc=desc, file=sys.stderr))
+      args.config,
+      args.pretrained,
+      openclip.find_checkpoints(args.finetuned),
+      args.out,
+      with_text=args.with_text,
+      run_pickled_code=args.run_pickled_code,
+      progress=lambda items, desc: tqdm.tqdm(items, desc=desc, file=sys.stderr),
+    )
   except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f'wrote {len(written)} trees to {args.out}: {", ".join(p.name for p in written)}')
+  print(f"wrote {len(written)} trees to {args.out}: {', '.join(p.name for p in written)}")
   return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   sys.exit(main())

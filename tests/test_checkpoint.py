@@ -6,9 +6,13 @@ from adarank_jax import checkpoint
 
 
 def _tree():
-  return {"blocks": {0: {"k": np.arange(6, dtype=np.float32).reshape(2, 3)},
-                     1: {"k": np.ones((2, 3), ml_dtypes.bfloat16)}},
-          "step": np.array(7, np.int32)}
+  return {
+    "blocks": {
+      0: {"k": np.arange(6, dtype=np.float32).reshape(2, 3)},
+      1: {"k": np.ones((2, 3), ml_dtypes.bfloat16)},
+    },
+    "step": np.array(7, np.int32),
+  }
 
 
 def test_save_load_tree(tmp_path):

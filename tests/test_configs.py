@@ -9,19 +9,27 @@ import pytest
 from adarank_jax import validate
 from configs import common
 
-EXPERIMENTS = ("vitb32_t8", "vitb32_t14", "vitb32_t20", "vitl14_t8", "vitl14_t14", "vitl14_t20",
-               "roberta_glue", "gpt2_glue")
+EXPERIMENTS = (
+  "vitb32_t8",
+  "vitb32_t14",
+  "vitb32_t20",
+  "vitl14_t8",
+  "vitl14_t14",
+  "vitl14_t20",
+  "roberta_glue",
+  "gpt2_glue",
+)
 
 # docs/algorithm.md, section 3: (batch, steps, eval every, TA (prior, rho, lr), CART (prior, rho, lr)).
 TABLE = {
-    "vitb32_t8": (16, 10_000, 500, (0.3, 1.0, 1e-3), (2.3, 0.16, 1e-3)),
-    "vitb32_t14": (16, 10_000, 500, (0.3, 1.0, 1e-3), (2.8, 0.32, 1e-3)),
-    "vitb32_t20": (16, 10_000, 500, (0.05, 1.0, 1e-3), (2.4, 0.32, 1e-3)),
-    "vitl14_t8": (4, 10_000, 500, (0.3, 1.0, 1e-3), (3.0, 0.16, 1e-3)),
-    "vitl14_t14": (2, 100_000, 1000, (0.3, 1.0, 1e-3), (1.25, 0.16, 1e-3)),
-    "vitl14_t20": (2, 100_000, 2000, (1.0, 0.3, 1e-3), (1.0, 0.16, 1e-3)),
-    "roberta_glue": (8, 5_000, 500, (0.3, 1.0, 5e-5), (1.6, 0.04, 1e-4)),
-    "gpt2_glue": (8, 5_000, 500, (0.3, 1.0, 5e-5), (1.3, 0.01, 5e-5)),
+  "vitb32_t8": (16, 10_000, 500, (0.3, 1.0, 1e-3), (2.3, 0.16, 1e-3)),
+  "vitb32_t14": (16, 10_000, 500, (0.3, 1.0, 1e-3), (2.8, 0.32, 1e-3)),
+  "vitb32_t20": (16, 10_000, 500, (0.05, 1.0, 1e-3), (2.4, 0.32, 1e-3)),
+  "vitl14_t8": (4, 10_000, 500, (0.3, 1.0, 1e-3), (3.0, 0.16, 1e-3)),
+  "vitl14_t14": (2, 100_000, 1000, (0.3, 1.0, 1e-3), (1.25, 0.16, 1e-3)),
+  "vitl14_t20": (2, 100_000, 2000, (1.0, 0.3, 1e-3), (1.0, 0.16, 1e-3)),
+  "roberta_glue": (8, 5_000, 500, (0.3, 1.0, 5e-5), (1.6, 0.04, 1e-4)),
+  "gpt2_glue": (8, 5_000, 500, (0.3, 1.0, 5e-5), (1.3, 0.01, 5e-5)),
 }
 
 
@@ -35,10 +43,16 @@ def test_experiment_numbers_match_spec(name):
   batch, steps, every, ta, cart = TABLE[name]
   assert config.adarank.batch_size_per_task == batch
   assert config.adarank.num_steps == steps and config.adarank.eval_every == every
-  assert (config.adarank.ta.prior, config.adarank.ta.initial_rank_ratio,
-          config.adarank.ta.learning_rate) == ta
-  assert (config.adarank.cart.prior, config.adarank.cart.initial_rank_ratio,
-          config.adarank.cart.learning_rate) == cart
+  assert (
+    config.adarank.ta.prior,
+    config.adarank.ta.initial_rank_ratio,
+    config.adarank.ta.learning_rate,
+  ) == ta
+  assert (
+    config.adarank.cart.prior,
+    config.adarank.cart.initial_rank_ratio,
+    config.adarank.cart.learning_rate,
+  ) == cart
   assert config.adarank.mask_temperature == 10.0 and config.adarank.selection == "final"
   assert config.methods == ("individual", "adarank_ta")
   assert config.model.pretrained == "" and config.data.data_dir == ""  # no machine paths
@@ -72,9 +86,16 @@ def test_validate_lists_every_problem(tmp_path):
   with pytest.raises(validate.ConfigError) as e:
     validate.validate(config, export="hf")
   msg = str(e.value)
-  for needle in ("unknown task(s) ['Kitties']", "adarank.ta.initial_rank_ratio=1.5",
-                 "adarank.num_steps=0", "adarank.batch_size_per_task=-2", "absent.pt does not exist",
-                 "2 fine-tuned checkpoint(s) missing", "Cars.pt", "export='hf'"):
+  for needle in (
+    "unknown task(s) ['Kitties']",
+    "adarank.ta.initial_rank_ratio=1.5",
+    "adarank.num_steps=0",
+    "adarank.batch_size_per_task=-2",
+    "absent.pt does not exist",
+    "2 fine-tuned checkpoint(s) missing",
+    "Cars.pt",
+    "export='hf'",
+  ):
     assert needle in msg, needle
 
 
@@ -96,8 +117,8 @@ def test_workdir_with_other_config(tmp_path):
   (tmp_path / "config.json").write_text(config.to_json())
   assert validate.check_workdir(config, tmp_path, resume=False, overwrite=False)
   longer = _get("vitb32_t8")
-  longer.adarank.num_steps = 20_000           # resumable: train longer
-  longer.export = "safetensors"               # and write the merged models at the end
+  longer.adarank.num_steps = 20_000  # resumable: train longer
+  longer.export = "safetensors"  # and write the merged models at the end
   assert validate.check_workdir(longer, tmp_path, resume=True, overwrite=False)
   other = _get("vitb32_t8", "base=cart")
   with pytest.raises(validate.ConfigError, match=r"different config .*methods"):

@@ -8,16 +8,15 @@ import torch
 import transformers
 from flax import nnx
 
-from adarank_jax import checkpoint
-from adarank_jax import tree_util
-from adarank_jax.interop import hf
-from adarank_jax.interop import openclip
-from adarank_jax.models import clip
-from adarank_jax.models import functional
+from adarank_jax import checkpoint, tree_util
+from adarank_jax.interop import hf, openclip
+from adarank_jax.models import clip, functional
 
-TINY = {"embed_dim": 16,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
-        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+TINY = {
+  "embed_dim": 16,
+  "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
+  "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
 
 
 def _bit_equal(a, b):
@@ -38,13 +37,22 @@ def test_openclip_trees_load_like_files(tmp_path):
   openclip.export_openclip(tree, tmp_path / "pre.safetensors")
   tuned = {**tree, "visual": _shifted(tree["visual"], 0.01)}
   openclip.export_openclip(tuned, tmp_path / "Cars.safetensors")
-  openclip.convert_checkpoints(tmp_path / "tiny.json", tmp_path / "pre.safetensors",
-                               {"Cars": tmp_path / "Cars.safetensors"}, tmp_path / "trees", with_text=True)
+  openclip.convert_checkpoints(
+    tmp_path / "tiny.json",
+    tmp_path / "pre.safetensors",
+    {"Cars": tmp_path / "Cars.safetensors"},
+    tmp_path / "trees",
+    with_text=True,
+  )
   model = tmp_path / "tiny.json"
-  _bit_equal(openclip.load_openclip(tmp_path / "trees/pretrained_clip", model, text=True),
-             openclip.load_openclip(tmp_path / "pre.safetensors", model, text=True))
-  _bit_equal(openclip.load_openclip(tmp_path / "trees/Cars", model),
-             openclip.load_openclip(tmp_path / "Cars.safetensors", model))
+  _bit_equal(
+    openclip.load_openclip(tmp_path / "trees/pretrained_clip", model, text=True),
+    openclip.load_openclip(tmp_path / "pre.safetensors", model, text=True),
+  )
+  _bit_equal(
+    openclip.load_openclip(tmp_path / "trees/Cars", model),
+    openclip.load_openclip(tmp_path / "Cars.safetensors", model),
+  )
   with pytest.raises(tree_util.StructureError, match=r"trees/pretrained: an image tower alone.*--with-text"):
     openclip.load_openclip(tmp_path / "trees/pretrained", model, text=True)
   # A converted tree is checked like a file: a wrong architecture names the directory and the key.
@@ -57,8 +65,15 @@ def test_openclip_trees_load_like_files(tmp_path):
 
 def test_hf_converted_directories_load_like_hf_directories(tmp_path):
   torch.manual_seed(0)
-  config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=32, max_position_embeddings=16, num_labels=3)
+  config = transformers.BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    num_labels=3,
+  )
   transformers.BertModel(config).save_pretrained(tmp_path / "pre")
   transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "tuned" / "mnli")
   hf.convert(tmp_path / "pre", [tmp_path / "tuned" / "mnli"], tmp_path / "trees")

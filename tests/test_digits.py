@@ -8,15 +8,21 @@ import numpy as np
 import pytest
 
 from adarank_jax import tree_util
-from adarank_jax.data import preprocess
-from adarank_jax.data import registry
-from adarank_jax.digits import tasks
-from adarank_jax.digits import testbed
+from adarank_jax.data import preprocess, registry
+from adarank_jax.digits import tasks, testbed
 from adarank_jax.interop import openclip
 from adarank_jax.models import clip
 
-CLASS_COUNTS = {"Digits": 10, "DigitsRotated": 10, "DigitsMirrored": 10, "DigitsInverted": 10,
-                "DigitsNoisy": 10, "DigitsParity": 2, "DigitsMagnitude": 2, "DigitsMod3": 3}
+CLASS_COUNTS = {
+  "Digits": 10,
+  "DigitsRotated": 10,
+  "DigitsMirrored": 10,
+  "DigitsInverted": 10,
+  "DigitsNoisy": 10,
+  "DigitsParity": 2,
+  "DigitsMagnitude": 2,
+  "DigitsMod3": 3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,8 @@ def test_tasks_registered_with_class_counts():
     registry.get("Digits").open_source("val")
   _, _, splits = tasks._digits()  # pylint: disable=protected-access
   assert not set(splits["train"]) & set(splits["validation"]) and not set(splits["test"]) & (
-      set(splits["train"]) | set(splits["validation"]))
+    set(splits["train"]) | set(splits["validation"])
+  )
   digits = tasks.digit_values("validation")
   assert np.bincount(digits, minlength=10).min() >= 9  # stratified: every digit is there
 
@@ -58,6 +65,7 @@ def test_tasks_differ_in_inputs_and_labels():
   for name in ("DigitsParity", "DigitsMagnitude", "DigitsMod3"):
     assert not np.array_equal(tasks.arrays(name, "test")[1], digits), name
   np.testing.assert_array_equal(tasks.arrays("DigitsParity", "test")[1], digits % 2)
+
   # Every transformed task shows the same test digits differently, once through the CLIP transform.
   def pixels(name):  # the first 50 test images as the model sees them
     return np.stack([preprocess.clip_eval(image, 32) for image in tasks.arrays(name, "test")[0][:50]])
@@ -91,8 +99,11 @@ def test_checkpoints_load_as_openclip(built):
     for a, b in zip(jax.tree.leaves(tuned["text"]), jax.tree.leaves(full["text"])):
       np.testing.assert_array_equal(a, b)
     assert tuned["logit_scale"] == full["logit_scale"]
-    moved = [path for path, leaf in tree_util.flatten(tuned["visual"]).items()
-             if not np.array_equal(leaf, pretrained_leaves[path])]
+    moved = [
+      path
+      for path, leaf in tree_util.flatten(tuned["visual"]).items()
+      if not np.array_equal(leaf, pretrained_leaves[path])
+    ]
     assert len(moved) > len(pretrained_leaves) // 2, task
   assert bed.finetuned_paths == tuple(bed.finetuned(t) for t in bed.tasks)
 
@@ -101,20 +112,27 @@ def test_checkpoints_run_in_open_clip(built, tmp_path):
   """open_clip.create_model builds the config and loads a checkpoint; its features equal the JAX ones."""
   import open_clip  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from adarank_jax.models import functional  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from adarank_jax.models import functional  # pylint: disable=g-import-not-at-top
+
   _, bed = built
   config_file = tmp_path / "digits-test-tiny-clip.json"
   config_file.write_text(open(bed.model_config, encoding="utf-8").read())
   open_clip.add_model_config(config_file)
   model = open_clip.create_model("digits-test-tiny-clip", pretrained=bed.finetuned("DigitsMod3")).eval()
   config = clip.load_config(bed.model_config)
-  images = np.stack([preprocess.clip_eval(image, config.vision.image_size)
-                     for image in tasks.arrays("DigitsMod3", "test")[0][:4]])
+  images = np.stack(
+    [
+      preprocess.clip_eval(image, config.vision.image_size)
+      for image in tasks.arrays("DigitsMod3", "test")[0][:4]
+    ]
+  )
   with torch.no_grad():
     expected = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
   graphdef, _ = functional.split(
-      nnx.eval_shape(lambda: clip.VisionTransformer(config.vision, rngs=nnx.Rngs(0))))
+    nnx.eval_shape(lambda: clip.VisionTransformer(config.vision, rngs=nnx.Rngs(0)))
+  )
   visual = openclip.load_openclip(bed.finetuned("DigitsMod3"), bed.model_config)
   np.testing.assert_allclose(functional.call(graphdef, visual, images), expected, atol=1e-4, rtol=1e-4)
 

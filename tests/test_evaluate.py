@@ -22,11 +22,13 @@ def test_metrics_match_sklearn(num_classes, seed):
   predictions = np.where(rng.random(200) < 0.6, labels, rng.integers(0, num_classes, size=200))
   confusion = _confusion(labels, predictions, num_classes)
   np.testing.assert_array_equal(
-      confusion, sk_metrics.confusion_matrix(labels, predictions, labels=range(num_classes)))
+    confusion, sk_metrics.confusion_matrix(labels, predictions, labels=range(num_classes))
+  )
   expected_accuracy = sk_metrics.accuracy_score(labels, predictions)
   assert evaluate.accuracy(confusion) == pytest.approx(expected_accuracy, abs=1e-12)
   assert evaluate.matthews_corrcoef(confusion) == pytest.approx(
-      sk_metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
+    sk_metrics.matthews_corrcoef(labels, predictions), abs=1e-12
+  )
 
 
 def test_binary_matthews_matches_textbook_formula():
@@ -58,7 +60,8 @@ def test_mask_drops_padding_rows():
   assert confusion.sum() == 4
   assert evaluate.accuracy(confusion) == pytest.approx(0.75)
   assert evaluate.matthews_corrcoef(confusion) == pytest.approx(
-      sk_metrics.matthews_corrcoef(labels[:4], predictions[:4]))
+    sk_metrics.matthews_corrcoef(labels[:4], predictions[:4])
+  )
 
 
 def test_bad_metric_inputs_raise():
@@ -94,12 +97,14 @@ def _linear_task(seed, num_examples, batch_size, dim=5, num_classes=4):
   for start in range(0, num_examples, batch_size):
     rows = min(batch_size, num_examples - start)
     pad = batch_size - rows
-    batches.append({
-        "x": np.pad(x[start:start + rows], ((0, pad), (0, 0))),
+    batches.append(
+      {
+        "x": np.pad(x[start : start + rows], ((0, pad), (0, 0))),
         # Padding rows get label 0 and a zero input, which the model would often "get right" if they counted.
-        "label": np.pad(labels[start:start + rows], (0, pad)),
+        "label": np.pad(labels[start : start + rows], (0, pad)),
         "mask": np.pad(np.ones(rows, np.int32), (0, pad)),
-    })
+      }
+    )
   return weights, batches, labels, reference
 
 
@@ -130,8 +135,11 @@ def test_unpadded_last_batch_is_refused():
   weights, batches, _, _ = _linear_task(0, num_examples=20, batch_size=8)
   batches[-1] = {k: v[:4] for k, v in batches[-1].items()}
   predict, traces = _counting_predict_fn(weights)
-  with pytest.raises(evaluate.BatchError, match=r"batch 2 differs .*'x': \(\(4, 5\), 'float32'\) vs "
-                     r"\(\(8, 5\), 'float32'\).*Pad"):
+  with pytest.raises(
+    evaluate.BatchError,
+    match=r"batch 2 differs .*'x': \(\(4, 5\), 'float32'\) vs "
+    r"\(\(8, 5\), 'float32'\).*Pad",
+  ):
     evaluate.evaluate_task(predict, batches, metric="accuracy")
   assert len(traces) == 1
 

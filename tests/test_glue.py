@@ -25,12 +25,13 @@ def test_pairs_are_joined_by_the_tokenizer(tokenizer):
   length = int(arrays["attention_mask"][0].sum())
   words = tokenizer.convert_ids_to_tokens(ids[:length].tolist())
   assert words[0] == "[CLS]" and words.count("[SEP]") == 2 and words[-1] == "[SEP]"
-  assert words[1:words.index("[SEP]")] == ["the", "cat", "sat", "."]
+  assert words[1 : words.index("[SEP]")] == ["the", "cat", "sat", "."]
   np.testing.assert_array_equal(ids[length:], tokenizer.pad_token_id)
   segment = arrays["token_type_ids"][0]
-  assert segment[:words.index("[SEP]") + 1].sum() == 0 and segment[words.index("[SEP]") + 1:length].all()
-  direct = tokenizer("The cat sat.", "A dog ran far away.", max_length=128, padding="max_length",
-                     truncation=True)
+  assert segment[: words.index("[SEP]") + 1].sum() == 0 and segment[words.index("[SEP]") + 1 : length].all()
+  direct = tokenizer(
+    "The cat sat.", "A dog ran far away.", max_length=128, padding="max_length", truncation=True
+  )
   np.testing.assert_array_equal(ids, direct["input_ids"])
 
 
@@ -55,8 +56,9 @@ def test_glue_batches_through_the_pipeline(name):
   assert batches[1]["mask"].tolist() == [1, 1, 1, 0]
   assert np.concatenate([b["label"] for b in batches])[:7].tolist() == [t["label"] for t in texts]
   tokenizer = glue.load_tokenizer(MODEL_DIR)
-  expected = tokenizer(texts[5]["text_a"], texts[5].get("text_b"), max_length=32, padding="max_length",
-                       truncation=True)["input_ids"]
+  expected = tokenizer(
+    texts[5]["text_a"], texts[5].get("text_b"), max_length=32, padding="max_length", truncation=True
+  )["input_ids"]
   np.testing.assert_array_equal(batches[1]["input_ids"][1], expected)
   inputs = pipeline.model_inputs(batches[0], kind="text")
   assert set(inputs) == {"input_ids", "attention_mask", "token_type_ids"}

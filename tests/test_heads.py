@@ -53,8 +53,9 @@ def test_head_matches_the_reference_recipe(batch_size):
     calls.append(tokens.shape[0])
     return _fake_encode(tokens)
 
-  head = heads.zero_shot_head(encode, _fake_tokenize, CLASSES, TEMPLATES, logit_scale=math.log(100),
-                              batch_size=batch_size)
+  head = heads.zero_shot_head(
+    encode, _fake_tokenize, CLASSES, TEMPLATES, logit_scale=math.log(100), batch_size=batch_size
+  )
   assert head.shape == (3, 5) and head.dtype == np.float32
   np.testing.assert_allclose(head, _naive_head(CLASSES, TEMPLATES, math.log(100)), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(head, axis=-1), 100.0, rtol=1e-5)
@@ -67,8 +68,12 @@ def test_classify_normalises_features():
   logits = heads.classify(jnp.asarray(features), jnp.asarray(head))
   expected = (features / np.linalg.norm(features, axis=-1, keepdims=True)) @ head.T
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(heads.classify(jnp.asarray(7 * features), jnp.asarray(head))),
-                             np.asarray(logits), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(heads.classify(jnp.asarray(7 * features), jnp.asarray(head))),
+    np.asarray(logits),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_cache_builds_once_and_keys_on_model_and_text(tmp_path):
@@ -78,8 +83,9 @@ def test_cache_builds_once_and_keys_on_model_and_text(tmp_path):
     builds.append(1)
     return _fake_encode(tokens)
 
-  kwargs = dict(encode_text_fn=encode, tokenize_fn=_fake_tokenize, classnames=CLASSES,
-                logit_scale=math.log(100))
+  kwargs = dict(
+    encode_text_fn=encode, tokenize_fn=_fake_tokenize, classnames=CLASSES, logit_scale=math.log(100)
+  )
   first = heads.cached_zero_shot_head(tmp_path, key="abc_Toy", templates=TEMPLATES, **kwargs)
   count = len(builds)
   again = heads.cached_zero_shot_head(tmp_path, key="abc_Toy", templates=TEMPLATES, **kwargs)
@@ -103,13 +109,16 @@ def test_fingerprint_sees_values_and_structure():
   assert heads.fingerprint(tree) == heads.fingerprint(same)
   changed = {"a": {"w": np.ones((2, 3), np.float32) * 1.0001}, "logit_scale": np.float32(4.6)}
   assert heads.fingerprint(changed) != heads.fingerprint(tree)
-  assert heads.fingerprint({"a": {"w": np.ones((3, 2), np.float32)}, "logit_scale": np.float32(4.6)}) != \
-      heads.fingerprint(tree)
+  assert heads.fingerprint(
+    {"a": {"w": np.ones((3, 2), np.float32)}, "logit_scale": np.float32(4.6)}
+  ) != heads.fingerprint(tree)
 
 
-_TINY = {"embed_dim": 16,
-         "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
-         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+_TINY = {
+  "embed_dim": 16,
+  "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
 
 
 def test_tiny_real_clip_text_tower_matches_open_clip_head():
@@ -137,8 +146,14 @@ def test_tiny_real_clip_text_tower_matches_open_clip_head():
   tree = openclip_interop.tree_from_state_dict(state, config.vision, config.text, source="tiny")
   graphdef, _ = functional.split(nnx.eval_shape(lambda: clip.CLIP(config, rngs=nnx.Rngs(0))))
   encode = jax.jit(lambda tokens: functional.call(graphdef, tree, tokens, method="encode_text"))
-  head = heads.zero_shot_head(encode, clip_tokenizer.Tokenizer(), classnames, templates,
-                              logit_scale=float(tree["logit_scale"]), batch_size=4)
+  head = heads.zero_shot_head(
+    encode,
+    clip_tokenizer.Tokenizer(),
+    classnames,
+    templates,
+    logit_scale=float(tree["logit_scale"]),
+    batch_size=4,
+  )
   max_diff = float(np.abs(head - reference).max())
   scale = np.abs(reference).max()
   print(f"tiny CLIP head: max |ours - open_clip| = {max_diff:.3g} (entries up to {scale:.3g})")

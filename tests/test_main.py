@@ -15,25 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adarank_jax import checkpoint
-from adarank_jax import methods
-from adarank_jax import tree_util
+from adarank_jax import checkpoint, methods, tree_util
 from adarank_jax.digits import tasks as digit_tasks
-from adarank_jax.models import clip
-from adarank_jax.models import functional
+from adarank_jax.models import clip, functional
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = digit_tasks.TASKS[:3]
-TINY = {"embed_dim": 32,
-        "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY = {
+  "embed_dim": 32,
+  "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   """A random tiny CLIP and three 'fine-tuned' ones (its image tower plus noise), as OpenCLIP files."""
   from flax import nnx
+
   from adarank_jax.interop import openclip
+
   root = tmp_path_factory.mktemp("ckpts")
   (root / "tiny.json").write_text(json.dumps(TINY))
   config = clip.load_config(root / "tiny.json")
@@ -42,20 +43,34 @@ def checkpoints(tmp_path_factory):
   openclip.export_openclip(tree_util.unflatten(pretrained), root / "pretrained.safetensors")
   rng = np.random.default_rng(0)
   for task in TASKS:
-    tuned = {k: v + (0.05 * rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("visual/") else 0)
-             for k, v in pretrained.items()}
+    tuned = {
+      k: v + (0.05 * rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("visual/") else 0)
+      for k, v in pretrained.items()
+    }
     openclip.export_openclip(tree_util.unflatten(tuned), root / f"{task}.safetensors")
   return root
 
 
 def _cli(checkpoints, workdir, *extra, steps=6, wait=True):
-  args = [sys.executable, "-m", "adarank_jax.main", "--config", str(ROOT / "configs/demo.py") + ":quick=true",
-          f"--workdir={workdir}", "--config.testbed.name=", f"--config.model.name={checkpoints / 'tiny.json'}",
-          f"--config.model.pretrained={checkpoints / 'pretrained.safetensors'}",
-          f"--config.model.finetuned={checkpoints / '{task}.safetensors'}",
-          f"--config.tasks={TASKS!r}", f"--config.adarank.num_steps={steps}",
-          "--config.adarank.checkpoint_every=2", "--config.adarank.log_every=1",
-          "--config.adarank.eval_every=2", "--config.eval.max_examples=64", *extra]
+  args = [
+    sys.executable,
+    "-m",
+    "adarank_jax.main",
+    "--config",
+    str(ROOT / "configs/demo.py") + ":quick=true",
+    f"--workdir={workdir}",
+    "--config.testbed.name=",
+    f"--config.model.name={checkpoints / 'tiny.json'}",
+    f"--config.model.pretrained={checkpoints / 'pretrained.safetensors'}",
+    f"--config.model.finetuned={checkpoints / '{task}.safetensors'}",
+    f"--config.tasks={TASKS!r}",
+    f"--config.adarank.num_steps={steps}",
+    "--config.adarank.checkpoint_every=2",
+    "--config.adarank.log_every=1",
+    "--config.adarank.eval_every=2",
+    "--config.eval.max_examples=64",
+    *extra,
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   if not wait:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -82,6 +97,7 @@ def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_p
   import open_clip
   import torch
   from safetensors.torch import load_file
+
   open_clip.add_model_config(checkpoints)
   model = open_clip.create_model("tiny", pretrained=None)
   model.load_state_dict(load_file(tmp_path / "straight/export/adarank_ta.safetensors"), strict=True)
@@ -107,13 +123,18 @@ def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_p
 
 
 def test_cli_validation_selection_survives_a_kill_between_evaluation_points(checkpoints, tmp_path):
-  extra = ("--config.adarank.selection=validation", "--config.methods=('adamerging_task', 'adarank_ta')",
-           "--config.adamerging.num_steps=6", "--config.adarank.learn=both")
+  extra = (
+    "--config.adarank.selection=validation",
+    "--config.methods=('adamerging_task', 'adarank_ta')",
+    "--config.adamerging.num_steps=6",
+    "--config.adarank.learn=both",
+  )
   straight = _cli(checkpoints, tmp_path / "straight", *extra)
   assert straight.returncode == 0, straight.stdout + straight.stderr
   results = json.loads((tmp_path / "straight/results.json").read_text())
-  assert results["selection"].startswith("best average accuracy over evaluation points on labelled "
-                                         "validation splits")
+  assert results["selection"].startswith(
+    "best average accuracy over evaluation points on labelled validation splits"
+  )
   assert "validation selection: step" in straight.stdout
   records = [json.loads(line) for line in (tmp_path / "straight/adarank_ta/evals.jsonl").open()]
   assert [r["step"] for r in records] == [0, 2, 4, 6]

@@ -11,27 +11,37 @@ from adarank_jax.decomposition import SVD
 
 def _factors(tasks, ranks):
   """A factor tree with one SVD leaf of each rank r (shapes (r+2, r)), and a dense leaf."""
-  leaves = {f'w{r}': SVD(jnp.zeros((tasks, r + 2, r)), jnp.ones((tasks, r)), jnp.zeros((tasks, r, r)))
-            for r in ranks}
-  return {'block': leaves, 'bias': jnp.zeros((tasks, 3))}
+  leaves = {
+    f"w{r}": SVD(jnp.zeros((tasks, r + 2, r)), jnp.ones((tasks, r)), jnp.zeros((tasks, r, r))) for r in ranks
+  }
+  return {"block": leaves, "bias": jnp.zeros((tasks, 3))}
 
 
-@pytest.mark.parametrize('ratio, rank, tasks, kept', [
-    (1.0, 6, 3, 6), (0.5, 6, 3, 3), (0.16, 50, 2, 8), (0.32, 768, 8, 245), (0.0, 768, 8, 96),
-    (0.0, 7, 3, 2), (0.12, 4, 2, 0)])
+@pytest.mark.parametrize(
+  "ratio, rank, tasks, kept",
+  [
+    (1.0, 6, 3, 6),
+    (0.5, 6, 3, 3),
+    (0.16, 50, 2, 8),
+    (0.32, 768, 8, 245),
+    (0.0, 768, 8, 96),
+    (0.0, 7, 3, 2),
+    (0.12, 4, 2, 0),
+  ],
+)
 def test_init_keeps_floor_ratio_times_rank(ratio, rank, tasks, kept):
   logits = masking.init_logits(_factors(tasks, [rank]), initial_rank_ratio=ratio, num_tasks=tasks)
-  assert set(logits) == {'block'} and set(logits['block']) == {f'w{rank}'}  # no dense leaves
-  leaf = np.asarray(logits['block'][f'w{rank}'])
+  assert set(logits) == {"block"} and set(logits["block"]) == {f"w{rank}"}  # no dense leaves
+  leaf = np.asarray(logits["block"][f"w{rank}"])
   assert leaf.shape == (tasks, rank) and leaf.dtype == np.float32
   expected = np.where(np.arange(rank) < kept, 0.1, -0.1).astype(np.float32)
   np.testing.assert_array_equal(leaf, np.broadcast_to(expected, (tasks, rank)))
   assert int(masking.hard_mask(leaf).sum()) == tasks * kept
 
 
-@pytest.mark.parametrize('ratio', [-0.1, 1.5])
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
 def test_init_rejects_ratios_outside_unit_interval(ratio):
-  with pytest.raises(ValueError, match='initial_rank_ratio'):
+  with pytest.raises(ValueError, match="initial_rank_ratio"):
     masking.init_logits(_factors(2, [4]), initial_rank_ratio=ratio, num_tasks=2)
 
 
@@ -43,10 +53,10 @@ def test_init_checks_the_task_count():
 def test_straight_through_forward_is_hard_and_gradient_is_sigmoids():
   logits = jnp.array([[-2.0, -0.1, 0.1, 3.0], [0.5, -0.5, 0.0, 1e-3]])
   temperature = 10.0
-  np.testing.assert_array_equal(masking.straight_through(logits, temperature),
-                                (np.asarray(logits) > 0).astype(np.float32))
-  np.testing.assert_array_equal(masking.hard_mask(logits),
-                                masking.soft_mask(logits, temperature) > 0.5)
+  np.testing.assert_array_equal(
+    masking.straight_through(logits, temperature), (np.asarray(logits) > 0).astype(np.float32)
+  )
+  np.testing.assert_array_equal(masking.hard_mask(logits), masking.soft_mask(logits, temperature) > 0.5)
   weights = jnp.arange(1.0, 9.0).reshape(2, 4)
   ste_grad = jax.grad(lambda x: jnp.sum(weights * masking.straight_through(x, temperature)))(logits)
   sig = jax.nn.sigmoid(np.asarray(logits) / temperature)
@@ -56,7 +66,7 @@ def test_straight_through_forward_is_hard_and_gradient_is_sigmoids():
 
 
 def test_mask_modes_and_kept_fraction():
-  logits = {'a': jnp.array([[0.1, -0.1, 0.2]]), 'b': {'c': jnp.array([[-1.0]])}}
-  assert set(masking.MASK_FNS) == {'ste', 'soft', 'hard'}
+  logits = {"a": jnp.array([[0.1, -0.1, 0.2]]), "b": {"c": jnp.array([[-1.0]])}}
+  assert set(masking.MASK_FNS) == {"ste", "soft", "hard"}
   np.testing.assert_allclose(masking.kept_fraction(logits), 0.5)
-  np.testing.assert_allclose(masking.MASK_FNS['soft'](logits['a'], 1.0), jax.nn.sigmoid(logits['a']))
+  np.testing.assert_allclose(masking.MASK_FNS["soft"](logits["a"], 1.0), jax.nn.sigmoid(logits["a"]))

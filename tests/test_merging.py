@@ -14,18 +14,26 @@ T = 3
 TEMP = 10.0
 
 
-@pytest.fixture(name='setup')
+@pytest.fixture(name="setup")
 def _setup():
   rng = np.random.default_rng(2)
   f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
-  base = {'enc': {'a': {'kernel': f32(6, 4), 'bias': f32(4)}, 'b': {'kernel': f32(4, 6)}},
-          'head': f32(6, 2), 'ids': np.arange(3, dtype=np.int32)}
-  finetuned = [jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32)
-                            if x.dtype.kind == 'f' else x, base) for _ in range(T)]
+  base = {
+    "enc": {"a": {"kernel": f32(6, 4), "bias": f32(4)}, "b": {"kernel": f32(4, 6)}},
+    "head": f32(6, 2),
+    "ids": np.arange(3, dtype=np.int32),
+  }
+  finetuned = [
+    jax.tree.map(
+      lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32) if x.dtype.kind == "f" else x, base
+    )
+    for _ in range(T)
+  ]
   # Merge the encoder only: the head is left out of the task vectors.
-  origin, tau = task_vectors(base, finetuned, origin='pretrained',
-                             include=tree_util.select(base, [r'enc/.*']))
-  factors = decompose(tau, tree_util.select(tau, [r'.*/kernel']))
+  origin, tau = task_vectors(
+    base, finetuned, origin="pretrained", include=tree_util.select(base, [r"enc/.*"])
+  )
+  factors = decompose(tau, tree_util.select(tau, [r".*/kernel"]))
   return base, origin, tau, factors, rng
 
 
@@ -56,25 +64,29 @@ def test_all_ones_masks_and_one_lambda_is_task_arithmetic(setup):
   base, origin, tau, factors, _ = setup
   logits = masking.init_logits(factors, initial_rank_ratio=1.0, num_tasks=T)
   coefficients = init_coefficients(factors, num_tasks=T, prior=0.3)
-  merged = tree_util.flatten(merge(origin, factors, logits, coefficients, temperature=TEMP,
-                                   mask_mode='hard'))
+  merged = tree_util.flatten(merge(origin, factors, logits, coefficients, temperature=TEMP, mask_mode="hard"))
   tau_flat = tree_util.flatten(tau)
   for path, leaf in tree_util.flatten(base).items():
     expected = leaf + 0.3 * tau_flat[path].sum(0) if path in tau_flat else leaf
     np.testing.assert_allclose(merged[path], expected, atol=1e-5)
     assert merged[path].dtype == leaf.dtype
-  assert merged['head'] is base['head'] and merged['ids'] is base['ids']
+  assert merged["head"] is base["head"] and merged["ids"] is base["ids"]
 
 
-@pytest.mark.parametrize('mask_mode', ['hard', 'ste'])
+@pytest.mark.parametrize("mask_mode", ["hard", "ste"])
 def test_random_masks_and_coefficients_match_naive_loops(setup, mask_mode):
   _, origin, _, factors, rng = setup
-  logits = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
-                        masking.init_logits(factors, initial_rank_ratio=1.0, num_tasks=T))
-  coefficients = jax.tree.map(lambda x: jnp.asarray(rng.uniform(-1, 2, size=x.shape), jnp.float32),
-                              init_coefficients(factors, num_tasks=T, prior=0.0))
+  logits = jax.tree.map(
+    lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+    masking.init_logits(factors, initial_rank_ratio=1.0, num_tasks=T),
+  )
+  coefficients = jax.tree.map(
+    lambda x: jnp.asarray(rng.uniform(-1, 2, size=x.shape), jnp.float32),
+    init_coefficients(factors, num_tasks=T, prior=0.0),
+  )
   merged = jax.jit(lambda o, f, l, c: merge(o, f, l, c, temperature=TEMP, mask_mode=mask_mode))(
-      origin, factors, logits, coefficients)
+    origin, factors, logits, coefficients
+  )
   expected = _naive(origin, factors, logits, coefficients)
   for path, leaf in tree_util.flatten(merged).items():
     np.testing.assert_allclose(leaf, expected[path], atol=1e-5)
@@ -84,16 +96,16 @@ def test_soft_mode_uses_the_sigmoid(setup):
   _, origin, _, factors, _ = setup
   logits = masking.init_logits(factors, initial_rank_ratio=0.5, num_tasks=T)
   coefficients = init_coefficients(factors, num_tasks=T, prior=1.0)
-  soft = merge(origin, factors, logits, coefficients, temperature=TEMP, mask_mode='soft')
-  svd = factors['enc']['a']['kernel']
-  p = jax.nn.sigmoid(logits['enc']['a']['kernel'] / TEMP)
-  expected = origin['enc']['a']['kernel'] + np.einsum('tmr,tr,trn->mn', svd.u, p * svd.s, svd.vt)
-  np.testing.assert_allclose(soft['enc']['a']['kernel'], expected, atol=1e-5)
+  soft = merge(origin, factors, logits, coefficients, temperature=TEMP, mask_mode="soft")
+  svd = factors["enc"]["a"]["kernel"]
+  p = jax.nn.sigmoid(logits["enc"]["a"]["kernel"] / TEMP)
+  expected = origin["enc"]["a"]["kernel"] + np.einsum("tmr,tr,trn->mn", svd.u, p * svd.s, svd.vt)
+  np.testing.assert_allclose(soft["enc"]["a"]["kernel"], expected, atol=1e-5)
 
 
 def test_bfloat16_factors_compute_in_float32(setup):
   _, origin, tau, _, _ = setup
-  select = tree_util.select(tau, [r'.*/kernel'])
+  select = tree_util.select(tau, [r".*/kernel"])
   f32_factors = decompose(tau, select)
   bf16_factors = decompose(tau, select, dtype=jnp.bfloat16)
   logits = masking.init_logits(f32_factors, initial_rank_ratio=1.0, num_tasks=T)
@@ -103,23 +115,27 @@ def test_bfloat16_factors_compute_in_float32(setup):
   for path, leaf in tree_util.flatten(out).items():
     assert leaf.dtype == tree_util.flatten(origin)[path].dtype
     np.testing.assert_allclose(leaf, tree_util.flatten(ref)[path], atol=2e-2)
-  bf16_origin = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16) if x.dtype.kind == 'f' else x,
-                             origin)
+  bf16_origin = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16) if x.dtype.kind == "f" else x, origin)
   out = merge(bf16_origin, f32_factors, logits, coefficients, temperature=TEMP)
-  assert out['enc']['a']['kernel'].dtype == jnp.bfloat16
+  assert out["enc"]["a"]["kernel"].dtype == jnp.bfloat16
 
 
 def test_errors_name_the_key(setup):
   _, origin, _, factors, _ = setup
   logits = masking.init_logits(factors, initial_rank_ratio=1.0, num_tasks=T)
   coefficients = init_coefficients(factors, num_tasks=T, prior=0.3)
-  with pytest.raises(ValueError, match='mask_mode'):
-    merge(origin, factors, logits, coefficients, temperature=TEMP, mask_mode='binary')
-  missing = {'enc': {'a': coefficients['enc']['a']}}
+  with pytest.raises(ValueError, match="mask_mode"):
+    merge(origin, factors, logits, coefficients, temperature=TEMP, mask_mode="binary")
+  missing = {"enc": {"a": coefficients["enc"]["a"]}}
   with pytest.raises(ValueError, match="coefficients.*'enc/b/kernel'"):
     merge(origin, factors, logits, missing, temperature=TEMP)
   with pytest.raises(ValueError, match="mask_logits.*'enc/a/kernel'.*shape"):
-    merge(origin, factors, {'enc': {'a': {'kernel': jnp.zeros((T, 2))}, 'b': logits['enc']['b']}},
-          coefficients, temperature=TEMP)
-  with pytest.raises(ValueError, match='origin lacks.*extra'):
+    merge(
+      origin,
+      factors,
+      {"enc": {"a": {"kernel": jnp.zeros((T, 2))}, "b": logits["enc"]["b"]}},
+      coefficients,
+      temperature=TEMP,
+    )
+  with pytest.raises(ValueError, match="origin lacks.*extra"):
     merge(origin, dict(factors, extra=jnp.zeros((T, 2))), logits, coefficients, temperature=TEMP)

@@ -69,8 +69,9 @@ def test_worker_errors_propagate():
 
 
 def _stream(n=10, batch_size=4, seed=0):
-  return pipeline.AdaptationStream(_ListSource(n), prepare=_identity, batch_size=batch_size, seed=seed,
-                                   workers=2)
+  return pipeline.AdaptationStream(
+    _ListSource(n), prepare=_identity, batch_size=batch_size, seed=seed, workers=2
+  )
 
 
 def _ids(batch):
@@ -153,8 +154,9 @@ def test_vision_adaptation_under_mock_tfds():
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
     source = task.open_source()
     prepare = pipeline.vision_preprocessor(image_size=32)
-    stream = pipeline.adaptation_stream(source, prepare=prepare, batch_size=4, seed=0, start_batch=1,
-                                        workers=2)
+    stream = pipeline.adaptation_stream(
+      source, prepare=prepare, batch_size=4, seed=0, start_batch=1, workers=2
+    )
     assert stream.position == {"epoch": 0, "index": 4}
     batch = next(stream)
     stream.close()
@@ -164,18 +166,27 @@ def test_vision_adaptation_under_mock_tfds():
 
 
 def _custom_task(records, num_classes=2):
-  return registry.Task(name="custom", kind="vision", num_classes=num_classes, split="test",
-                       reader=lambda task, split, data_dir: records, classnames=("a", "b")[:num_classes],
-                       templates=("{}",))
+  return registry.Task(
+    name="custom",
+    kind="vision",
+    num_classes=num_classes,
+    split="test",
+    reader=lambda task, split, data_dir: records,
+    classnames=("a", "b")[:num_classes],
+    templates=("{}",),
+  )
 
 
-@pytest.mark.parametrize("records, problem", [
+@pytest.mark.parametrize(
+  "records, problem",
+  [
     ([{"image": np.zeros((4, 4, 4), np.uint8), "label": 0}], r"images must be uint8 \(H, W, 1 or 3\)"),
     ([{"image": np.zeros((4, 4), np.uint8), "label": 0}], r"images must be uint8"),
     ([{"image": np.zeros((4, 4, 3), np.uint8)}], r"records lack \['label'\]"),
     ([{"image": np.zeros((4, 4, 3), np.uint8), "label": 5}], r"label 5 outside \[0, 2\)"),
     ([], "is empty"),
-])
+  ],
+)
 def test_mismatched_data_is_reported(records, problem):
   with pytest.raises(registry.DatasetMismatchError, match="Task custom: .*" + problem):
     _custom_task(records).open_source()
@@ -195,8 +206,9 @@ def test_adaptation_stream_start_batch_matches_a_consumed_stream():
   for _ in range(3):
     next(stream)
   expected = _ids(next(stream))
-  started = pipeline.adaptation_stream(_ListSource(10), prepare=_identity, batch_size=4, seed=5,
-                                       start_batch=3, workers=2)
+  started = pipeline.adaptation_stream(
+    _ListSource(10), prepare=_identity, batch_size=4, seed=5, start_batch=3, workers=2
+  )
   assert started.position == {"epoch": 1, "index": 2} and _ids(next(started)) == expected
   stream.close()
   started.close()

@@ -13,12 +13,12 @@ def _cases():
   china, flower = load_sample_images().images  # real photos, (427, 640, 3) uint8
   digit = np.round(load_digits().images[3] * (255 / 16)).astype(np.uint8)[:, :, None]  # 8x8 grey -> 28x up
   return {
-      "china": china,
-      "flower": flower,
-      "grey": np.asarray(Image.fromarray(china).convert("L"))[:, :, None],
-      "digit": digit,
-      "portrait_odd": flower[:301, :223],  # taller than wide, odd crop offsets
-      "exact_size": china[:224, 100:324],  # already 224: resize is a no-op
+    "china": china,
+    "flower": flower,
+    "grey": np.asarray(Image.fromarray(china).convert("L"))[:, :, None],
+    "digit": digit,
+    "portrait_odd": flower[:301, :223],  # taller than wide, odd crop offsets
+    "exact_size": china[:224, 100:324],  # already 224: resize is a no-op
   }
 
 
@@ -44,8 +44,15 @@ def test_grey_becomes_three_equal_channels_before_normalisation():
   np.testing.assert_allclose(pixels[..., 1], pixels[..., 2], atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8),
-                                 np.zeros((8, 8, 3), np.float32), np.zeros((0, 8, 3), np.uint8)])
+@pytest.mark.parametrize(
+  "bad",
+  [
+    np.zeros((8, 8), np.uint8),
+    np.zeros((8, 8, 4), np.uint8),
+    np.zeros((8, 8, 3), np.float32),
+    np.zeros((0, 8, 3), np.uint8),
+  ],
+)
 def test_rejects_bad_images(bad):
   with pytest.raises(ValueError, match="clip_eval"):
     preprocess.clip_eval(bad, 224)

@@ -6,8 +6,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ci_runs_the_readme_test_command():
-  ci_command = [line for line in (ROOT / ".ci/run").read_text().splitlines()
-                if line.startswith("python3 -m venv")]
+  ci_command = [
+    line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("python3 -m venv")
+  ]
   assert len(ci_command) == 1
   readme = (ROOT / "README.md").read_text()
   assert ci_command[0] in readme
@@ -16,14 +17,24 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_config_files_exist():
   readme = (ROOT / "README.md").read_text()
-  for name in ("vitb32_t8", "vitb32_t14", "vitb32_t20", "vitl14_t8", "vitl14_t14", "vitl14_t20",
-               "roberta_glue", "gpt2_glue", "demo"):
+  for name in (
+    "vitb32_t8",
+    "vitb32_t14",
+    "vitb32_t20",
+    "vitl14_t8",
+    "vitl14_t14",
+    "vitl14_t20",
+    "roberta_glue",
+    "gpt2_glue",
+    "demo",
+  ):
     assert f"{name}.py" in readme or f"{name}" in readme
     assert (ROOT / "configs" / f"{name}.py").exists()
 
 
 def test_readme_lists_every_method_of_the_table():
   from adarank_jax import methods
+
   readme = (ROOT / "README.md").read_text()
   for name in methods.METHODS:
     assert f"`{name}`" in readme, name

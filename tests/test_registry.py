@@ -8,22 +8,65 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from adarank_jax.data import image_folder, registry, vision_tasks
-from adarank_jax.data import tfds_reader  # noqa: F401  (registers the glue/* builders with tfds)
+from adarank_jax.data import (
+  image_folder,
+  registry,
+  tfds_reader,  # noqa: F401  (registers the glue/* builders with tfds)
+  vision_tasks,
+)
 from configs import common
 
 _NUM_CLASSES = {
-    "Cars": 196, "DTD": 47, "EuroSAT": 10, "GTSRB": 43, "MNIST": 10, "RESISC45": 45, "SUN397": 397,
-    "SVHN": 10, "CIFAR100": 100, "STL10": 10, "Flowers102": 102, "OxfordIIITPet": 37, "PCAM": 2, "FER2013": 7,
-    "EMNIST": 10,
-    "CIFAR10": 10, "Food101": 101, "FashionMNIST": 10, "RenderedSST2": 2, "KMNIST": 10,
-    "cola": 2, "sst2": 2, "mrpc": 2, "qqp": 2, "mnli": 3, "qnli": 2, "rte": 2,
+  "Cars": 196,
+  "DTD": 47,
+  "EuroSAT": 10,
+  "GTSRB": 43,
+  "MNIST": 10,
+  "RESISC45": 45,
+  "SUN397": 397,
+  "SVHN": 10,
+  "CIFAR100": 100,
+  "STL10": 10,
+  "Flowers102": 102,
+  "OxfordIIITPet": 37,
+  "PCAM": 2,
+  "FER2013": 7,
+  "EMNIST": 10,
+  "CIFAR10": 10,
+  "Food101": 101,
+  "FashionMNIST": 10,
+  "RenderedSST2": 2,
+  "KMNIST": 10,
+  "cola": 2,
+  "sst2": 2,
+  "mrpc": 2,
+  "qqp": 2,
+  "mnli": 3,
+  "qnli": 2,
+  "rte": 2,
 }
 # Number of templates per task in task_vectors / tall_masks src/datasets/templates.py.
 _NUM_TEMPLATES = {
-    "Cars": 8, "DTD": 8, "EuroSAT": 3, "GTSRB": 3, "MNIST": 1, "RESISC45": 18, "SUN397": 2, "SVHN": 1,
-    "CIFAR100": 18, "STL10": 2, "Flowers102": 1, "OxfordIIITPet": 1, "PCAM": 1, "FER2013": 6, "EMNIST": 1,
-    "CIFAR10": 18, "Food101": 1, "FashionMNIST": 2, "RenderedSST2": 1, "KMNIST": 1,
+  "Cars": 8,
+  "DTD": 8,
+  "EuroSAT": 3,
+  "GTSRB": 3,
+  "MNIST": 1,
+  "RESISC45": 18,
+  "SUN397": 2,
+  "SVHN": 1,
+  "CIFAR100": 18,
+  "STL10": 2,
+  "Flowers102": 1,
+  "OxfordIIITPet": 1,
+  "PCAM": 1,
+  "FER2013": 6,
+  "EMNIST": 1,
+  "CIFAR10": 18,
+  "Food101": 1,
+  "FashionMNIST": 2,
+  "RenderedSST2": 1,
+  "KMNIST": 1,
 }
 
 
@@ -85,8 +128,9 @@ def test_classnames_follow_tfds_label_order():
   sun397 = _tfds_label_names("sun397/tfds")  # "/a/apartment_building/outdoor"
   assert c["SUN397"] == tuple(n[3:].replace("/", " ").replace("_", " ") for n in sun397)
   assert c["Flowers102"] == tuple(_tfds_label_names("oxford_flowers102"))
-  assert c["OxfordIIITPet"] == tuple(" ".join(p.title() for p in n.split("_"))
-                                     for n in _tfds_label_names("oxford_iiit_pet"))
+  assert c["OxfordIIITPet"] == tuple(
+    " ".join(p.title() for p in n.split("_")) for n in _tfds_label_names("oxford_iiit_pet")
+  )
   assert c["Food101"] == tuple(_tfds_label_names("food101"))
   assert c["Food101"][16:18] == ("cheesecake", "cheese_plate")  # tfds order, not torchvision's sorted order
   assert c["RESISC45"] == tuple(n.replace("_", " ") for n in _tfds_label_names("resisc45"))
@@ -95,8 +139,14 @@ def test_classnames_follow_tfds_label_order():
   assert _tfds_label_names("eurosat/rgb")[2] == "HerbaceousVegetation"
 
 
-@pytest.mark.parametrize("name", [n for n in common.TASKS_20 + common.GLUE_7
-                                  if not registry.get(n).tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER)])
+@pytest.mark.parametrize(
+  "name",
+  [
+    n
+    for n in common.TASKS_20 + common.GLUE_7
+    if not registry.get(n).tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER)
+  ],
+)
 def test_tfds_builders_exist_with_matching_classes(name):
   task = registry.get(name)
   builder = tfds.builder(task.tfds_name, data_dir="/nonexistent/tfds")
@@ -114,11 +164,25 @@ def test_register_duplicate_and_validation():
   with pytest.raises(ValueError, match="already registered"):
     registry.register(registry.get("MNIST"))
   with pytest.raises(ValueError, match="3 classnames for num_classes=2"):
-    registry.Task(name="x", kind="vision", num_classes=2, split="test", reader=registry.read_tfds,
-                  classnames=("a", "b", "c"), templates=("{}",))
+    registry.Task(
+      name="x",
+      kind="vision",
+      num_classes=2,
+      split="test",
+      reader=registry.read_tfds,
+      classnames=("a", "b", "c"),
+      templates=("{}",),
+    )
   with pytest.raises(ValueError, match="exactly one"):
-    registry.Task(name="x", kind="vision", num_classes=1, split="test", reader=registry.read_tfds,
-                  classnames=("a",), templates=("no slot",))
+    registry.Task(
+      name="x",
+      kind="vision",
+      num_classes=1,
+      split="test",
+      reader=registry.read_tfds,
+      classnames=("a",),
+      templates=("no slot",),
+    )
   with pytest.raises(ValueError, match="kind"):
     registry.Task(name="x", kind="audio", num_classes=1, split="test", reader=registry.read_tfds)
 
@@ -145,8 +209,16 @@ def test_mock_tfds_sources_without_tensorflow():
 
 
 def test_num_classes_mismatch_is_reported():
-  wrong = registry.Task(name="MNIST7", kind="vision", num_classes=7, split="test", reader=registry.read_tfds,
-                        tfds_name="mnist", classnames=tuple("0123456"), templates=("{}",))
+  wrong = registry.Task(
+    name="MNIST7",
+    kind="vision",
+    num_classes=7,
+    split="test",
+    reader=registry.read_tfds,
+    tfds_name="mnist",
+    classnames=tuple("0123456"),
+    templates=("{}",),
+  )
   with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
     with pytest.raises(registry.DatasetMismatchError, match="has 10 classes, the registry expects 7"):
       wrong.open_source()
@@ -186,8 +258,9 @@ def test_prepare_image_folder_round_trip(tmp_path):
 def test_validation_splits_are_registered_and_sliced_by_tfds(tmp_path):
   for name in common.TASKS_20 + common.GLUE_7:
     task = registry.get(name)
-    assert task.validation_split == ("val" if task.tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER)
-                                     else registry.TFDS_VALIDATION), name
+    assert task.validation_split == (
+      "val" if task.tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER) else registry.TFDS_VALIDATION
+    ), name
   manual = tmp_path / "manual"
   _write_folder(manual, "test", images_per_class=4)
   _write_folder(manual, "val", images_per_class=2)

@@ -7,17 +7,14 @@ with more steps after simulating a kill) are shared by the tests of the module-s
 import errno
 import json
 import os
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from adarank_jax import checkpoint
-from adarank_jax import files
-from adarank_jax import report
-from adarank_jax import validate
+from adarank_jax import checkpoint, files, report, validate
 from adarank_jax.interop import state_dict as sd_io
 from configs import common
 
@@ -40,8 +37,14 @@ def _problems(**overrides):
 
 
 def test_validate_rejects_non_finite_floats():
-  message = _problems(**{"adarank.ta.prior": float("nan"), "adarank.cart.learning_rate": float("inf"),
-                         "adarank.mask_temperature": float("inf"), "merge.ties.scaling": float("-inf")})
+  message = _problems(
+    **{
+      "adarank.ta.prior": float("nan"),
+      "adarank.cart.learning_rate": float("inf"),
+      "adarank.mask_temperature": float("inf"),
+      "merge.ties.scaling": float("-inf"),
+    }
+  )
   assert "adarank.ta.prior=nan: expected a finite number" in message
   assert "adarank.cart.learning_rate=inf: expected a finite number" in message
   assert "adarank.mask_temperature=inf: expected a finite number" in message
@@ -94,11 +97,14 @@ def test_append_after_a_torn_record_keeps_the_file_readable(tmp_path):
   with pytest.warns(UserWarning, match="metrics.jsonl"):
     report.write_jsonl(path, {"step": 2, "loss": 0.5})
   assert [json.loads(line) for line in path.read_text().splitlines()] == [
-      {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    {"step": 1, "loss": 1.0},
+    {"step": 2, "loss": 0.5},
+  ]
 
 
 def test_best_evaluation_tolerates_a_torn_evals_file(tmp_path):
   from adarank_jax import run
+
   path = tmp_path / "evals.jsonl"
   path.write_text('{"step": 2, "scores": {}, "average": 0.5}\n{"step": 4, "scores"')
   with pytest.warns(UserWarning, match="evals.jsonl"):
@@ -119,8 +125,10 @@ def test_corrupt_json_files_are_named(tmp_path):
 def test_write_atomic_leaves_no_temp_and_names_the_path_on_enospc(tmp_path, monkeypatch):
   target = tmp_path / "results.json"
   files.write_atomic(target, "old\n")
+
   def full(fd):
     raise OSError(errno.ENOSPC, "No space left on device")
+
   monkeypatch.setattr(files.os, "fsync", full)
   with pytest.raises(OSError, match="No space left") as info:
     files.write_atomic(target, "new\n")
@@ -130,8 +138,11 @@ def test_write_atomic_leaves_no_temp_and_names_the_path_on_enospc(tmp_path, monk
 
 
 def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path):
-  stale = [tmp_path / ".results.json.x1y2.tmp", tmp_path / "cache" / "heads_a.npy.tmp1234",
-           tmp_path / "adarank_ta" / ".masks.abc.tmp"]
+  stale = [
+    tmp_path / ".results.json.x1y2.tmp",
+    tmp_path / "cache" / "heads_a.npy.tmp1234",
+    tmp_path / "adarank_ta" / ".masks.abc.tmp",
+  ]
   for path in stale[:2]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("half")
@@ -153,6 +164,7 @@ def test_run_modules_write_files_only_through_the_helper():
 # ----------------------------------------------------------------------------------- 15: messages
 def test_pickle_refusal_names_the_switch_of_each_entry_point(tmp_path):
   import torch
+
   path = tmp_path / "module.pt"
   torch.save(torch.nn.Linear(2, 2), path)
   with pytest.raises(sd_io.CheckpointError) as info:
@@ -174,7 +186,9 @@ def test_not_a_checkpoint_says_so(tmp_path, content):
 def _main(capsys, *args, env=None, monkeypatch=None):
   """main.main with these flags, in this process; returns (exit status, stderr)."""
   from absl import flags
+
   from adarank_jax import main
+
   argv = ["adarank_jax.main", f"--config={DEMO}", *args]
   saved_argv = sys.argv
   sys.argv = argv  # ml_collections reads the --config.x overrides from sys.argv
@@ -196,14 +210,19 @@ def _main(capsys, *args, env=None, monkeypatch=None):
 def _garbage_checkpoints(tmp_path):
   """Files that pass validation (they exist) and fail loading (they are not checkpoints)."""
   from adarank_jax.digits import tasks as digit_tasks
+
   ckpts = tmp_path / "ckpts"
   ckpts.mkdir()
   (ckpts / "pretrained.pt").write_bytes(b"a text file")
   for task in digit_tasks.register_tasks():
     (ckpts / f"{task}.pt").write_bytes(b"a text file")
-  return [f"--config.model.pretrained={ckpts / 'pretrained.pt'}",
-          f"--config.model.finetuned={ckpts / '{task}.pt'}", "--config.testbed.name=",
-          "--config.methods=('zero_shot',)", "--config.model.name=ViT-B-32"]
+  return [
+    f"--config.model.pretrained={ckpts / 'pretrained.pt'}",
+    f"--config.model.finetuned={ckpts / '{task}.pt'}",
+    "--config.testbed.name=",
+    "--config.methods=('zero_shot',)",
+    "--config.model.name=ViT-B-32",
+  ]
 
 
 def test_failed_load_writes_no_config_and_is_one_error_line(tmp_path, capsys):
@@ -218,8 +237,13 @@ def test_failed_load_writes_no_config_and_is_one_error_line(tmp_path, capsys):
 
 def test_bad_numbers_fail_before_anything_is_written(tmp_path, capsys):
   workdir = tmp_path / "w"
-  status, err = _main(capsys, f"--workdir={workdir}", "--config.adarank.ta.prior=nan",
-                      "--config.adarank.mask_temperature=inf", *_garbage_checkpoints(tmp_path))
+  status, err = _main(
+    capsys,
+    f"--workdir={workdir}",
+    "--config.adarank.ta.prior=nan",
+    "--config.adarank.mask_temperature=inf",
+    *_garbage_checkpoints(tmp_path),
+  )
   assert status == 1 and "adarank.ta.prior=nan" in err and "mask_temperature=inf" in err
   assert "Traceback" not in err and not workdir.exists()
 
@@ -236,10 +260,12 @@ def test_workdir_errors_name_the_path(tmp_path, capsys, monkeypatch):
   read_only = tmp_path / "read_only"
   read_only.mkdir()
   real_open = os.open
+
   def refuse(path, *args, **kwargs):  # what a read-only directory does (the tests may run as root)
     if str(path).startswith(str(read_only)):
       raise PermissionError(errno.EACCES, "Permission denied", str(path))
     return real_open(path, *args, **kwargs)
+
   monkeypatch.setattr(files.os, "open", refuse)
   status, err = _main(capsys, f"--workdir={read_only}", *checkpoints)
   monkeypatch.undo()
@@ -256,10 +282,25 @@ def test_second_run_on_a_workdir_stops_naming_the_holder(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------- real CLI runs
 def _cli(workdir, *extra):
-  args = [sys.executable, "-m", "adarank_jax.main", f"--config={DEMO}", f"--workdir={workdir}",
-          "--config.methods=('adarank_ta',)", "--export=", *extra]
-  result = subprocess.run(args, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                          text=True, timeout=600, check=False)
+  args = [
+    sys.executable,
+    "-m",
+    "adarank_jax.main",
+    f"--config={DEMO}",
+    f"--workdir={workdir}",
+    "--config.methods=('adarank_ta',)",
+    "--export=",
+    *extra,
+  ]
+  result = subprocess.run(
+    args,
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result
 
@@ -282,12 +323,17 @@ def resumed(tmp_path_factory):
     f.write('{"step": 9, "sco')
   (workdir / ".results.json.k1ll3d.tmp").write_text("{half")
   _cli(workdir, "--resume", "--config.adarank.num_steps=9")
-  return {"workdir": workdir, "first_masks": first_masks, "first_metrics": first_metrics,
-          "first_evals": first_evals}
+  return {
+    "workdir": workdir,
+    "first_masks": first_masks,
+    "first_metrics": first_metrics,
+    "first_evals": first_evals,
+  }
 
 
 def test_resume_with_more_steps_replaces_the_masks(resumed):
   from adarank_jax import tree_util
+
   workdir = resumed["workdir"]
   assert report.read_results_json(workdir / "results.json")["steps"] == {"adarank_ta": 9}
   new = tree_util.flatten(checkpoint.load_tree(workdir / "adarank_ta" / "masks"))
@@ -315,16 +361,25 @@ def test_resume_removes_the_temp_files_of_the_killed_run(resumed):
 # ----------------------------------------------------------------------------------- 13: checks first
 def test_bad_values_fail_before_the_testbed_is_built(tmp_path, capsys, monkeypatch):
   cache = tmp_path / "cache"
-  status, err = _main(capsys, f"--workdir={tmp_path / 'w'}", "--config.adarank.num_steps=0",
-                      env={"ADARANK_JAX_CACHE": str(cache)}, monkeypatch=monkeypatch)
+  status, err = _main(
+    capsys,
+    f"--workdir={tmp_path / 'w'}",
+    "--config.adarank.num_steps=0",
+    env={"ADARANK_JAX_CACHE": str(cache)},
+    monkeypatch=monkeypatch,
+  )
   assert status == 1 and "adarank.num_steps=0" in err, err
   assert not cache.exists() or not any(cache.iterdir())  # no testbed was built for a bad config
 
 
 def test_every_missing_data_set_is_listed_before_any_checkpoint_is_loaded(tmp_path, capsys):
-  status, err = _main(capsys, f"--workdir={tmp_path / 'w'}", *_garbage_checkpoints(tmp_path),
-                      "--config.tasks=('Cars','DTD','MNIST')",
-                      f"--config.data.data_dir={tmp_path / 'no_data'}")
+  status, err = _main(
+    capsys,
+    f"--workdir={tmp_path / 'w'}",
+    *_garbage_checkpoints(tmp_path),
+    "--config.tasks=('Cars','DTD','MNIST')",
+    f"--config.data.data_dir={tmp_path / 'no_data'}",
+  )
   assert status == 1 and "3 of 3 data sets cannot be read" in err, err
   assert all(task in err for task in ("Cars", "DTD", "MNIST"))
   assert "not a PyTorch/safetensors checkpoint" not in err  # the checkpoints were not opened yet

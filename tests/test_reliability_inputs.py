@@ -29,8 +29,10 @@ def _flip_a_byte(directory: Path, leaf_bytes: int) -> Path:
 
 
 def _state(step):
-  return {"mask_logits": {"w": np.arange(1000, dtype=np.float32) * 1e-3 + step},
-          "step": np.array(step, np.int32)}
+  return {
+    "mask_logits": {"w": np.arange(1000, dtype=np.float32) * 1e-3 + step},
+    "step": np.array(step, np.int32),
+  }
 
 
 # ----------------------------------------------------------------------------------- 4: flipped bytes
@@ -62,8 +64,9 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, victim)
   if victim == "_METADATA":
     target = next(p for p in step_dir.rglob("_METADATA") if p.is_file())
   else:
-    target = max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
-                 key=lambda p: p.stat().st_size)
+    target = max(
+      (p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size
+    )
   target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # a write cut short
   with pytest.raises(checkpoint.CorruptCheckpointError, match=r"ckpts/6: checkpoint"):
     manager.restore(6, _state(0), fallback=False)
@@ -75,7 +78,9 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, victim)
 
 def test_a_full_disk_during_a_checkpoint_names_the_step_directory(tmp_path, monkeypatch):
   import errno
+
   import orbax.checkpoint as ocp
+
   manager = checkpoint.Manager(tmp_path / "ckpts")
 
   def full_disk(*args, **kwargs):  # what TensorStore reports when a write hits ENOSPC
@@ -85,8 +90,11 @@ def test_a_full_disk_during_a_checkpoint_names_the_step_directory(tmp_path, monk
   with pytest.raises(OSError, match=r"No space left on device.*disk full.*ckpts/6") as error:
     manager.save(6, _state(6))
   assert error.value.filename == str(tmp_path / "ckpts" / "6")
-  monkeypatch.setattr(ocp.CheckpointManager, "save", lambda *a, **k: (_ for _ in ()).throw(
-      OSError(errno.ENOSPC, "No space left on device")))
+  monkeypatch.setattr(
+    ocp.CheckpointManager,
+    "save",
+    lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+  )
   with pytest.raises(OSError, match="ckpts/6") as error:
     manager.save(6, _state(6))
   assert error.value.errno == errno.ENOSPC
@@ -97,19 +105,24 @@ def test_corrupt_only_checkpoint_is_an_error_naming_it(tmp_path):
   manager = checkpoint.Manager(tmp_path / "ckpts")
   manager.save(3, _state(3))
   _flip_a_byte(tmp_path / "ckpts" / "3", 4000)
-  with pytest.raises(checkpoint.CorruptCheckpointError, match=r"ckpts/3: checkpoint is corrupt.*mask_logits/w"):
+  with pytest.raises(
+    checkpoint.CorruptCheckpointError, match=r"ckpts/3: checkpoint is corrupt.*mask_logits/w"
+  ):
     manager.restore(3, _state(0))
   manager.close()
 
 
 def test_flipped_bytes_in_a_saved_tree_are_detected(tmp_path):
   checkpoint.save_tree(tmp_path / "masks", _state(1))
-  np.testing.assert_array_equal(checkpoint.load_tree(tmp_path / "masks")["mask_logits"]["w"],
-                                _state(1)["mask_logits"]["w"])
+  np.testing.assert_array_equal(
+    checkpoint.load_tree(tmp_path / "masks")["mask_logits"]["w"], _state(1)["mask_logits"]["w"]
+  )
   assert (tmp_path / "masks" / checkpoint.CHECKSUM_NAME).is_file()
   _flip_a_byte(tmp_path / "masks", 4000)
   for target in (None, _state(0)):
-    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"masks: checkpoint is corrupt.*mask_logits/w"):
+    with pytest.raises(
+      checkpoint.CorruptCheckpointError, match=r"masks: checkpoint is corrupt.*mask_logits/w"
+    ):
       checkpoint.load_tree(tmp_path / "masks", target)
   checkpoint.replace_tree(tmp_path / "masks", _state(2))  # replacing it writes a new checksum too
   assert int(checkpoint.load_tree(tmp_path / "masks")["step"]) == 2
@@ -133,9 +146,11 @@ def _tiny_clip_config(tmp_path, vocab_size):
 
 def test_token_ids_beyond_the_vocabulary_are_an_error_not_nan_heads(tmp_path):
   from flax import nnx
+
   from adarank_jax import families
   from adarank_jax.digits import tasks as digit_tasks
   from adarank_jax.models import clip, functional
+
   digit_tasks.register_tasks()
   config_path = _tiny_clip_config(tmp_path, 128)
   config = clip.load_config(config_path)
@@ -148,14 +163,17 @@ def test_token_ids_beyond_the_vocabulary_are_an_error_not_nan_heads(tmp_path):
 
 def test_zero_shot_head_checks_ids_against_the_vocabulary():
   from adarank_jax.models import heads
+
   tokenize = lambda texts: np.full((len(texts), 4), 49407, np.int32)
   with pytest.raises(ValueError, match=r"my-model: .*max token id 49407.*vocab_size 128"):
-    heads.zero_shot_head(lambda t: np.ones((len(t), 3)), tokenize, ["a"], ["{}"], 0.0, vocab_size=128,
-                         source="my-model")
+    heads.zero_shot_head(
+      lambda t: np.ones((len(t), 3)), tokenize, ["a"], ["{}"], 0.0, vocab_size=128, source="my-model"
+    )
 
 
 def test_non_finite_heads_are_never_cached(tmp_path):
   from adarank_jax.models import heads
+
   tokenize = lambda texts: np.zeros((len(texts), 4), np.int32)
   kwargs = dict(key="k", tokenize_fn=tokenize, classnames=["a", "b"], templates=["{}"], logit_scale=0.0)
   with pytest.raises(ValueError, match="NaN or Inf"):
@@ -174,11 +192,13 @@ def _tiny_openclip_files(tmp_path, *, int_key=None, dtype=np.int64):
   from adarank_jax import tree_util
   from adarank_jax.interop import openclip, state_dict
   from adarank_jax.models import clip
+
   config_path = ROOT / "adarank_jax/digits/tiny_clip_quick.json"
   abstract = clip.abstract_params(clip.load_config(config_path))
   rng = np.random.default_rng(0)
-  tree = tree_util.unflatten({k: rng.normal(size=v.shape).astype(np.float32)
-                              for k, v in tree_util.flatten(abstract).items()})
+  tree = tree_util.unflatten(
+    {k: rng.normal(size=v.shape).astype(np.float32) for k, v in tree_util.flatten(abstract).items()}
+  )
   state = openclip.state_dict_from_tree(tree)
   state_dict.save_state_dict(state, tmp_path / "pretrained.safetensors")
   if int_key is not None:
@@ -191,6 +211,7 @@ def _tiny_openclip_files(tmp_path, *, int_key=None, dtype=np.int64):
 def test_integer_weights_are_rejected_by_the_loader_and_the_converter(tmp_path, dtype):
   from adarank_jax import tree_util
   from adarank_jax.interop import openclip
+
   key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
   config_path = _tiny_openclip_files(tmp_path, int_key=key, dtype=dtype)
   bad = tmp_path / "ft" / "Digits.safetensors"
@@ -198,8 +219,9 @@ def test_integer_weights_are_rejected_by_the_loader_and_the_converter(tmp_path, 
   with pytest.raises(tree_util.StructureError, match=pattern):
     openclip.load_openclip(bad, config_path)  # what families.load_clip (the main CLI) calls
   with pytest.raises(ValueError, match=pattern):
-    openclip.convert_checkpoints(config_path, tmp_path / "pretrained.safetensors", {"Digits": bad},
-                                 tmp_path / "out")
+    openclip.convert_checkpoints(
+      config_path, tmp_path / "pretrained.safetensors", {"Digits": bad}, tmp_path / "out"
+    )
   assert not (tmp_path / "out").exists()
   openclip.load_openclip(tmp_path / "pretrained.safetensors", config_path, text=True)  # floats pass
 
@@ -207,9 +229,14 @@ def test_integer_weights_are_rejected_by_the_loader_and_the_converter(tmp_path, 
 def test_integer_weights_in_a_converted_tree_are_rejected(tmp_path):
   from adarank_jax import tree_util
   from adarank_jax.interop import openclip
+
   config_path = _tiny_openclip_files(tmp_path)
-  openclip.convert_checkpoints(config_path, tmp_path / "pretrained.safetensors",
-                               {"Digits": tmp_path / "ft" / "Digits.safetensors"}, tmp_path / "out")
+  openclip.convert_checkpoints(
+    config_path,
+    tmp_path / "pretrained.safetensors",
+    {"Digits": tmp_path / "ft" / "Digits.safetensors"},
+    tmp_path / "out",
+  )
   tree = checkpoint.load_tree(tmp_path / "out" / "Digits")
   tree["ln_pre"]["scale"] = np.ones_like(tree["ln_pre"]["scale"], np.int32)
   checkpoint.save_tree(tmp_path / "out" / "IntDigits", tree)
@@ -219,11 +246,21 @@ def test_integer_weights_in_a_converted_tree_are_rejected(tmp_path):
 
 def test_integer_weights_in_a_hugging_face_directory_are_rejected(tmp_path):
   import transformers
+
   from adarank_jax import tree_util
   from adarank_jax.interop import hf, state_dict
-  config = transformers.RobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=32, max_position_embeddings=20, type_vocab_size=1,
-                                      pad_token_id=1, num_labels=2)
+
+  config = transformers.RobertaConfig(
+    vocab_size=40,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=20,
+    type_vocab_size=1,
+    pad_token_id=1,
+    num_labels=2,
+  )
   transformers.RobertaForSequenceClassification(config).save_pretrained(tmp_path / "src")
   config_dict, state = state_dict.load_hf_directory(tmp_path / "src")
   key = "roberta.encoder.layer.0.output.dense.weight"
@@ -239,6 +276,7 @@ def test_integer_weights_in_a_hugging_face_directory_are_rejected(tmp_path):
 def fake_build(monkeypatch):
   """testbed._build_into writing small stand-in files (no training); counts the builds."""
   from adarank_jax.digits import testbed
+
   calls = []
 
   def build_into(out, names, schedule, seed):
@@ -256,10 +294,14 @@ def fake_build(monkeypatch):
 
 def test_corrupted_testbed_file_is_detected_and_rebuilt(tmp_path, fake_build, capsys):
   from adarank_jax.digits import testbed
+
   bed = testbed.build(tmp_path, quick=True)
   manifest = json.loads((Path(bed.directory) / testbed.MANIFEST).read_text())
-  assert set(manifest["sha256"]) == {"model_config.json", "pretrained.safetensors",
-                                     *(f"finetuned/{t}.safetensors" for t in bed.tasks)}
+  assert set(manifest["sha256"]) == {
+    "model_config.json",
+    "pretrained.safetensors",
+    *(f"finetuned/{t}.safetensors" for t in bed.tasks),
+  }
   assert testbed.verify(bed.directory) == []
   testbed.build(tmp_path, quick=True)
   assert len(fake_build) == 1 and "reusing" in capsys.readouterr().out
@@ -279,6 +321,7 @@ def test_corrupted_testbed_file_is_detected_and_rebuilt(tmp_path, fake_build, ca
 
 def test_half_built_testbed_directory_is_replaced(tmp_path, fake_build, capsys):
   from adarank_jax.digits import testbed
+
   located = testbed.locate(tmp_path, quick=True)
   directory = Path(located.directory)
   (directory / "finetuned").mkdir(parents=True)  # what a killed build (no testbed.json) left
@@ -294,15 +337,24 @@ def test_half_built_testbed_directory_is_replaced(tmp_path, fake_build, capsys):
 # ----------------------------------------------------------------------------------- the script
 def test_reliability_script_prints_a_passing_table(capsys):
   from adarank_jax import reliability
+
   assert reliability.main() == 0
   out = capsys.readouterr().out
   lines = out.splitlines()
   assert lines[0] == "| case | expected | observed | pass |"
   rows = [line for line in lines[2:] if line.startswith("| ")]
   names = [row.split(" | ")[0][2:] for row in rows]
-  for case in ("non-finite config values", "int weights in a checkpoint", "out-of-vocabulary token ids",
-               "flipped checkpoint bytes", "corrupted testbed cache file", "torn jsonl",
-               "killed export temp file", "failed load then corrected rerun", "second lock on a workdir"):
+  for case in (
+    "non-finite config values",
+    "int weights in a checkpoint",
+    "out-of-vocabulary token ids",
+    "flipped checkpoint bytes",
+    "corrupted testbed cache file",
+    "torn jsonl",
+    "killed export temp file",
+    "failed load then corrected rerun",
+    "second lock on a workdir",
+  ):
     assert case in names, case
   assert all(row.endswith("| yes |") for row in rows), out
   assert f"{len(rows)} of {len(rows)} cases pass" in out
@@ -310,8 +362,10 @@ def test_reliability_script_prints_a_passing_table(capsys):
 
 def test_reliability_script_exits_non_zero_when_a_case_fails(monkeypatch, capsys):
   from adarank_jax import reliability
+
   def wrong(tmp):
     raise AssertionError("no error")
+
   monkeypatch.setattr(reliability, "CASES", (("broken case", "an error", wrong),))
   monkeypatch.setattr(reliability.run_cases, "__defaults__", (reliability.CASES,))
   assert reliability.main() == 1

@@ -7,15 +7,19 @@ import sys
 import numpy as np
 import pytest
 
-from adarank_jax import evaluate
-from adarank_jax import report
+from adarank_jax import evaluate, report
 
 TASKS = ["MNIST", "DTD"]
 
 
 def _results():
-  results = report.new_results(name="vitb32_t8", tasks=TASKS, model="ViT-B-32",
-                               selection=report.SELECTION_FINAL, steps={"adarank_ta": 2000})
+  results = report.new_results(
+    name="vitb32_t8",
+    tasks=TASKS,
+    model="ViT-B-32",
+    selection=report.SELECTION_FINAL,
+    steps={"adarank_ta": 2000},
+  )
   results["individual"] = {"MNIST": 0.996, "DTD": 0.8}
   results["methods"]["task_arithmetic"] = {"MNIST": 0.97, "DTD": 0.52}
   results["methods"]["adarank_ta"] = {"MNIST": np.float32(0.992), "DTD": 0.7, evaluate.AVERAGE_KEY: 0.84}
@@ -64,16 +68,19 @@ def test_markdown_table_missing_task_raises():
 
 
 def test_write_markdown_states_selection_and_timings(tmp_path):
-  results = report.new_results(name="dbg", tasks=TASKS, model="tiny", selection=report.SELECTION_ORACLE,
-                               steps={"adarank_cart": 3})
+  results = report.new_results(
+    name="dbg", tasks=TASKS, model="tiny", selection=report.SELECTION_ORACLE, steps={"adarank_cart": 3}
+  )
   results["individual"] = {"MNIST": 1.0, "DTD": 0.5}
   results["methods"]["adarank_cart"] = {"MNIST": 0.5, "DTD": 0.5}
   results["timings_s"] = {"adarank_cart_s": 2.0}
   report.write_markdown(tmp_path / "results.md", results)
   text = (tmp_path / "results.md").read_text()
-  assert text.startswith("# dbg\n\n- model: tiny\n- selection: best average test accuracy over evaluation "
-                         "points (oracle: selected on the labelled test set)\n- steps: adarank_cart 3\n"
-                         "- timings (s): adarank_cart_s 2.0\n")
+  assert text.startswith(
+    "# dbg\n\n- model: tiny\n- selection: best average test accuracy over evaluation "
+    "points (oracle: selected on the labelled test set)\n- steps: adarank_cart 3\n"
+    "- timings (s): adarank_cart_s 2.0\n"
+  )
   assert text.endswith(report.markdown_table(results))
   assert "| adarank_cart | 50.0 | 50.0 | 50.0 | 75.0 |" in text
   with pytest.raises(TypeError, match="takes the Results dict"):
@@ -89,8 +96,13 @@ def test_results_json_round_trip(tmp_path):
   assert loaded["methods"]["adarank_ta"]["MNIST"] == pytest.approx(0.992)
   assert loaded["individual"] == {"MNIST": 0.996, "DTD": 0.8}
   assert {k: loaded[k] for k in ("name", "model", "tasks", "selection", "steps", "timings_s")} == {
-      "name": "vitb32_t8", "model": "ViT-B-32", "tasks": ["MNIST", "DTD"], "selection": "final step",
-      "steps": {"adarank_ta": 2000}, "timings_s": {"load_s": 1.25, "adarank_ta_s": 60.0}}
+    "name": "vitb32_t8",
+    "model": "ViT-B-32",
+    "tasks": ["MNIST", "DTD"],
+    "selection": "final step",
+    "steps": {"adarank_ta": 2000},
+    "timings_s": {"load_s": 1.25, "adarank_ta_s": 60.0},
+  }
   assert report.read_results_json(path) == loaded
   assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary file left behind
   (tmp_path / "bad.json").write_text('{"methods": {}}')
@@ -119,8 +131,11 @@ def test_new_results_validates():
 
 def _mask_logits():
   rng = np.random.default_rng(0)
-  logits = {f"transformer/resblocks/{i}/{name}/kernel": rng.normal(size=(3, 16))
-            for i in range(2) for name in ("attn/in_proj", "mlp/c_fc")}
+  logits = {
+    f"transformer/resblocks/{i}/{name}/kernel": rng.normal(size=(3, 16))
+    for i in range(2)
+    for name in ("attn/in_proj", "mlp/c_fc")
+  }
   logits["transformer/resblocks/0/attn/in_proj/kernel"][1] = -1.0  # task 1 drops every component here
   return logits
 
@@ -138,10 +153,19 @@ def test_rank_heatmap_writes_png_and_counts(tmp_path):
 
 
 def test_rank_heatmap_default_rows_are_in_block_order(tmp_path):
-  logits = {f"blocks/{i}/{name}": np.full((2, 4), 1.0 if i < 10 else -1.0)
-            for i in (10, 2, 0) for name in ("mlp", "attn")}
-  assert report.layer_order(logits) == ["blocks/0/attn", "blocks/0/mlp", "blocks/2/attn", "blocks/2/mlp",
-                                        "blocks/10/attn", "blocks/10/mlp"]
+  logits = {
+    f"blocks/{i}/{name}": np.full((2, 4), 1.0 if i < 10 else -1.0)
+    for i in (10, 2, 0)
+    for name in ("mlp", "attn")
+  }
+  assert report.layer_order(logits) == [
+    "blocks/0/attn",
+    "blocks/0/mlp",
+    "blocks/2/attn",
+    "blocks/2/mlp",
+    "blocks/10/attn",
+    "blocks/10/mlp",
+  ]
   counts = report.rank_heatmap(logits, ["a", "b"], tmp_path / "rank.png")
   np.testing.assert_array_equal(counts, [[4, 4]] * 4 + [[0, 0]] * 2)
 
@@ -173,7 +197,9 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
       writer.scalars(11, {"loss": np.zeros(2)})
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [{k: v for k, v in r.items() if k != "wall_time"} for r in records][:2] == [
-      {"step": 0, "loss": 2.0, "acc/mnist": 0.25}, {"step": 10, "loss": 1.5}]
+    {"step": 0, "loss": 2.0, "acc/mnist": 0.25},
+    {"step": 10, "loss": 1.5},
+  ]
   event_files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert len(event_files) == 1
   events = _read_events(event_files[0])
@@ -188,13 +214,17 @@ def _read_events(path):
   """Every Event of a TFRecord event file, read back with TensorBoard's own reader."""
   from tensorboard.backend.event_processing import event_file_loader
   from tensorboard.compat.proto import event_pb2
-  return [event_pb2.Event.FromString(record)
-          for record in event_file_loader.RawEventFileLoader(str(path)).Load()]
+
+  return [
+    event_pb2.Event.FromString(record) for record in event_file_loader.RawEventFileLoader(str(path)).Load()
+  ]
 
 
 def test_metric_writer_does_not_load_torch(tmp_path):
-  code = ("import sys, adarank_jax.evaluate, adarank_jax.report; "
-          f"adarank_jax.report.MetricWriter({str(tmp_path)!r}).scalars(0, {{'loss': 1.0}}); "
-          "print(sorted({'torch', 'tensorflow', 'tensorboardX'} & set(sys.modules)))")
+  code = (
+    "import sys, adarank_jax.evaluate, adarank_jax.report; "
+    f"adarank_jax.report.MetricWriter({str(tmp_path)!r}).scalars(0, {{'loss': 1.0}}); "
+    "print(sorted({'torch', 'tensorflow', 'tensorboardX'} & set(sys.modules)))"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
   assert out.strip() == "[]"

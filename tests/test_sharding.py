@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys
     import jax
     import jax.numpy as jnp
@@ -74,36 +74,43 @@ SCRIPT = textwrap.dedent('''
       for i, leaf in enumerate(jax.tree.leaves((new_state.mask_logits, new_state.coefficients))):
         out[f'{placement}/new{i}'] = np.asarray(leaf)
     np.savez(out_path, **out)
-''')
+""")
 
 
 def _run(mode, tmp_path, devices):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
   if devices > 1:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  script = tmp_path / 'sharded_step.py'
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  script = tmp_path / "sharded_step.py"
   script.write_text(SCRIPT)
-  out = tmp_path / f'{mode}.npz'
-  result = subprocess.run([sys.executable, str(script), mode, str(out)], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+  out = tmp_path / f"{mode}.npz"
+  result = subprocess.run(
+    [sys.executable, str(script), mode, str(out)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   return dict(np.load(out))
 
 
-@pytest.fixture(scope='module', name='results')
+@pytest.fixture(scope="module", name="results")
 def _results(tmp_path_factory):
-  tmp_path = tmp_path_factory.mktemp('sharding')
-  return _run('single', tmp_path, 1), _run('sharded', tmp_path, 8)
+  tmp_path = tmp_path_factory.mktemp("sharding")
+  return _run("single", tmp_path, 1), _run("sharded", tmp_path, 8)
 
 
-@pytest.mark.parametrize('placement', ['replicated', 'task', 'task_cached'])
+@pytest.mark.parametrize("placement", ["replicated", "task", "task_cached"])
 def test_eight_devices_match_one(results, placement):
   single, sharded = results
-  assert int(single['device_count']) == 1 and int(sharded['device_count']) == 8
-  names = sorted(k.split('/', 1)[1] for k in single if '/' in k)
-  assert len([n for n in names if n.startswith('grad')]) == 5  # 2 mask logits, 3 coefficients
+  assert int(single["device_count"]) == 1 and int(sharded["device_count"]) == 8
+  names = sorted(k.split("/", 1)[1] for k in single if "/" in k)
+  assert len([n for n in names if n.startswith("grad")]) == 5  # 2 mask logits, 3 coefficients
   for name in names:
-    np.testing.assert_allclose(sharded[f'{placement}/{name}'], single[f'single/{name}'],
-                               rtol=1e-5, atol=1e-5, err_msg=name)
-  assert np.abs(single['single/grad0']).max() > 1e-4
+    np.testing.assert_allclose(
+      sharded[f"{placement}/{name}"], single[f"single/{name}"], rtol=1e-5, atol=1e-5, err_msg=name
+    )
+  assert np.abs(single["single/grad0"]).max() > 1e-4

@@ -10,10 +10,12 @@ from adarank_jax.interop import state_dict as sd_io
 
 def _state():
   rng = np.random.default_rng(0)
-  return {"visual.w": rng.normal(size=(4, 3)).astype(np.float32),
-          "visual.b": rng.normal(size=(3,)).astype(ml_dtypes.bfloat16),
-          "visual.step": np.arange(3, dtype=np.int64),
-          "visual.scale": np.array(4.6, np.float32)}  # 0-d, like CLIP's logit_scale
+  return {
+    "visual.w": rng.normal(size=(4, 3)).astype(np.float32),
+    "visual.b": rng.normal(size=(3,)).astype(ml_dtypes.bfloat16),
+    "visual.step": np.arange(3, dtype=np.int64),
+    "visual.scale": np.array(4.6, np.float32),
+  }  # 0-d, like CLIP's logit_scale
 
 
 def _assert_bit_equal(a, b):
@@ -77,8 +79,9 @@ def test_hf_directory_round_trip_and_shards(tmp_path):
   (shard_dir / "config.json").write_text("{}")
   sd_io.save_state_dict({"visual.w": state["visual.w"]}, shard_dir / "a.safetensors")
   sd_io.save_state_dict({"visual.b": state["visual.b"]}, shard_dir / "b.safetensors")
-  (shard_dir / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {"visual.w": "a.safetensors", "visual.b": "b.safetensors"}}))
+  (shard_dir / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {"visual.w": "a.safetensors", "visual.b": "b.safetensors"}})
+  )
   assert set(sd_io.load_hf_directory(shard_dir)[1]) == {"visual.w", "visual.b"}
 
 

@@ -21,17 +21,18 @@ def _problem(seed=0):
   """Tiny 2-layer encoder merged from T fine-tuned copies, with one fixed linear head per task."""
   rng = np.random.default_rng(seed)
   f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
-  base = {'enc': {'a': {'kernel': f32(6, 4), 'bias': f32(4)}, 'b': {'kernel': f32(4, 6)}}}
-  finetuned = [jax.tree.map(lambda x: x + 0.3 * rng.normal(size=x.shape).astype(np.float32), base)
-               for _ in range(T)]
-  origin, tau = task_vectors(base, finetuned, origin='pretrained')
-  factors = decompose(tau, tree_util.select(tau, [r'.*/kernel']))
+  base = {"enc": {"a": {"kernel": f32(6, 4), "bias": f32(4)}, "b": {"kernel": f32(4, 6)}}}
+  finetuned = [
+    jax.tree.map(lambda x: x + 0.3 * rng.normal(size=x.shape).astype(np.float32), base) for _ in range(T)
+  ]
+  origin, tau = task_vectors(base, finetuned, origin="pretrained")
+  factors = decompose(tau, tree_util.select(tau, [r".*/kernel"]))
   heads = [f32(6, c) for c in CLASSES]
 
   def task_logits_fn(params, t, x):
-    enc = params['enc']
-    h = jnp.tanh(x @ enc['a']['kernel'] + enc['a']['bias'])
-    return (h @ enc['b']['kernel']) @ heads[t]
+    enc = params["enc"]
+    h = jnp.tanh(x @ enc["a"]["kernel"] + enc["a"]["bias"])
+    return (h @ enc["b"]["kernel"]) @ heads[t]
 
   return (origin, factors), task_logits_fn
 
@@ -39,8 +40,9 @@ def _problem(seed=0):
 def _make_batches(start, seed=7):
   """Deterministic stream: batch p of task t is a function of (seed, t, p) only."""
   for p in itertools.count(start):
-    yield tuple(np.random.default_rng([seed, t, p]).normal(size=(BATCH, 6)).astype(np.float32)
-                for t in range(T))
+    yield tuple(
+      np.random.default_rng([seed, t, p]).normal(size=(BATCH, 6)).astype(np.float32) for t in range(T)
+    )
 
 
 def test_entropy_against_numpy():
@@ -49,8 +51,9 @@ def test_entropy_against_numpy():
   rows = -(p * np.log(p)).sum(-1)
   np.testing.assert_allclose(objectives.entropy(jnp.asarray(logits)), rows.mean(), rtol=1e-6)
   weights = np.array([1, 1, 0, 1, 0], np.float32)
-  np.testing.assert_allclose(objectives.entropy(jnp.asarray(logits), jnp.asarray(weights)),
-                             rows[[0, 1, 3]].mean(), rtol=1e-6)
+  np.testing.assert_allclose(
+    objectives.entropy(jnp.asarray(logits), jnp.asarray(weights)), rows[[0, 1, 3]].mean(), rtol=1e-6
+  )
   np.testing.assert_allclose(objectives.entropy(jnp.zeros((2, 4))), np.log(4), rtol=1e-6)
 
 
@@ -64,15 +67,14 @@ def test_step_compiles_once_and_applies_adam():
 
   lr = 1e-3
   optimizer = train.make_optimizer(lr)
-  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
-                           prior=0.3)
+  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=0.3)
   loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T)
   batches = next(_make_batches(0))
-  grads = jax.grad(lambda tr: loss_fn(tr, frozen, batches)[0])((state.mask_logits,
-                                                                 state.coefficients))
+  grads = jax.grad(lambda tr: loss_fn(tr, frozen, batches)[0])((state.mask_logits, state.coefficients))
   before = jax.device_get((state.mask_logits, state.coefficients))
-  step = train.make_train_step(logits_fn=train.per_task(counting_logits_fn), optimizer=optimizer,
-                               temperature=TEMP, num_tasks=T)
+  step = train.make_train_step(
+    logits_fn=train.per_task(counting_logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
+  )
   state, metrics = step(frozen, state, batches)
   # First Adam step (bias-corrected m = g, v = g^2): update = -lr * g / (|g| + 1e-8).
   after = jax.device_get((state.mask_logits, state.coefficients))
@@ -85,21 +87,25 @@ def test_step_compiles_once_and_applies_adam():
     state, metrics = step(frozen, state, next(batch_iter))
   assert traces == list(range(T))  # traced once, for every task, and never again
   assert int(state.step) == 4
-  assert metrics['entropy'].shape == (T,)
-  np.testing.assert_allclose(metrics['loss'], metrics['entropy'].sum(), rtol=1e-6)
+  assert metrics["entropy"].shape == (T,)
+  np.testing.assert_allclose(metrics["loss"], metrics["entropy"].sum(), rtol=1e-6)
 
 
 def test_ste_loss_is_the_hard_mask_loss():
   frozen, logits_fn = _problem()
-  state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
-                           initial_rank_ratio=0.5, prior=0.3)
+  state = train.init_state(
+    frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T, initial_rank_ratio=0.5, prior=0.3
+  )
   batches = next(_make_batches(0))
   trainable = (state.mask_logits, state.coefficients)
-  losses = {mode: train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T,
-                                     mask_mode=mode)(trainable, frozen, batches)[0]
-            for mode in ('ste', 'hard', 'soft')}
-  np.testing.assert_allclose(losses['ste'], losses['hard'], rtol=1e-6)
-  assert abs(float(losses['soft']) - float(losses['hard'])) > 1e-4
+  losses = {
+    mode: train.make_loss_fn(
+      logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T, mask_mode=mode
+    )(trainable, frozen, batches)[0]
+    for mode in ("ste", "hard", "soft")
+  }
+  np.testing.assert_allclose(losses["ste"], losses["hard"], rtol=1e-6)
+  assert abs(float(losses["soft"]) - float(losses["hard"])) > 1e-4
 
 
 def test_gradients_match_finite_differences_of_the_soft_surrogate():
@@ -107,13 +113,17 @@ def test_gradients_match_finite_differences_of_the_soft_surrogate():
     frozen, logits_fn = _problem()
     frozen = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), frozen)
     rng = np.random.default_rng(5)
-    state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
-                             initial_rank_ratio=0.5, prior=0.3)
-    trainable = jax.tree.map(lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float64),
-                             (state.mask_logits, state.coefficients))
+    state = train.init_state(
+      frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T, initial_rank_ratio=0.5, prior=0.3
+    )
+    trainable = jax.tree.map(
+      lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float64),
+      (state.mask_logits, state.coefficients),
+    )
     batches = tuple(jnp.asarray(b, jnp.float64) for b in next(_make_batches(0)))
-    loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T,
-                                 mask_mode='soft')
+    loss_fn = train.make_loss_fn(
+      logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T, mask_mode="soft"
+    )
     loss = jax.jit(lambda tr: loss_fn(tr, frozen, batches)[0])
     grads = jax.grad(loss)(trainable)
     leaves, treedef = jax.tree.flatten(trainable)
@@ -138,16 +148,26 @@ def test_gradients_match_finite_differences_of_the_soft_surrogate():
 
 def _fit(frozen, logits_fn, *, num_steps, directory=None, logged=None, cache_deltas=False):
   optimizer = train.make_optimizer(1e-2)
-  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
-                           prior=0.3, cache_deltas=cache_deltas)
-  step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP,
-                               num_tasks=T)
+  state = train.init_state(
+    frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=0.3, cache_deltas=cache_deltas
+  )
+  step = train.make_train_step(
+    logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
+  )
   manager = None if directory is None else checkpoint.Manager(directory)
   if manager is not None:
     state = train.resume(manager, state, frozen[1])
-  for point in train.fit(frozen, state, train_step=step, make_batches=_make_batches,
-                         num_steps=num_steps, log_every=2, checkpoint=manager, checkpoint_every=3,
-                         progress=False):
+  for point in train.fit(
+    frozen,
+    state,
+    train_step=step,
+    make_batches=_make_batches,
+    num_steps=num_steps,
+    log_every=2,
+    checkpoint=manager,
+    checkpoint_every=3,
+    progress=False,
+  ):
     if logged is not None:
       logged.append((point.step, point.metrics))
     state = point.state
@@ -161,50 +181,66 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
   logged = []
   straight = _fit(frozen, logits_fn, num_steps=6, logged=logged)
   assert [s for s, _ in logged] == [2, 4, 6]
-  assert set(logged[0][1]) == {'loss', 'entropy', 'kept_fraction', 'steps_per_s'}
-  first = _fit(frozen, logits_fn, num_steps=3, directory=tmp_path / 'ckpt')
+  assert set(logged[0][1]) == {"loss", "entropy", "kept_fraction", "steps_per_s"}
+  first = _fit(frozen, logits_fn, num_steps=3, directory=tmp_path / "ckpt")
   assert int(first.step) == 3
   # A fresh "process": new initial state, new jitted step; fit restores step 3 and continues.
   frozen, logits_fn = _problem()
-  resumed = _fit(frozen, logits_fn, num_steps=6, directory=tmp_path / 'ckpt')
+  resumed = _fit(frozen, logits_fn, num_steps=6, directory=tmp_path / "ckpt")
   assert int(resumed.step) == 6
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
-  assert checkpoint.Manager(tmp_path / 'ckpt').all_steps() == [3, 6]
+  assert checkpoint.Manager(tmp_path / "ckpt").all_steps() == [3, 6]
 
 
 def test_fit_lowers_the_entropy_of_a_fixed_batch():
   frozen, logits_fn = _problem()
   batches = next(_make_batches(0))
   optimizer = train.make_optimizer(1e-2)
-  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
-                           prior=0.3)
-  loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T,
-                               mask_mode='hard')
+  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=0.3)
+  loss_fn = train.make_loss_fn(
+    logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T, mask_mode="hard"
+  )
   initial = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
-  step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP,
-                               num_tasks=T)
-  *_, last = train.fit(frozen, state, train_step=step,
-                       make_batches=lambda _: iter(lambda: batches, None), num_steps=30,
-                       log_every=10, progress=False)
+  step = train.make_train_step(
+    logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
+  )
+  *_, last = train.fit(
+    frozen,
+    state,
+    train_step=step,
+    make_batches=lambda _: iter(lambda: batches, None),
+    num_steps=30,
+    log_every=10,
+    progress=False,
+  )
   state = last.state
   final = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
   assert final < 0.8 * initial
 
 
 def _flips(before, after):
-  return sum(int(np.sum((np.asarray(a) > 0) != (np.asarray(b) > 0)))
-             for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+  return sum(
+    int(np.sum((np.asarray(a) > 0) != (np.asarray(b) > 0)))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+  )
 
 
 def test_cached_deltas_give_the_plain_rebuilds_loss_and_gradients():
   frozen, logits_fn = _problem()
   rng = np.random.default_rng(3)
-  state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
-                           initial_rank_ratio=0.5, prior=0.3, cache_deltas=True)
+  state = train.init_state(
+    frozen[1],
+    optimizer=train.make_optimizer(1e-3),
+    num_tasks=T,
+    initial_rank_ratio=0.5,
+    prior=0.3,
+    cache_deltas=True,
+  )
   # Logits of both signs and coefficients that differ per task and leaf.
-  trainable = jax.tree.map(lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float32),
-                           (state.mask_logits, state.coefficients))
+  trainable = jax.tree.map(
+    lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float32), (state.mask_logits, state.coefficients)
+  )
   deltas = merging.init_deltas(frozen[1], trainable[0])
   loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T)
   batches = next(_make_batches(0))
@@ -220,11 +256,15 @@ def test_cached_deltas_give_the_plain_rebuilds_loss_and_gradients():
 def test_cached_deltas_follow_the_plain_adam_trajectory_through_mask_flips():
   frozen, logits_fn = _problem()
   optimizer = train.make_optimizer(0.05)  # large: masks flip within a few steps
-  step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP,
-                               num_tasks=T)
-  states = {cache: train.init_state(frozen[1], optimizer=optimizer, num_tasks=T,
-                                    initial_rank_ratio=0.5, prior=0.3, cache_deltas=cache)
-            for cache in (False, True)}
+  step = train.make_train_step(
+    logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
+  )
+  states = {
+    cache: train.init_state(
+      frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=0.3, cache_deltas=cache
+    )
+    for cache in (False, True)
+  }
   initial = jax.device_get(states[False].mask_logits)
   batch_iter = _make_batches(0)
   flips = 0
@@ -234,9 +274,11 @@ def test_cached_deltas_follow_the_plain_adam_trajectory_through_mask_flips():
     metrics = {}
     for cache in (False, True):
       states[cache], metrics[cache] = step(frozen, states[cache], batches)
-    np.testing.assert_allclose(metrics[True]['loss'], metrics[False]['loss'], rtol=1e-5)
-    for c, p in zip(jax.tree.leaves((states[True].mask_logits, states[True].coefficients)),
-                    jax.tree.leaves((states[False].mask_logits, states[False].coefficients))):
+    np.testing.assert_allclose(metrics[True]["loss"], metrics[False]["loss"], rtol=1e-5)
+    for c, p in zip(
+      jax.tree.leaves((states[True].mask_logits, states[True].coefficients)),
+      jax.tree.leaves((states[False].mask_logits, states[False].coefficients)),
+    ):
       np.testing.assert_allclose(c, p, rtol=1e-5, atol=1e-5)
     flips += _flips(before, states[True].mask_logits)
   assert flips >= 10 and _flips(initial, states[True].mask_logits) > 0
@@ -249,8 +291,8 @@ def test_cached_deltas_follow_the_plain_adam_trajectory_through_mask_flips():
 def test_resume_with_cached_deltas(tmp_path):
   frozen, logits_fn = _problem()
   straight = _fit(frozen, logits_fn, num_steps=6, cache_deltas=True)
-  _fit(frozen, logits_fn, num_steps=3, directory=tmp_path / 'ckpt', cache_deltas=True)
-  resumed = _fit(frozen, logits_fn, num_steps=6, directory=tmp_path / 'ckpt', cache_deltas=True)
+  _fit(frozen, logits_fn, num_steps=3, directory=tmp_path / "ckpt", cache_deltas=True)
+  resumed = _fit(frozen, logits_fn, num_steps=6, directory=tmp_path / "ckpt", cache_deltas=True)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   fresh = merging.init_deltas(frozen[1], resumed.mask_logits)
@@ -266,29 +308,30 @@ def test_one_forward_equals_per_task_forwards_and_traces_the_body_once():
 
   def body(params, x):
     traces.append(x.shape)
-    enc = params['enc']
-    return jnp.tanh(x @ enc['a']['kernel'] + enc['a']['bias']) @ enc['b']['kernel']
+    enc = params["enc"]
+    return jnp.tanh(x @ enc["a"]["kernel"] + enc["a"]["bias"]) @ enc["b"]["kernel"]
 
   per_task = train.per_task(lambda params, t, x: body(params, x) @ heads[t])
   one = train.one_forward(body, lambda t, features: features @ heads[t])
-  state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
-                           initial_rank_ratio=0.5, prior=0.3)
+  state = train.init_state(
+    frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T, initial_rank_ratio=0.5, prior=0.3
+  )
   trainable = (state.mask_logits, state.coefficients)
   sizes = (4, 2, 3)  # tasks may have batches of different sizes
   batches = tuple(rng.normal(size=(n, 6)).astype(np.float32) for n in sizes)
   out = {}
-  for name, logits_fn in (('per_task', per_task), ('one', one)):
+  for name, logits_fn in (("per_task", per_task), ("one", one)):
     traces.clear()
     loss_fn = train.make_loss_fn(logits_fn=logits_fn, temperature=TEMP, num_tasks=T)
     out[name] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable, frozen, batches)
-    assert traces == ([(n, 6) for n in sizes] if name == 'per_task' else [(sum(sizes), 6)])
-  np.testing.assert_allclose(out['one'][0][0], out['per_task'][0][0], rtol=1e-6)
-  np.testing.assert_allclose(out['one'][0][1], out['per_task'][0][1], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(out['one'][1]), jax.tree.leaves(out['per_task'][1])):
+    assert traces == ([(n, 6) for n in sizes] if name == "per_task" else [(sum(sizes), 6)])
+  np.testing.assert_allclose(out["one"][0][0], out["per_task"][0][0], rtol=1e-6)
+  np.testing.assert_allclose(out["one"][0][1], out["per_task"][0][1], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out["one"][1]), jax.tree.leaves(out["per_task"][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize('tasks_per_call,remat', [(1, False), (3, False), (1, True)])
+@pytest.mark.parametrize("tasks_per_call,remat", [(1, False), (3, False), (1, True)])
 def test_one_forward_in_groups_of_tasks_equals_per_task_forwards(tasks_per_call, remat):
   frozen, _ = _problem()
   rng = np.random.default_rng(5)
@@ -297,43 +340,58 @@ def test_one_forward_in_groups_of_tasks_equals_per_task_forwards(tasks_per_call,
 
   def body(params, x):
     traces.append(x.shape)
-    enc = params['enc']
-    return jnp.tanh(x @ enc['a']['kernel'] + enc['a']['bias']) @ enc['b']['kernel']
+    enc = params["enc"]
+    return jnp.tanh(x @ enc["a"]["kernel"] + enc["a"]["bias"]) @ enc["b"]["kernel"]
 
   per_task = train.per_task(lambda params, t, x: body(params, x) @ heads[t])
-  grouped = train.one_forward(body, lambda t, features: features @ heads[t],
-                              tasks_per_call=tasks_per_call, remat=remat)
-  state = train.init_state(frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T,
-                           initial_rank_ratio=0.5, prior=0.3)
+  grouped = train.one_forward(
+    body, lambda t, features: features @ heads[t], tasks_per_call=tasks_per_call, remat=remat
+  )
+  state = train.init_state(
+    frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T, initial_rank_ratio=0.5, prior=0.3
+  )
   trainable = (state.mask_logits, state.coefficients)
   batches = tuple(rng.normal(size=(4, 6)).astype(np.float32) for _ in range(T))
   out = {}
-  for name, logits_fn in (('per_task', per_task), ('grouped', grouped)):
+  for name, logits_fn in (("per_task", per_task), ("grouped", grouped)):
     traces.clear()
     loss_fn = train.make_loss_fn(logits_fn=logits_fn, temperature=TEMP, num_tasks=T)
     out[name] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable, frozen, batches)
   assert traces == [(4 * tasks_per_call, 6)]  # the body is traced once, on k tasks' rows
   loss_fn = train.make_loss_fn(logits_fn=grouped, temperature=TEMP, num_tasks=T)
   program = str(jax.make_jaxpr(loss_fn)(trainable, frozen, batches))
-  assert ('remat' in program) == remat  # jax.checkpoint's primitive
-  np.testing.assert_allclose(out['grouped'][0][1], out['per_task'][0][1], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(out['grouped'][1]), jax.tree.leaves(out['per_task'][1])):
+  assert ("remat" in program) == remat  # jax.checkpoint's primitive
+  np.testing.assert_allclose(out["grouped"][0][1], out["per_task"][0][1], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out["grouped"][1]), jax.tree.leaves(out["per_task"][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   uneven = (batches[0], batches[1], batches[2][:3])
-  with pytest.raises(ValueError, match='tasks_per_call'):
+  with pytest.raises(ValueError, match="tasks_per_call"):
     train.make_loss_fn(logits_fn=grouped, temperature=TEMP, num_tasks=T)(trainable, frozen, uneven)
 
 
 def test_a_non_finite_loss_stops_fit_before_it_is_checkpointed(tmp_path):
   frozen, logits_fn = _problem()
   optimizer = train.make_optimizer(1e-2)
-  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
-                           prior=float('nan'))  # a NaN coefficient makes every loss NaN
-  step = train.make_train_step(logits_fn=train.per_task(logits_fn), optimizer=optimizer,
-                               temperature=TEMP, num_tasks=T)
-  manager = checkpoint.Manager(tmp_path / 'ckpt')
-  with pytest.raises(train.NonFiniteLossError, match='step 1: the loss is nan'):
-    list(train.fit(frozen, state, train_step=step, make_batches=_make_batches, num_steps=4,
-                   log_every=2, checkpoint=manager, checkpoint_every=1, progress=False))
+  state = train.init_state(
+    frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=float("nan")
+  )  # a NaN coefficient makes every loss NaN
+  step = train.make_train_step(
+    logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
+  )
+  manager = checkpoint.Manager(tmp_path / "ckpt")
+  with pytest.raises(train.NonFiniteLossError, match="step 1: the loss is nan"):
+    list(
+      train.fit(
+        frozen,
+        state,
+        train_step=step,
+        make_batches=_make_batches,
+        num_steps=4,
+        log_every=2,
+        checkpoint=manager,
+        checkpoint_every=1,
+        progress=False,
+      )
+    )
   assert manager.all_steps() == []
   manager.close()

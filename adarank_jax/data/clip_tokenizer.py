@@ -8,6 +8,7 @@ string against it for every class name in every prompt template of the registere
 needs only numpy, ftfy and regex, and reads the BPE vocabulary file open_clip ships, found without
 importing it.
 """
+
 import gzip
 import html
 import importlib.util
@@ -20,24 +21,26 @@ import ftfy
 import numpy as np
 import regex
 
-_BPE_FILE = 'bpe_simple_vocab_16e6.txt.gz'
+_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # merges used by CLIP: lines 1..48894 of the BPE file (line 0 is a header)
-_SOT, _EOT = '<start_of_text>', '<end_of_text>'
+_SOT, _EOT = "<start_of_text>", "<end_of_text>"
 
 
 def _default_bpe_path() -> str:
   """open_clip's bundled BPE vocabulary, located without importing open_clip (or torch)."""
-  spec = importlib.util.find_spec('open_clip')
+  spec = importlib.util.find_spec("open_clip")
   if spec is None or not spec.submodule_search_locations:
-    raise ValueError(f'open_clip is not installed, so its CLIP BPE vocabulary {_BPE_FILE} cannot be found; '
-                     'install the [torch] extra (pip install -e ".[torch]") or pass bpe_path=.')
+    raise ValueError(
+      f"open_clip is not installed, so its CLIP BPE vocabulary {_BPE_FILE} cannot be found; "
+      'install the [torch] extra (pip install -e ".[torch]") or pass bpe_path=.'
+    )
   return os.path.join(spec.submodule_search_locations[0], _BPE_FILE)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
   """Maps each of the 256 bytes to a printable character: printable latin-1 bytes to themselves, the rest
   (whitespace, control characters) to chr(256 + n), so no BPE symbol holds whitespace."""
-  printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
   others = [b for b in range(256) if b not in printable]
   return {b: chr(c) for b, c in zip(printable + others, printable + [256 + n for n in range(len(others))])}
 
@@ -49,7 +52,7 @@ def _pairs(word: tuple[str, ...]) -> set[tuple[str, str]]:
 def _clean(text: str) -> str:
   """open_clip's 'lower' cleaning."""
   text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-  return ' '.join(text.split()).lower()
+  return " ".join(text.split()).lower()
 
 
 class Tokenizer:
@@ -68,17 +71,17 @@ class Tokenizer:
 
   def __init__(self, context_length: int = 77, bpe_path: str | os.PathLike | None = None):
     if context_length < 1:
-      raise ValueError(f'context_length must be at least 1; got {context_length}.')
+      raise ValueError(f"context_length must be at least 1; got {context_length}.")
     path = _default_bpe_path() if bpe_path is None else os.fspath(bpe_path)
     try:
       with gzip.open(path) as f:
-        lines = f.read().decode('utf-8').split('\n')
+        lines = f.read().decode("utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
-      raise ValueError(f'{path}: cannot read the CLIP BPE vocabulary: {e}') from e
-    merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
+      raise ValueError(f"{path}: cannot read the CLIP BPE vocabulary: {e}") from e
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     self._byte_encoder = _bytes_to_unicode()
     byte_symbols = list(self._byte_encoder.values())
-    vocab = byte_symbols + [s + '</w>' for s in byte_symbols] + [''.join(m) for m in merges] + [_SOT, _EOT]
+    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges] + [_SOT, _EOT]
     self._encoder = {symbol: i for i, symbol in enumerate(vocab)}
     self._ranks = {merge: i for i, merge in enumerate(merges)}
     self.context_length = context_length
@@ -86,13 +89,15 @@ class Tokenizer:
     # BPE cache: byte-encoded word -> its token ids; the special tokens map to themselves, as in open_clip.
     self._cache: dict[str, list[int]] = {_SOT: [self.sot_token_id], _EOT: [self.eot_token_id]}
     self._pattern = regex.compile(
-        rf"""{_SOT}|{_EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+""", regex.IGNORECASE)
+      rf"""{_SOT}|{_EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+""",
+      regex.IGNORECASE,
+    )
 
   def _bpe(self, token: str) -> list[int]:
     """Token ids of one byte-encoded word: merges its symbols, lowest-ranked pair first."""
     if token in self._cache:
       return self._cache[token]
-    word = (*token[:-1], token[-1] + '</w>')
+    word = (*token[:-1], token[-1] + "</w>")
     while len(word) > 1:
       first, second = min(_pairs(word), key=lambda pair: self._ranks.get(pair, math.inf))
       if (first, second) not in self._ranks:
@@ -120,7 +125,7 @@ class Tokenizer:
     """BPE token ids of `text` after cleaning, without the start / end tokens."""
     ids = []
     for token in self._pattern.findall(_clean(text)):
-      ids.extend(self._bpe(''.join(self._byte_encoder[b] for b in token.encode('utf-8'))))
+      ids.extend(self._bpe("".join(self._byte_encoder[b] for b in token.encode("utf-8"))))
     return ids
 
   def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -131,7 +136,7 @@ class Tokenizer:
     for row, text in zip(result, texts):
       tokens = [self.sot_token_id, *self.encode(text), self.eot_token_id]
       if len(tokens) > self.context_length:
-        tokens = tokens[:self.context_length]
+        tokens = tokens[: self.context_length]
         tokens[-1] = self.eot_token_id
-      row[:len(tokens)] = tokens
+      row[: len(tokens)] = tokens
     return result

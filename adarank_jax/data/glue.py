@@ -28,8 +28,10 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
 
   model_dir = os.fspath(model_dir)
   if not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"Tokenizer directory {model_dir} does not exist (expected a local HF checkpoint "
-                            f"directory with tokenizer.json / vocab files)")
+    raise FileNotFoundError(
+      f"Tokenizer directory {model_dir} does not exist (expected a local HF checkpoint "
+      f"directory with tokenizer.json / vocab files)"
+    )
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
   except (OSError, ValueError) as e:
@@ -41,16 +43,24 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
   return tokenizer
 
 
-def tokenize_texts(tokenizer: Any, text_a: Sequence[str], text_b: Sequence[str] | None, *,
-                   max_length: int = MAX_LENGTH) -> dict[str, np.ndarray]:
+def tokenize_texts(
+  tokenizer: Any, text_a: Sequence[str], text_b: Sequence[str] | None, *, max_length: int = MAX_LENGTH
+) -> dict[str, np.ndarray]:
   """Tokenizes (pairs of) texts: int32 arrays (N, max_length) for every field the tokenizer returns."""
-  encoded = tokenizer(list(text_a), None if text_b is None else list(text_b), max_length=max_length,
-                      padding="max_length", truncation=True, return_tensors="np")
+  encoded = tokenizer(
+    list(text_a),
+    None if text_b is None else list(text_b),
+    max_length=max_length,
+    padding="max_length",
+    truncation=True,
+    return_tensors="np",
+  )
   return {k: np.asarray(v, np.int32) for k, v in encoded.items()}
 
 
-def text_preprocessor(tokenizer: Any, *, max_length: int = MAX_LENGTH
-                      ) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
+def text_preprocessor(
+  tokenizer: Any, *, max_length: int = MAX_LENGTH
+) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
   """record -> {"input_ids": int32 (max_length,), "attention_mask", ["token_type_ids"], "label": int32}.
 
   Safe to call from worker threads: calls into the (stateful) fast tokenizer are serialised by a lock.

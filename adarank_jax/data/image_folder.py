@@ -17,18 +17,24 @@ import tensorflow_datasets as tfds
 
 from adarank_jax.data import registry
 
-
 # builder config -> task
-_FOLDER_TASKS = {"eurosat": "EuroSAT", "gtsrb": "GTSRB", "resisc45": "RESISC45", "fer2013": "FER2013",
-                 "rendered_sst2": "RenderedSST2"}
+_FOLDER_TASKS = {
+  "eurosat": "EuroSAT",
+  "gtsrb": "GTSRB",
+  "resisc45": "RESISC45",
+  "fer2013": "FER2013",
+  "rendered_sst2": "RenderedSST2",
+}
 
 
 class AdarankImageFolder(tfds.core.GeneratorBasedBuilder):
   """Image-folder tasks stored as encoded bytes + label; one builder config per task."""
 
   VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=f"{task} from an image folder")
-                     for name, task in _FOLDER_TASKS.items()]
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(name=name, description=f"{task} from an image folder")
+    for name, task in _FOLDER_TASKS.items()
+  ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Layout: {registry.IMAGE_FOLDER_LAYOUT}"
 
   def _num_classes(self) -> int:
@@ -36,26 +42,32 @@ class AdarankImageFolder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),
-            "label": tfds.features.ClassLabel(num_classes=self._num_classes()),
-            "file_name": tfds.features.Tensor(shape=(), dtype=np.object_),
-        }),
-        description=self.builder_config.description)
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),
+          "label": tfds.features.ClassLabel(num_classes=self._num_classes()),
+          "file_name": tfds.features.Tensor(shape=(), dtype=np.object_),
+        }
+      ),
+      description=self.builder_config.description,
+    )
 
   def _split_generators(self, dl_manager):
     root = os.path.join(dl_manager.manual_dir, self.builder_config.name)
     if not os.path.isdir(root):
       raise registry.DatasetNotFoundError(
-          f"{self.builder_config.name}: no folder {root}; layout: {registry.IMAGE_FOLDER_LAYOUT}")
+        f"{self.builder_config.name}: no folder {root}; layout: {registry.IMAGE_FOLDER_LAYOUT}"
+      )
     splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     return {split: self._generate_examples(os.path.join(root, split)) for split in splits}
 
   def _generate_examples(self, split_dir: str):
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if len(classes) != self._num_classes():
-      raise registry.DatasetMismatchError(f"{split_dir}: {len(classes)} class folders, expected {self._num_classes()}")
+      raise registry.DatasetMismatchError(
+        f"{split_dir}: {len(classes)} class folders, expected {self._num_classes()}"
+      )
     for label, class_dir in enumerate(classes):
       for file_name in sorted(os.listdir(os.path.join(split_dir, class_dir))):
         path = os.path.join(split_dir, class_dir, file_name)
@@ -65,8 +77,9 @@ class AdarankImageFolder(tfds.core.GeneratorBasedBuilder):
         yield key, {"image_bytes": data, "label": label, "file_name": key}
 
 
-def prepare_image_folder(task_name: str, data_dir: str | os.PathLike[str],
-                         manual_dir: str | os.PathLike[str] | None = None) -> None:
+def prepare_image_folder(
+  task_name: str, data_dir: str | os.PathLike[str], manual_dir: str | os.PathLike[str] | None = None
+) -> None:
   """Builds the array_record data set of an image-folder task (no TensorFlow needed).
 
   Args:
@@ -77,8 +90,10 @@ def prepare_image_folder(task_name: str, data_dir: str | os.PathLike[str],
   task = registry.get(task_name)
   config = task.tfds_name.partition("/")[2]
   if not task.tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER + "/"):
-    raise ValueError(f"Task {task_name} is not an image-folder task (tfds name {task.tfds_name!r}); "
-                     f"image-folder tasks: {sorted(_FOLDER_TASKS.values())}")
+    raise ValueError(
+      f"Task {task_name} is not an image-folder task (tfds name {task.tfds_name!r}); "
+      f"image-folder tasks: {sorted(_FOLDER_TASKS.values())}"
+    )
   builder = AdarankImageFolder(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
   manual_dir = None if manual_dir is None else os.fspath(manual_dir)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)

@@ -73,8 +73,9 @@ def collate(examples: list[dict[str, np.ndarray]], batch_size: int) -> Batch:
 class _Prefetcher:
   """Runs `prepare(source[i])` for a stream of indices in a thread pool, in order, `depth` results ahead."""
 
-  def __init__(self, source: registry.Source, prepare: Prepare, indices: Iterator[int], *, workers: int,
-               depth: int):
+  def __init__(
+    self, source: registry.Source, prepare: Prepare, indices: Iterator[int], *, workers: int, depth: int
+  ):
     if workers < 1:
       raise ValueError(f"workers must be >= 1, got {workers}")
     self._source, self._prepare, self._indices, self._depth = source, prepare, indices, depth
@@ -107,14 +108,22 @@ class _Prefetcher:
     self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def eval_batches(source: registry.Source, *, prepare: Prepare, batch_size: int, max_examples: int = 0,
-                 workers: int = 8, prefetch: int = 2) -> Iterator[Batch]:
+def eval_batches(
+  source: registry.Source,
+  *,
+  prepare: Prepare,
+  batch_size: int,
+  max_examples: int = 0,
+  workers: int = 8,
+  prefetch: int = 2,
+) -> Iterator[Batch]:
   """One in-order pass over the first `max_examples` (0: all) examples; the last batch is padded."""
   if batch_size < 1 or max_examples < 0:
     raise ValueError(f"need batch_size >= 1 and max_examples >= 0, got {batch_size} and {max_examples}")
   count = min(len(source), max_examples) if max_examples else len(source)
-  prefetcher = _Prefetcher(source, prepare, iter(range(count)), workers=workers,
-                           depth=batch_size * (prefetch + 1))
+  prefetcher = _Prefetcher(
+    source, prepare, iter(range(count)), workers=workers, depth=batch_size * (prefetch + 1)
+  )
   try:
     while examples := prefetcher.take(batch_size):
       yield collate(examples, batch_size)
@@ -159,8 +168,16 @@ class AdaptationStream:
   of the next example to be returned, as a small dict of ints.
   """
 
-  def __init__(self, source: registry.Source, *, prepare: Prepare, batch_size: int, seed: int,
-               workers: int = 8, prefetch: int = 2):
+  def __init__(
+    self,
+    source: registry.Source,
+    *,
+    prepare: Prepare,
+    batch_size: int,
+    seed: int,
+    workers: int = 8,
+    prefetch: int = 2,
+  ):
     if len(source) == 0:
       raise ValueError("AdaptationStream needs a non-empty source")
     if batch_size < 1:
@@ -196,8 +213,13 @@ class AdaptationStream:
 
   def __next__(self) -> Batch:
     if self._prefetcher is None:
-      self._prefetcher = _Prefetcher(self._source, self._prepare, self._indices(self._epoch, self._index),
-                                     workers=self._workers, depth=self._depth)
+      self._prefetcher = _Prefetcher(
+        self._source,
+        self._prepare,
+        self._indices(self._epoch, self._index),
+        workers=self._workers,
+        depth=self._depth,
+      )
     batch = collate(self._prefetcher.take(self.batch_size), self.batch_size)
     consumed = self._epoch * len(self._source) + self._index + self.batch_size
     self._epoch, self._index = divmod(consumed, len(self._source))
@@ -210,13 +232,22 @@ class AdaptationStream:
       self._prefetcher = None
 
 
-def adaptation_stream(source: registry.Source, *, prepare: Prepare, batch_size: int, seed: int,
-                      start_batch: int = 0, workers: int = 8, prefetch: int = 2) -> AdaptationStream:
+def adaptation_stream(
+  source: registry.Source,
+  *,
+  prepare: Prepare,
+  batch_size: int,
+  seed: int,
+  start_batch: int = 0,
+  workers: int = 8,
+  prefetch: int = 2,
+) -> AdaptationStream:
   """An `AdaptationStream` positioned after `start_batch` batches (a checkpoint's batches-consumed count)."""
   if start_batch < 0:
     raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-  stream = AdaptationStream(source, prepare=prepare, batch_size=batch_size, seed=seed, workers=workers,
-                            prefetch=prefetch)
+  stream = AdaptationStream(
+    source, prepare=prepare, batch_size=batch_size, seed=seed, workers=workers, prefetch=prefetch
+  )
   epoch, index = divmod(start_batch * batch_size, len(source))
   stream.restore({"epoch": epoch, "index": index})
   return stream

@@ -22,7 +22,8 @@ def _as_pil(image: np.ndarray) -> Image.Image:
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
     raise ValueError(
-        f"clip_eval expects a uint8 (H, W, 1 or 3) image, got dtype {image.dtype} shape {image.shape}")
+      f"clip_eval expects a uint8 (H, W, 1 or 3) image, got dtype {image.dtype} shape {image.shape}"
+    )
   if image.shape[0] < 1 or image.shape[1] < 1:
     raise ValueError(f"clip_eval got an empty image of shape {image.shape}")
   return Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image)

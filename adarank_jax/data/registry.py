@@ -32,9 +32,10 @@ from adarank_jax.data import vision_tasks
 
 IMAGE_FOLDER_BUILDER = "adarank_image_folder"
 IMAGE_FOLDER_LAYOUT = (
-    "<manual_dir>/<config>/<split>/<class folder>/<image file>; class folders sort (as strings) into "
-    "label order, as torchvision.datasets.ImageFolder does; <manual_dir> defaults to "
-    "<data_dir>/downloads/manual")
+  "<manual_dir>/<config>/<split>/<class folder>/<image file>; class folders sort (as strings) into "
+  "label order, as torchvision.datasets.ImageFolder does; <manual_dir> defaults to "
+  "<data_dir>/downloads/manual"
+)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -48,11 +49,9 @@ class DatasetMismatchError(ValueError):
 class Source(Protocol):
   """A random-access view of one split."""
 
-  def __len__(self) -> int:
-    ...
+  def __len__(self) -> int: ...
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    ...
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
 Reader = Callable[["Task", str, "str | None"], Source]
@@ -103,14 +102,14 @@ class Task:
     if self.kind == "vision":
       if len(self.classnames) != self.num_classes:
         raise ValueError(
-            f"Task {self.name}: {len(self.classnames)} classnames for num_classes={self.num_classes}")
+          f"Task {self.name}: {len(self.classnames)} classnames for num_classes={self.num_classes}"
+        )
       if not self.templates or any(t.count("{}") != 1 for t in self.templates):
         raise ValueError(f"Task {self.name}: templates must be non-empty, each with exactly one '{{}}'")
     elif len(self.text_fields) not in (1, 2):
       raise ValueError(f"Task {self.name}: text tasks need 1 or 2 text_fields, got {self.text_fields}")
 
-  def open_source(self, split: str | None = None,
-                  data_dir: str | os.PathLike[str] | None = None) -> Source:
+  def open_source(self, split: str | None = None, data_dir: str | os.PathLike[str] | None = None) -> Source:
     """Opens `split` (default: the task's evaluation split) as a random-access source."""
     split = self.split if split is None else split
     source = self.reader(self, split, None if data_dir is None else os.fspath(data_dir))
@@ -130,8 +129,9 @@ def _check_first_record(task: Task, split: str, source: Source) -> None:
   if task.kind == "vision":
     image = np.asarray(first["image"])
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-      raise DatasetMismatchError(f"Task {task.name}: images must be uint8 (H, W, 1 or 3), got dtype "
-                                 f"{image.dtype} shape {image.shape}")
+      raise DatasetMismatchError(
+        f"Task {task.name}: images must be uint8 (H, W, 1 or 3), got dtype {image.dtype} shape {image.shape}"
+      )
   if not 0 <= int(first["label"]) < task.num_classes:
     raise DatasetMismatchError(f"Task {task.name}: label {first['label']} outside [0, {task.num_classes})")
 
@@ -163,6 +163,7 @@ def read_tfds(task: Task, split: str, data_dir: str | None) -> Source:
   """The reader of every built-in task (`tfds_reader.read_tfds`; tensorflow_datasets is imported on the
   first read, not with the registry)."""
   from adarank_jax.data import tfds_reader  # pylint: disable=g-import-not-at-top
+
   return tfds_reader.read_tfds(task, split, data_dir)
 
 
@@ -170,10 +171,12 @@ def read_tfds(task: Task, split: str, data_dir: str | None) -> Source:
 # The built-in tasks.
 
 _TFDS_HINT = "on a machine with TensorFlow (the [tf] extra): tfds build {name} --data_dir=<data_dir>"
-_FOLDER_HINT = ("put the images in {layout} with <config>={config}, then run "
-                "python -m adarank_jax.data.image_folder --task={task} --data_dir=<data_dir> "
-                "(no TensorFlow needed). {source} For selection=validation, also a val/ folder of "
-                "labelled images held out of the training data.")
+_FOLDER_HINT = (
+  "put the images in {layout} with <config>={config}, then run "
+  "python -m adarank_jax.data.image_folder --task={task} --data_dir=<data_dir> "
+  "(no TensorFlow needed). {source} For selection=validation, also a val/ folder of "
+  "labelled images held out of the training data."
+)
 
 
 def _folder(config: str, task: str, source: str) -> tuple[str, str, str, str]:
@@ -188,61 +191,104 @@ def _tfds(name: str, split: str = "test") -> tuple[str, str, str, str]:
 TFDS_VALIDATION = "train[90%:]"  # the validation split of the built-in tfds tasks (see Task)
 # name -> (tfds builder, split, validation split, how to prepare)
 _VISION = {
-    "Cars": _tfds("cars196"),
-    "DTD": _tfds("dtd"),
-    "EuroSAT": _folder("eurosat", "EuroSAT", (
-        "test/: the 2,700 test images of the Task Arithmetic split EuroSAT_splits/{train,val,test} "
-        "(21,600/2,700/2,700 images of the EuroSAT RGB zip) in the class folders AnnualCrop..SeaLake.")),
-    "GTSRB": _folder("gtsrb", "GTSRB", (
-        "test/: the 12,630 GTSRB_Final_Test_Images moved into class folders 00000..00042 by the ClassId "
-        "column of GT-final_test.csv.")),
-    "MNIST": _tfds("mnist"),
-    "RESISC45": _folder("resisc45", "RESISC45", (
-        "test/: the 6,300 NWPU-RESISC45 images listed in resisc45-test.txt (the google-research "
-        "remote_sensing_representations split Task Arithmetic uses) in class folders airplane..wetland.")),
-    "SUN397": _tfds("sun397/standard-part1-120k"),
-    "SVHN": _tfds("svhn_cropped"),
-    "CIFAR100": _tfds("cifar100"),
-    "STL10": _tfds("stl10"),
-    "Flowers102": _tfds("oxford_flowers102"),
-    "OxfordIIITPet": _tfds("oxford_iiit_pet"),
-    "PCAM": _tfds("patch_camelyon"),
-    "FER2013": _folder("fer2013", "FER2013", (
-        "test/: the 7,178 FER2013 test images (TALL-Masks reads HF Jeneral/fer-2013, split test) in class "
-        "folders 0..6 = angry, disgust, fear, happy, sad, surprise, neutral.")),
-    "EMNIST": _tfds("emnist/digits"),
-    "CIFAR10": _tfds("cifar10"),
-    "Food101": _tfds("food101", "validation"),
-    "FashionMNIST": _tfds("fashion_mnist"),
-    "RenderedSST2": _folder("rendered_sst2", "RenderedSST2", (
-        "test/: the 1,821 images of rendered-sst2.tgz test/ (class folders negative, positive).")),
-    "KMNIST": _tfds("kmnist"),
+  "Cars": _tfds("cars196"),
+  "DTD": _tfds("dtd"),
+  "EuroSAT": _folder(
+    "eurosat",
+    "EuroSAT",
+    (
+      "test/: the 2,700 test images of the Task Arithmetic split EuroSAT_splits/{train,val,test} "
+      "(21,600/2,700/2,700 images of the EuroSAT RGB zip) in the class folders AnnualCrop..SeaLake."
+    ),
+  ),
+  "GTSRB": _folder(
+    "gtsrb",
+    "GTSRB",
+    (
+      "test/: the 12,630 GTSRB_Final_Test_Images moved into class folders 00000..00042 by the ClassId "
+      "column of GT-final_test.csv."
+    ),
+  ),
+  "MNIST": _tfds("mnist"),
+  "RESISC45": _folder(
+    "resisc45",
+    "RESISC45",
+    (
+      "test/: the 6,300 NWPU-RESISC45 images listed in resisc45-test.txt (the google-research "
+      "remote_sensing_representations split Task Arithmetic uses) in class folders airplane..wetland."
+    ),
+  ),
+  "SUN397": _tfds("sun397/standard-part1-120k"),
+  "SVHN": _tfds("svhn_cropped"),
+  "CIFAR100": _tfds("cifar100"),
+  "STL10": _tfds("stl10"),
+  "Flowers102": _tfds("oxford_flowers102"),
+  "OxfordIIITPet": _tfds("oxford_iiit_pet"),
+  "PCAM": _tfds("patch_camelyon"),
+  "FER2013": _folder(
+    "fer2013",
+    "FER2013",
+    (
+      "test/: the 7,178 FER2013 test images (TALL-Masks reads HF Jeneral/fer-2013, split test) in class "
+      "folders 0..6 = angry, disgust, fear, happy, sad, surprise, neutral."
+    ),
+  ),
+  "EMNIST": _tfds("emnist/digits"),
+  "CIFAR10": _tfds("cifar10"),
+  "Food101": _tfds("food101", "validation"),
+  "FashionMNIST": _tfds("fashion_mnist"),
+  "RenderedSST2": _folder(
+    "rendered_sst2",
+    "RenderedSST2",
+    ("test/: the 1,821 images of rendered-sst2.tgz test/ (class folders negative, positive)."),
+  ),
+  "KMNIST": _tfds("kmnist"),
 }
 
 # name -> (tfds config, split, num_classes, text fields)
 _GLUE = {
-    "cola": ("cola", "validation", 2, ("sentence",)),
-    "sst2": ("sst2", "validation", 2, ("sentence",)),
-    "mrpc": ("mrpc", "validation", 2, ("sentence1", "sentence2")),
-    "qqp": ("qqp", "validation", 2, ("question1", "question2")),
-    "mnli": ("mnli", "validation_matched", 3, ("premise", "hypothesis")),
-    "qnli": ("qnli", "validation", 2, ("question", "sentence")),
-    "rte": ("rte", "validation", 2, ("sentence1", "sentence2")),
+  "cola": ("cola", "validation", 2, ("sentence",)),
+  "sst2": ("sst2", "validation", 2, ("sentence",)),
+  "mrpc": ("mrpc", "validation", 2, ("sentence1", "sentence2")),
+  "qqp": ("qqp", "validation", 2, ("question1", "question2")),
+  "mnli": ("mnli", "validation_matched", 3, ("premise", "hypothesis")),
+  "qnli": ("qnli", "validation", 2, ("question", "sentence")),
+  "rte": ("rte", "validation", 2, ("sentence1", "sentence2")),
 }
 
 
 def _register_builtin() -> None:
   for name, (tfds_name, split, validation_split, hint) in _VISION.items():
     classnames = vision_tasks.CLASSNAMES[name]
-    register(Task(name=name, kind="vision", num_classes=len(classnames), split=split,
-                  validation_split=validation_split, reader=read_tfds,
-                  tfds_name=tfds_name, classnames=classnames, templates=vision_tasks.TEMPLATES[name],
-                  prepare=hint))
+    register(
+      Task(
+        name=name,
+        kind="vision",
+        num_classes=len(classnames),
+        split=split,
+        validation_split=validation_split,
+        reader=read_tfds,
+        tfds_name=tfds_name,
+        classnames=classnames,
+        templates=vision_tasks.TEMPLATES[name],
+        prepare=hint,
+      )
+    )
   for name, (config, split, num_classes, fields) in _GLUE.items():
-    register(Task(name=name, kind="text", num_classes=num_classes, split=split,
-                  validation_split=TFDS_VALIDATION, reader=read_tfds,
-                  tfds_name=f"glue/{config}", metric="matthews" if name == "cola" else "accuracy",
-                  text_fields=fields, prepare=_TFDS_HINT.format(name=f"glue/{config}")))
+    register(
+      Task(
+        name=name,
+        kind="text",
+        num_classes=num_classes,
+        split=split,
+        validation_split=TFDS_VALIDATION,
+        reader=read_tfds,
+        tfds_name=f"glue/{config}",
+        metric="matthews" if name == "cola" else "accuracy",
+        text_fields=fields,
+        prepare=_TFDS_HINT.format(name=f"glue/{config}"),
+      )
+    )
 
 
 _register_builtin()
@@ -250,5 +296,3 @@ _register_builtin()
 from adarank_jax.digits import tasks as _digits_tasks  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _digits_tasks.register_tasks()
-
-

@@ -28,8 +28,9 @@ def _open_builder(task: Task, data_dir: str | None):
     return tfds.builder(task.tfds_name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetNotFoundError(
-        f"Task {task.name}: no tfds builder or prepared data set {task.tfds_name!r} under "
-        f"data_dir={data_dir!r} (nothing is downloaded). To prepare it: {task.prepare}") from e
+      f"Task {task.name}: no tfds builder or prepared data set {task.tfds_name!r} under "
+      f"data_dir={data_dir!r} (nothing is downloaded). To prepare it: {task.prepare}"
+    ) from e
 
 
 def _check_features(task: Task, builder) -> None:
@@ -37,12 +38,16 @@ def _check_features(task: Task, builder) -> None:
   wanted = ("label",) + (task.text_fields if task.kind == "text" else ())
   missing = [f for f in wanted if f not in features]
   if missing:
-    raise DatasetMismatchError(f"Task {task.name}: {task.tfds_name} in {builder.data_dir} lacks features "
-                               f"{missing} (features: {sorted(features)})")
+    raise DatasetMismatchError(
+      f"Task {task.name}: {task.tfds_name} in {builder.data_dir} lacks features "
+      f"{missing} (features: {sorted(features)})"
+    )
   found = features["label"].num_classes
   if found != task.num_classes:
-    raise DatasetMismatchError(f"Task {task.name}: {task.tfds_name} in {builder.data_dir} has {found} "
-                               f"classes, the registry expects {task.num_classes}")
+    raise DatasetMismatchError(
+      f"Task {task.name}: {task.tfds_name} in {builder.data_dir} has {found} "
+      f"classes, the registry expects {task.num_classes}"
+    )
 
 
 def read_tfds(task: Task, split: str, data_dir: str | None) -> Source:
@@ -54,13 +59,15 @@ def read_tfds(task: Task, split: str, data_dir: str | None) -> Source:
   except (ValueError, KeyError, NotImplementedError) as e:
     if not builder.is_prepared():
       raise DatasetNotFoundError(
-          f"Task {task.name}: tfds data set {task.tfds_name!r} is not prepared in {builder.data_dir} "
-          f"(searched data_dir={data_dir!r}; nothing is downloaded). To prepare it: {task.prepare}") from e
+        f"Task {task.name}: tfds data set {task.tfds_name!r} is not prepared in {builder.data_dir} "
+        f"(searched data_dir={data_dir!r}; nothing is downloaded). To prepare it: {task.prepare}"
+      ) from e
     raise DatasetNotFoundError(
-        f"Task {task.name}: cannot open split {split!r} of {task.tfds_name} in {builder.data_dir} as an "
-        f"array_record data source ({type(e).__name__}: {e}); prepared splits: "
-        f"{sorted(builder.info.splits)}; prepare with --file_format=array_record if it holds tfrecord "
-        f"files") from e
+      f"Task {task.name}: cannot open split {split!r} of {task.tfds_name} in {builder.data_dir} as an "
+      f"array_record data source ({type(e).__name__}: {e}); prepared splits: "
+      f"{sorted(builder.info.splits)}; prepare with --file_format=array_record if it holds tfrecord "
+      f"files"
+    ) from e
   return TextSource(raw, task) if task.kind == "text" else ImageSource(raw, task)
 
 
@@ -87,8 +94,10 @@ class ImageSource:
     record = self.raw[index]
     image = decode_image(record)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-      raise DatasetMismatchError(f"Task {self.task.name}: example {index} image has dtype {image.dtype} "
-                                 f"shape {image.shape}; expected uint8 (H, W, 1 or 3)")
+      raise DatasetMismatchError(
+        f"Task {self.task.name}: example {index} image has dtype {image.dtype} "
+        f"shape {image.shape}; expected uint8 (H, W, 1 or 3)"
+      )
     return {"image": image, "label": int(record["label"])}
 
 

@@ -52,6 +52,7 @@ PRETRAIN_TEMPLATES = ("a photo of the digit {}.", "the number {}.", "a handwritt
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """How one task is made: `transform(images (N, 8, 8) float 0..16, rng) -> uint8 (N, H, W, C)`."""
+
   transform: Callable[[np.ndarray, np.random.Generator], np.ndarray]
   label: Callable[[np.ndarray], np.ndarray]
   classnames: tuple[str, ...]
@@ -99,13 +100,14 @@ def _shifted(images, rng):
   canvas = np.zeros((len(images), 12, 12), images.dtype)
   offsets = rng.integers(0, 5, size=(len(images), 2))
   for i, (dy, dx) in enumerate(offsets):
-    canvas[i, dy:dy + 8, dx:dx + 8] = images[i]
+    canvas[i, dy : dy + 8, dx : dx + 8] = images[i]
   return _to_uint8(canvas)
 
 
 def _blurred(images, rng):
   del rng
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
+
   return _to_uint8(ndimage.gaussian_filter(_upsample2(images), sigma=(0, 1.6, 1.6), mode="constant"))
 
 
@@ -122,31 +124,55 @@ def _digit(digits):
 
 
 _DIGIT_TASKS = {
-    "Digits": (_plain, ("a photo of the digit {}.", "a photo of the number {}.", "a handwritten {}.",
-                        "the digit {}.")),
-    "DigitsRotated": (_rotated, ("a rotated photo of the digit {}.",
-                                 "a photo of the digit {} turned sideways.", "the digit {}, rotated.")),
-    "DigitsMirrored": (_mirrored, ("a mirrored photo of the digit {}.", "the digit {} seen in a mirror.",
-                                   "a flipped {}.")),
-    "DigitsInverted": (_inverted, ("an inverted photo of the digit {}.", "the digit {} in negative.",
-                                   "a dark {} on a light background.")),
-    "DigitsNoisy": (_noisy, ("a noisy photo of the digit {}.", "a grainy photo of the number {}.",
-                             "the digit {} with noise.")),
+  "Digits": (
+    _plain,
+    ("a photo of the digit {}.", "a photo of the number {}.", "a handwritten {}.", "the digit {}."),
+  ),
+  "DigitsRotated": (
+    _rotated,
+    (
+      "a rotated photo of the digit {}.",
+      "a photo of the digit {} turned sideways.",
+      "the digit {}, rotated.",
+    ),
+  ),
+  "DigitsMirrored": (
+    _mirrored,
+    ("a mirrored photo of the digit {}.", "the digit {} seen in a mirror.", "a flipped {}."),
+  ),
+  "DigitsInverted": (
+    _inverted,
+    ("an inverted photo of the digit {}.", "the digit {} in negative.", "a dark {} on a light background."),
+  ),
+  "DigitsNoisy": (
+    _noisy,
+    ("a noisy photo of the digit {}.", "a grainy photo of the number {}.", "the digit {} with noise."),
+  ),
 }
-_SPECS = {name: _Spec(transform, _digit, DIGIT_WORDS, templates)
-          for name, (transform, templates) in _DIGIT_TASKS.items()}
+_SPECS = {
+  name: _Spec(transform, _digit, DIGIT_WORDS, templates)
+  for name, (transform, templates) in _DIGIT_TASKS.items()
+}
 # The label tasks name their classes by the digit words the pretrained model knows (as a prompt
 # engineer would), so their zero-shot heads are informative but imperfect.
 _SPECS["DigitsParity"] = _Spec(
-    _shifted, lambda d: d % 2, ("zero, two, four, six or eight", "one, three, five, seven or nine"),
-    ("a photo of an even number: {}.", "one of {}.", "a photo of one of the digits {}."))
+  _shifted,
+  lambda d: d % 2,
+  ("zero, two, four, six or eight", "one, three, five, seven or nine"),
+  ("a photo of an even number: {}.", "one of {}.", "a photo of one of the digits {}."),
+)
 _SPECS["DigitsMagnitude"] = _Spec(
-    _blurred, lambda d: (d >= 5).astype(d.dtype),
-    ("zero, one, two, three or four", "five, six, seven, eight or nine"),
-    ("a blurry photo of one of {}.", "a number from {}.", "one of the digits {}."))
+  _blurred,
+  lambda d: (d >= 5).astype(d.dtype),
+  ("zero, one, two, three or four", "five, six, seven, eight or nine"),
+  ("a blurry photo of one of {}.", "a number from {}.", "one of the digits {}."),
+)
 _SPECS["DigitsMod3"] = _Spec(
-    _coloured, lambda d: d % 3, ("zero, three, six or nine", "one, four or seven", "two, five or eight"),
-    ("a coloured photo of one of {}.", "a number from {}.", "one of the digits {}."))
+  _coloured,
+  lambda d: d % 3,
+  ("zero, three, six or nine", "one, four or seven", "two, five or eight"),
+  ("a coloured photo of one of {}.", "a number from {}.", "one of the digits {}."),
+)
 
 TASKS = tuple(_SPECS)  # registration (and merging) order
 
@@ -155,14 +181,20 @@ TASKS = tuple(_SPECS)  # registration (and merging) order
 def _digits() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
   """(images (1797, 8, 8) float 0..16, digits (1797,) int64, split name -> sorted indices)."""
   from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+
   data = datasets.load_digits()
   digits = data.target.astype(np.int64)
   train, test = model_selection.train_test_split(
-      np.arange(len(digits)), test_size=TEST_FRACTION, stratify=digits, random_state=DATA_SEED)
+    np.arange(len(digits)), test_size=TEST_FRACTION, stratify=digits, random_state=DATA_SEED
+  )
   train, validation = model_selection.train_test_split(
-      train, test_size=VALIDATION_FRACTION, stratify=digits[train], random_state=DATA_SEED)
-  return data.images.astype(np.float64), digits, {
-      "train": np.sort(train), "validation": np.sort(validation), "test": np.sort(test)}
+    train, test_size=VALIDATION_FRACTION, stratify=digits[train], random_state=DATA_SEED
+  )
+  return (
+    data.images.astype(np.float64),
+    digits,
+    {"train": np.sort(train), "validation": np.sort(validation), "test": np.sort(test)},
+  )
 
 
 @functools.cache
@@ -228,12 +260,21 @@ def register_tasks() -> tuple[str, ...]:
   registry imports this module.
   """
   from adarank_jax.data import registry  # pylint: disable=g-import-not-at-top
+
   known = set(registry.names())
   for name, spec in _SPECS.items():
     if name not in known:
-      registry.register(registry.Task(
-          name=name, kind="vision", num_classes=len(spec.classnames), split="test",
-          validation_split="validation", reader=_read,
-          classnames=spec.classnames, templates=spec.templates,
-          prepare="nothing to prepare: built in memory from sklearn.datasets.load_digits"))
+      registry.register(
+        registry.Task(
+          name=name,
+          kind="vision",
+          num_classes=len(spec.classnames),
+          split="test",
+          validation_split="validation",
+          reader=_read,
+          classnames=spec.classnames,
+          templates=spec.templates,
+          prepare="nothing to prepare: built in memory from sklearn.datasets.load_digits",
+        )
+      )
   return TASKS

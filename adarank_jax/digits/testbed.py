@@ -41,12 +41,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from adarank_jax.data import clip_tokenizer
-from adarank_jax.data import preprocess
-from adarank_jax.data import registry
+from adarank_jax.data import clip_tokenizer, preprocess, registry
 from adarank_jax.digits import tasks as digit_tasks
-from adarank_jax.models import clip
-from adarank_jax.models import functional
+from adarank_jax.models import clip, functional
 from adarank_jax.models import heads as heads_lib
 
 PACKAGE_DIR = Path(__file__).parent
@@ -56,22 +53,39 @@ MANIFEST = "testbed.json"
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Training budget of one build."""
-  model_config: str      # file name in this package
+
+  model_config: str  # file name in this package
   pretrain_steps: int
   pretrain_batch: int
   pretrain_lr: float
   finetune_steps: int
-  finetune_batch: int    # per task
+  finetune_batch: int  # per task
   finetune_lr: float
-  evaluate: bool         # measure zero-shot and fine-tuned test accuracy for the manifest
+  evaluate: bool  # measure zero-shot and fine-tuned test accuracy for the manifest
 
 
 # Full: about 80 s on 2 CPU cores. Quick (CI, about 20 s, mostly compiling): a smaller model and a few
 # steps; its models are near chance, but the files, tasks and code path are the real ones.
-FULL = Schedule(model_config="tiny_clip.json", pretrain_steps=800, pretrain_batch=128, pretrain_lr=2e-3,
-                finetune_steps=200, finetune_batch=32, finetune_lr=3e-4, evaluate=True)
-QUICK = Schedule(model_config="tiny_clip_quick.json", pretrain_steps=12, pretrain_batch=64, pretrain_lr=3e-3,
-                 finetune_steps=8, finetune_batch=16, finetune_lr=1e-3, evaluate=False)
+FULL = Schedule(
+  model_config="tiny_clip.json",
+  pretrain_steps=800,
+  pretrain_batch=128,
+  pretrain_lr=2e-3,
+  finetune_steps=200,
+  finetune_batch=32,
+  finetune_lr=3e-4,
+  evaluate=True,
+)
+QUICK = Schedule(
+  model_config="tiny_clip_quick.json",
+  pretrain_steps=12,
+  pretrain_batch=64,
+  pretrain_lr=3e-3,
+  finetune_steps=8,
+  finetune_batch=16,
+  finetune_lr=1e-3,
+  evaluate=False,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +100,7 @@ class Testbed:
     finetuned_template: fine-tuned full CLIP per task, with "{task}" for the task name.
     tasks: the registered task names, in merging order.
   """
+
   directory: str
   model_config: str
   pretrained: str
@@ -145,18 +160,27 @@ def build(cache_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0) -
   tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{os.getpid()}.", dir=directory.parent))
   try:
     report = _build_into(tmp, names, schedule, seed)
-    manifest = {"seed": seed, "quick": quick, "schedule": dataclasses.asdict(schedule), "tasks": names,
-                "jax_version": jax.__version__, **report,
-                "build_seconds": round(time.perf_counter() - start, 1), "sha256": file_hashes(tmp)}
+    manifest = {
+      "seed": seed,
+      "quick": quick,
+      "schedule": dataclasses.asdict(schedule),
+      "tasks": names,
+      "jax_version": jax.__version__,
+      **report,
+      "build_seconds": round(time.perf_counter() - start, 1),
+      "sha256": file_hashes(tmp),
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _install(tmp, directory)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   print(f"Digits testbed: built in {manifest['build_seconds']:.0f} s")
   if schedule.evaluate:
-    print(f"Digits testbed: average test accuracy of the zero-shot / fine-tuned models: "
-          f"{report['zero_shot_accuracy']['average']:.3f} / {report['finetuned_accuracy']['average']:.3f} "
-          f"(per task in {directory / MANIFEST})")
+    print(
+      f"Digits testbed: average test accuracy of the zero-shot / fine-tuned models: "
+      f"{report['zero_shot_accuracy']['average']:.3f} / {report['finetuned_accuracy']['average']:.3f} "
+      f"(per task in {directory / MANIFEST})"
+    )
   return _testbed(directory, names)
 
 
@@ -220,15 +244,19 @@ def verify(directory: str | os.PathLike) -> list[str]:
 
 
 def _testbed(directory: Path, names: tuple[str, ...]) -> Testbed:
-  return Testbed(directory=str(directory), model_config=str(directory / "model_config.json"),
-                 pretrained=str(directory / "pretrained.safetensors"),
-                 finetuned_template=str(directory / "finetuned" / "{task}.safetensors"), tasks=names)
+  return Testbed(
+    directory=str(directory),
+    model_config=str(directory / "model_config.json"),
+    pretrained=str(directory / "pretrained.safetensors"),
+    finetuned_template=str(directory / "finetuned" / "{task}.safetensors"),
+    tasks=names,
+  )
 
 
 def _remove_abandoned(directory: Path) -> None:
   """Deletes temporary build directories of `directory` left by processes that no longer run."""
   for tmp in directory.parent.glob(f".{directory.name}.*"):
-    pid = tmp.name[len(directory.name) + 2:].partition(".")[0]
+    pid = tmp.name[len(directory.name) + 2 :].partition(".")[0]
     if pid.isdigit() and not _running(int(pid)):
       shutil.rmtree(tmp, ignore_errors=True)
 
@@ -246,9 +274,11 @@ def _running(pid: int) -> bool:
 def _fingerprint(schedule: Schedule, seed: int) -> str:
   """Hash of what a build depends on: schedule, seed, model config and the code that makes the files."""
   from adarank_jax.interop import openclip, state_dict  # pylint: disable=g-import-not-at-top
+
   digest = hashlib.sha256(json.dumps([dataclasses.asdict(schedule), seed]).encode())
-  code = [Path(m.__file__) for m in (clip_tokenizer, preprocess, clip, functional, heads_lib, openclip,
-                                     state_dict)]
+  code = [
+    Path(m.__file__) for m in (clip_tokenizer, preprocess, clip, functional, heads_lib, openclip, state_dict)
+  ]
   for path in sorted(PACKAGE_DIR.glob("*.py")) + code + [PACKAGE_DIR / schedule.model_config]:
     digest.update(path.read_bytes())
   return digest.hexdigest()[:12]
@@ -261,6 +291,7 @@ def _fingerprint(schedule: Schedule, seed: int) -> str:
 def _build_into(out: Path, names: tuple[str, ...], schedule: Schedule, seed: int) -> dict[str, Any]:
   """Trains and writes every file of a testbed into `out`; returns what the manifest records."""
   from adarank_jax.interop import openclip  # pylint: disable=g-import-not-at-top
+
   clock = _Clock()
   shutil.copyfile(PACKAGE_DIR / schedule.model_config, out / "model_config.json")
   config = clip.load_config(out / "model_config.json")
@@ -271,23 +302,34 @@ def _build_into(out: Path, names: tuple[str, ...], schedule: Schedule, seed: int
 
   # Model init draws from JAX's PRNG; batch sampling from numpy on the host (no random ops to compile).
   rng_pretrain, rng_finetune = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-  captions = np.stack([tokenize([t.format(w) for t in digit_tasks.PRETRAIN_TEMPLATES])
-                       for w in digit_tasks.DIGIT_WORDS])  # (10, K, L)
-  captions = captions[..., :captions.argmax(-1).max() + 1]  # drop the all-padding tail (causal: no effect)
-  params = _pretrain(graphdef, params, train["images"], jnp.asarray(digit_tasks.digit_values("train")),
-                     jnp.asarray(captions), schedule=schedule, rng=rng_pretrain)
+  captions = np.stack(
+    [tokenize([t.format(w) for t in digit_tasks.PRETRAIN_TEMPLATES]) for w in digit_tasks.DIGIT_WORDS]
+  )  # (10, K, L)
+  captions = captions[..., : captions.argmax(-1).max() + 1]  # drop the all-padding tail (causal: no effect)
+  params = _pretrain(
+    graphdef,
+    params,
+    train["images"],
+    jnp.asarray(digit_tasks.digit_values("train")),
+    jnp.asarray(captions),
+    schedule=schedule,
+    rng=rng_pretrain,
+  )
   openclip.export_openclip(params, out / "pretrained.safetensors")
   clock.lap(f"pretraining ({schedule.pretrain_steps} steps)")
 
   heads, class_mask = _heads(graphdef, params, names, tokenize)
   visual_graphdef, _ = functional.split(
-      nnx.eval_shape(lambda: clip.VisionTransformer(config.vision, rngs=nnx.Rngs(0))))
-  tuned = _finetune(visual_graphdef, params["visual"], heads, class_mask, train, schedule=schedule,
-                    rng=rng_finetune)
+    nnx.eval_shape(lambda: clip.VisionTransformer(config.vision, rngs=nnx.Rngs(0)))
+  )
+  tuned = _finetune(
+    visual_graphdef, params["visual"], heads, class_mask, train, schedule=schedule, rng=rng_finetune
+  )
   (out / "finetuned").mkdir()
   for t, name in enumerate(names):
-    openclip.export_openclip({**params, "visual": _task_slice(tuned, t)},
-                             out / "finetuned" / f"{name}.safetensors")
+    openclip.export_openclip(
+      {**params, "visual": _task_slice(tuned, t)}, out / "finetuned" / f"{name}.safetensors"
+    )
   clock.lap(f"fine-tuning ({len(names)} x {schedule.finetune_steps} steps)")
 
   if not schedule.evaluate:
@@ -300,8 +342,11 @@ def _build_into(out: Path, names: tuple[str, ...], schedule: Schedule, seed: int
     zero_shot.append(accuracy(params["visual"], *task_test))
     finetuned.append(accuracy(_task_slice(tuned, t), *task_test))
   clock.lap("evaluation")
-  return {"zero_shot_accuracy": _rounded(names, zero_shot), "finetuned_accuracy": _rounded(names, finetuned),
-          "seconds": clock.laps}
+  return {
+    "zero_shot_accuracy": _rounded(names, zero_shot),
+    "finetuned_accuracy": _rounded(names, finetuned),
+    "seconds": clock.laps,
+  }
 
 
 class _Clock:
@@ -349,15 +394,22 @@ def _heads(graphdef, params, names, tokenize) -> tuple[jax.Array, jax.Array]:
   heads = []
   for name in names:
     task = registry.get(name)
-    heads.append(np.asarray(heads_lib.zero_shot_head(
-        encode_text_fn=lambda tokens: encode_text(params, jnp.asarray(tokens)), tokenize_fn=tokenize,
-        classnames=task.classnames, templates=task.templates,
-        logit_scale=float(np.asarray(params["logit_scale"])))))
+    heads.append(
+      np.asarray(
+        heads_lib.zero_shot_head(
+          encode_text_fn=lambda tokens: encode_text(params, jnp.asarray(tokens)),
+          tokenize_fn=tokenize,
+          classnames=task.classnames,
+          templates=task.templates,
+          logit_scale=float(np.asarray(params["logit_scale"])),
+        )
+      )
+    )
   width = max(len(h) for h in heads)
   padded = np.zeros((len(heads), width, heads[0].shape[1]), np.float32)
   class_mask = np.zeros((len(heads), width), bool)
   for t, head in enumerate(heads):
-    padded[t, :len(head)], class_mask[t, :len(head)] = head, True
+    padded[t, : len(head)], class_mask[t, : len(head)] = head, True
   return jnp.asarray(padded), jnp.asarray(class_mask)
 
 
@@ -375,13 +427,17 @@ def _accuracy(visual_graphdef, visual, head, class_mask, images, labels) -> jax.
 
 def _optimizer(lr: float, steps: int, weight_decay: float) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=max(1, steps // 10), decay_steps=steps)
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, weight_decay=weight_decay,
-                                 mask=lambda tree: jax.tree.map(lambda leaf: leaf.ndim >= 2, tree)))
+  return optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.adamw(
+      schedule, weight_decay=weight_decay, mask=lambda tree: jax.tree.map(lambda leaf: leaf.ndim >= 2, tree)
+    ),
+  )
 
 
-def _pretrain(graphdef, params, images, digits, captions, *, schedule: Schedule, rng: np.random.Generator
-              ) -> Any:
+def _pretrain(
+  graphdef, params, images, digits, captions, *, schedule: Schedule, rng: np.random.Generator
+) -> Any:
   """Contrastive pretraining of both towers and the logit scale.
 
   Each step draws `pretrain_batch` images (any task distribution) and one caption per digit (a
@@ -402,8 +458,9 @@ def _pretrain(graphdef, params, images, digits, captions, *, schedule: Schedule,
   tx = _optimizer(schedule.pretrain_lr, schedule.pretrain_steps, 0.0)
 
   def loss_fn(params, task, index, template):
-    logits, _ = functional.call(graphdef, params, images[task, index],
-                                captions[jnp.arange(num_digits), template])  # (B, 10)
+    logits, _ = functional.call(
+      graphdef, params, images[task, index], captions[jnp.arange(num_digits), template]
+    )  # (B, 10)
     image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, digits[index]).mean()
     positives = jax.nn.one_hot(digits[index], num_digits).T  # (10, B)
     text_to_image = optax.softmax_cross_entropy(logits.T, positives / positives.sum(1, keepdims=True))
@@ -420,15 +477,20 @@ def _pretrain(graphdef, params, images, digits, captions, *, schedule: Schedule,
 
   opt_state = tx.init(params)
   for _ in range(schedule.pretrain_steps):
-    params, opt_state, loss = step(params, opt_state, rng.integers(num_tasks, size=schedule.pretrain_batch),
-                                   rng.integers(num_images, size=schedule.pretrain_batch),
-                                   rng.integers(num_templates, size=num_digits))
+    params, opt_state, loss = step(
+      params,
+      opt_state,
+      rng.integers(num_tasks, size=schedule.pretrain_batch),
+      rng.integers(num_images, size=schedule.pretrain_batch),
+      rng.integers(num_templates, size=num_digits),
+    )
   print(f"Digits testbed: pretrained {schedule.pretrain_steps} steps, final InfoNCE loss {float(loss):.3f}")
   return jax.device_get(params)
 
 
-def _finetune(visual_graphdef, visual, heads, class_mask, train, *, schedule: Schedule,
-              rng: np.random.Generator) -> Any:
+def _finetune(
+  visual_graphdef, visual, heads, class_mask, train, *, schedule: Schedule, rng: np.random.Generator
+) -> Any:
   """Fine-tunes one copy of the image tower per task through its frozen head, all tasks at once.
 
   Args:
@@ -457,8 +519,17 @@ def _finetune(visual_graphdef, visual, heads, class_mask, train, *, schedule: Sc
   stacked = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (num_tasks,) + leaf.shape), visual)
   opt_state = jax.vmap(tx.init)(stacked)
   for _ in range(schedule.finetune_steps):
-    stacked, opt_state, loss = step(stacked, opt_state, heads, class_mask, train["images"], train["labels"],
-                                    rng.integers(num_images, size=(num_tasks, schedule.finetune_batch)))
-  print(f"Digits testbed: fine-tuned {schedule.finetune_steps} steps, final cross-entropy per task: "
-        f"{', '.join(f'{x:.3f}' for x in np.asarray(loss))}")
+    stacked, opt_state, loss = step(
+      stacked,
+      opt_state,
+      heads,
+      class_mask,
+      train["images"],
+      train["labels"],
+      rng.integers(num_images, size=(num_tasks, schedule.finetune_batch)),
+    )
+  print(
+    f"Digits testbed: fine-tuned {schedule.finetune_steps} steps, final cross-entropy per task: "
+    f"{', '.join(f'{x:.3f}' for x in np.asarray(loss))}"
+  )
   return jax.device_get(stacked)

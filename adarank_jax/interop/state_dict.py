@@ -24,16 +24,17 @@ PREFIXES = ("module.", "model.")
 
 
 # How each entry point turns on run_pickled_code; the refusal names all of them.
-PICKLED_CODE_SWITCHES = ("--config.model.run_pickled_code=true (python -m adarank_jax.main), "
-                         "--run-pickled-code (python -m convert.openclip) or run_pickled_code=True (Python)")
+PICKLED_CODE_SWITCHES = (
+  "--config.model.run_pickled_code=true (python -m adarank_jax.main), "
+  "--run-pickled-code (python -m convert.openclip) or run_pickled_code=True (Python)"
+)
 
 
 class CheckpointError(ValueError):
   """A checkpoint file can't be read, or holds something other than a state dict."""
 
 
-def load_state_dict(path: str | os.PathLike, *, run_pickled_code: bool = False
-                    ) -> dict[str, np.ndarray]:
+def load_state_dict(path: str | os.PathLike, *, run_pickled_code: bool = False) -> dict[str, np.ndarray]:
   """Reads a state dict, unwrapping {'state_dict': ...}-style wrappers and 'module.'/'model.' prefixes."""
   path = Path(path)
   if not path.is_file():
@@ -44,13 +45,15 @@ def load_state_dict(path: str | os.PathLike, *, run_pickled_code: bool = False
     state = _load_torch(path, run_pickled_code=run_pickled_code)
   else:
     raise CheckpointError(
-        f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors or one of "
-        f"{', '.join(TORCH_SUFFIXES)}")
+      f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors or one of "
+      f"{', '.join(TORCH_SUFFIXES)}"
+    )
   return _strip_prefixes(state)
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError, safe_open  # pylint: disable=g-import-not-at-top
+
   try:
     with safe_open(str(path), framework="numpy") as f:
       return {key: f.get_tensor(key) for key in f.keys()}
@@ -61,24 +64,29 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
 def _load_torch(path: Path, *, run_pickled_code: bool) -> dict[str, np.ndarray]:
   import pickle  # pylint: disable=g-import-not-at-top
   import zipfile  # pylint: disable=g-import-not-at-top
+
   import torch  # pylint: disable=g-import-not-at-top
+
   # torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol 2+ starts with 0x80).
   # Anything else is not a checkpoint; torch.load would fail on it with e.g. "IndexError: pop from
   # empty list".
   with open(path, "rb") as f:
     head = f.read(1)
   if not zipfile.is_zipfile(path) and head != b"\x80":
-    raise CheckpointError(f"{path}: unreadable torch checkpoint: not a PyTorch/safetensors checkpoint "
-                          f"(neither a torch.save archive nor a safetensors file)")
+    raise CheckpointError(
+      f"{path}: unreadable torch checkpoint: not a PyTorch/safetensors checkpoint "
+      f"(neither a torch.save archive nor a safetensors file)"
+    )
   try:
     obj = torch.load(path, map_location="cpu", weights_only=not run_pickled_code)
   except pickle.UnpicklingError as e:
     if "Unsupported global" not in str(e):
       raise CheckpointError(f"{path}: unreadable torch checkpoint: {_first_line(e)}") from e
     raise CheckpointError(
-        f"{path}: this file is not a plain state dict (it pickles Python objects, e.g. a whole "
-        f"nn.Module). Loading it runs code from the file; if you trust it, allow it with "
-        f"{PICKLED_CODE_SWITCHES}. Detail: {_first_line(e)}") from e
+      f"{path}: this file is not a plain state dict (it pickles Python objects, e.g. a whole "
+      f"nn.Module). Loading it runs code from the file; if you trust it, allow it with "
+      f"{PICKLED_CODE_SWITCHES}. Detail: {_first_line(e)}"
+    ) from e
   except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors... on corrupt files.
     raise CheckpointError(f"{path}: unreadable torch checkpoint: {type(e).__name__}: {e}") from e
   if isinstance(obj, torch.nn.Module):
@@ -88,8 +96,9 @@ def _load_torch(path: Path, *, run_pickled_code: bool) -> dict[str, np.ndarray]:
     if not inner:
       bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
       raise CheckpointError(
-          f"{path}: not a state dict: entries {', '.join(bad[:10])} are not tensors and none of "
-          f"{', '.join(WRAPPER_KEYS)} wraps one")
+        f"{path}: not a state dict: entries {', '.join(bad[:10])} are not tensors and none of "
+        f"{', '.join(WRAPPER_KEYS)} wraps one"
+      )
     obj = obj[inner[0]]
     if isinstance(obj, torch.nn.Module):
       obj = obj.state_dict()
@@ -109,6 +118,7 @@ def _is_tensor_dict(obj: Mapping, torch) -> bool:
 
 def _to_numpy(tensor) -> np.ndarray:
   import torch  # pylint: disable=g-import-not-at-top
+
   tensor = tensor.detach().cpu().contiguous()
   if tensor.dtype == torch.bfloat16:
     return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -121,7 +131,7 @@ def _strip_prefixes(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     stripped = False
     for prefix in PREFIXES:
       if all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = {k[len(prefix) :]: v for k, v in state.items()}
         stripped = True
   return state
 
@@ -136,9 +146,11 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
   def write(tmp: str) -> None:
     if path.suffix == ".safetensors":
       from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
       save_file(arrays, tmp, metadata={"format": "pt"})
     else:
       import torch  # pylint: disable=g-import-not-at-top
+
       torch.save({k: _to_torch(v) for k, v in arrays.items()}, tmp)
 
   files.write_atomic(path, write)
@@ -146,6 +158,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
 
 def _to_torch(array: np.ndarray):
   import torch  # pylint: disable=g-import-not-at-top
+
   if array.dtype == ml_dtypes.bfloat16:
     return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
   return torch.from_numpy(array)
@@ -168,13 +181,16 @@ def check_dtypes(expected: Mapping[str, object], actual: Mapping[str, object], *
     source: the file or directory, named in the error.
   """
   from adarank_jax import tree_util  # pylint: disable=g-import-not-at-top
+
   bad = []
   for key in sorted(set(expected) & set(actual)):
     want_float = is_floating(expected[key])
     got = np.asarray(actual[key]).dtype
     if is_floating(got) != want_float:
-      bad.append(f"{key}: dtype {got.name}, expected a {'floating-point' if want_float else 'integer'} "
-                 f"dtype (the architecture's is {np.dtype(expected[key]).name})")
+      bad.append(
+        f"{key}: dtype {got.name}, expected a {'floating-point' if want_float else 'integer'} "
+        f"dtype (the architecture's is {np.dtype(expected[key]).name})"
+      )
   if bad:
     raise tree_util.StructureError(f"{source}: dtype mismatches ({len(bad)}): " + "; ".join(bad))
 
@@ -206,13 +222,15 @@ def load_hf_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, np.
         state.update(load_state_dict(directory / shard))
       return config, state
   raise CheckpointError(
-      f"{directory}: no weights found; expected one of {', '.join(HF_WEIGHT_FILES)} "
-      f"(or a sharded *.index.json)")
+    f"{directory}: no weights found; expected one of {', '.join(HF_WEIGHT_FILES)} (or a sharded *.index.json)"
+  )
 
 
-def save_hf_directory(config: Mapping, state_dict: Mapping[str, np.ndarray],
-                      directory: str | os.PathLike) -> None:
+def save_hf_directory(
+  config: Mapping, state_dict: Mapping[str, np.ndarray], directory: str | os.PathLike
+) -> None:
   """Writes config.json + model.safetensors into `directory` atomically (built aside, then renamed)."""
+
   def fill(tmp: Path) -> None:
     tmp.mkdir()
     (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")

@@ -5,9 +5,9 @@ from collections.abc import Callable
 import jax
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),         # exact erf GELU
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),      # tanh approximation (GPT-2)
-    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),       # OpenAI CLIP
-    'relu': jax.nn.relu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation (GPT-2)
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+  "relu": jax.nn.relu,
 }

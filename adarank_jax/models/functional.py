@@ -10,6 +10,7 @@ of its methods; it has no side effects, so it can be wrapped in `jax.jit`
   apply = jax.jit(functools.partial(functional.call, graphdef))
   features = apply(params, images)
 """
+
 from typing import Any
 
 from flax import nnx
@@ -30,16 +31,18 @@ def split(module: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
       statistics, RNG streams, caches), which `call` could not rebuild.
   """
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  rest_paths = ['/'.join(map(str, path)) for path, _ in nnx.to_flat_state(rest)]
+  rest_paths = ["/".join(map(str, path)) for path, _ in nnx.to_flat_state(rest)]
   if rest_paths:
     raise ValueError(
-        f'functional.split supports modules whose only state is nnx.Param; '
-        f'{type(module).__name__} also has non-Param state at {rest_paths}.')
+      f"functional.split supports modules whose only state is nnx.Param; "
+      f"{type(module).__name__} also has non-Param state at {rest_paths}."
+    )
   return graphdef, nnx.to_pure_dict(params)
 
 
-def call(graphdef: nnx.GraphDef, params: dict[str, Any], *args: Any,
-         method: str = '__call__', **kwargs: Any) -> Any:
+def call(
+  graphdef: nnx.GraphDef, params: dict[str, Any], *args: Any, method: str = "__call__", **kwargs: Any
+) -> Any:
   """Rebuilds the module from `graphdef` and `params`, then calls `method`.
 
   Pure and jittable: `params` may be traced arrays. The structure of

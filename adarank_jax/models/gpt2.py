@@ -12,6 +12,7 @@ weights, so kernels are the HF tensors as they are; `c_attn` stays one packed
 
 Shapes: B batch, L sequence length, D hidden size, C number of labels, V vocabulary.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ from flax import nnx
 from adarank_jax.models import hf_checks
 from adarank_jax.models.activations import ACTIVATIONS
 
-ARCHITECTURES = ('GPT2ForSequenceClassification', 'GPT2LMHeadModel', 'GPT2Model')
+ARCHITECTURES = ("GPT2ForSequenceClassification", "GPT2LMHeadModel", "GPT2Model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,7 @@ class GPT2Config:
     num_labels: score outputs C; None unless the architecture is a classifier.
     dtype: compute dtype (params stay float32); 'float32' or 'bfloat16'.
   """
+
   architecture: str
   vocab_size: int
   n_positions: int
@@ -53,20 +55,23 @@ class GPT2Config:
   scale_attn_by_inverse_layer_idx: bool
   pad_token_id: int | None
   num_labels: int | None
-  dtype: str = 'float32'
+  dtype: str = "float32"
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
-      raise ValueError(f'architecture {self.architecture!r} is not one of {ARCHITECTURES}')
+      raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
     if self.activation_function not in ACTIVATIONS:
-      raise ValueError(f'activation_function {self.activation_function!r} is not one of '
-                       f'{sorted(ACTIVATIONS)}')
+      raise ValueError(
+        f"activation_function {self.activation_function!r} is not one of {sorted(ACTIVATIONS)}"
+      )
     if self.n_embd % self.n_head:
-      raise ValueError(f'n_embd {self.n_embd} is not a multiple of n_head {self.n_head}')
-    if (self.architecture == 'GPT2ForSequenceClassification') != (self.num_labels is not None):
-      raise ValueError(f'{self.architecture} needs num_labels set exactly when it has a score '
-                       f'head; got num_labels={self.num_labels}')
-    if self.dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+    if (self.architecture == "GPT2ForSequenceClassification") != (self.num_labels is not None):
+      raise ValueError(
+        f"{self.architecture} needs num_labels set exactly when it has a score "
+        f"head; got num_labels={self.num_labels}"
+      )
+    if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype {self.dtype!r} is not 'float32' or 'bfloat16'")
 
   @property
@@ -74,36 +79,37 @@ class GPT2Config:
     return 4 * self.n_embd if self.n_inner is None else self.n_inner
 
   @classmethod
-  def from_hf_config(cls, config: Mapping[str, Any], *, dtype: str = 'float32') -> GPT2Config:
+  def from_hf_config(cls, config: Mapping[str, Any], *, dtype: str = "float32") -> GPT2Config:
     """Builds the config from a complete HF config.json dict (model_type gpt2).
 
     `config` must hold every field HF writes (transformers' `to_dict()` form);
     `interop.hf` fills HF's defaults in before calling this.
     """
-    if config['model_type'] != 'gpt2':
+    if config["model_type"] != "gpt2":
       raise ValueError(f"model_type {config['model_type']!r} is not 'gpt2'")
-    if config['add_cross_attention']:
-      raise ValueError('add_cross_attention=True (GPT-2 with cross-attention) is not supported')
+    if config["add_cross_attention"]:
+      raise ValueError("add_cross_attention=True (GPT-2 with cross-attention) is not supported")
     architecture = hf_checks.single_architecture(config)
-    if architecture == 'GPT2LMHeadModel' and not config['tie_word_embeddings']:
-      raise ValueError('GPT2LMHeadModel with tie_word_embeddings=False is not supported '
-                       '(its lm_head would not be kept)')
+    if architecture == "GPT2LMHeadModel" and not config["tie_word_embeddings"]:
+      raise ValueError(
+        "GPT2LMHeadModel with tie_word_embeddings=False is not supported (its lm_head would not be kept)"
+      )
     return cls(
-        architecture=architecture,
-        vocab_size=config['vocab_size'],
-        n_positions=config['n_positions'],
-        n_embd=config['n_embd'],
-        n_layer=config['n_layer'],
-        n_head=config['n_head'],
-        n_inner=config['n_inner'],
-        activation_function=config['activation_function'],
-        layer_norm_epsilon=config['layer_norm_epsilon'],
-        scale_attn_weights=config['scale_attn_weights'],
-        scale_attn_by_inverse_layer_idx=config['scale_attn_by_inverse_layer_idx'],
-        pad_token_id=config['pad_token_id'],
-        num_labels=(len(config['id2label'])
-                    if architecture == 'GPT2ForSequenceClassification' else None),
-        dtype=dtype)
+      architecture=architecture,
+      vocab_size=config["vocab_size"],
+      n_positions=config["n_positions"],
+      n_embd=config["n_embd"],
+      n_layer=config["n_layer"],
+      n_head=config["n_head"],
+      n_inner=config["n_inner"],
+      activation_function=config["activation_function"],
+      layer_norm_epsilon=config["layer_norm_epsilon"],
+      scale_attn_weights=config["scale_attn_weights"],
+      scale_attn_by_inverse_layer_idx=config["scale_attn_by_inverse_layer_idx"],
+      pad_token_id=config["pad_token_id"],
+      num_labels=(len(config["id2label"]) if architecture == "GPT2ForSequenceClassification" else None),
+      dtype=dtype,
+    )
 
 
 def last_non_pad_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
@@ -115,8 +121,10 @@ def last_non_pad_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Ar
   b, length = input_ids.shape
   if pad_token_id is None:
     if b != 1:
-      raise ValueError('Cannot handle batch sizes > 1 if no padding token is defined '
-                       f'(pad_token_id is None, batch size {b}).')
+      raise ValueError(
+        "Cannot handle batch sizes > 1 if no padding token is defined "
+        f"(pad_token_id is None, batch size {b})."
+      )
     return jnp.full((b,), length - 1)
   indices = jnp.arange(length, dtype=jnp.int32)
   return jnp.argmax(indices * (input_ids != pad_token_id).astype(jnp.int32), axis=-1)
@@ -145,7 +153,6 @@ class GPT2Attention(nnx.Module):
 
 
 class GPT2MLP(nnx.Module):
-
   def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
     self.c_fc = nnx.Linear(config.n_embd, config.mlp_width, dtype=dtype, rngs=rngs)
@@ -194,8 +201,9 @@ class GPT2Model(nnx.Module):
     """
     length = input_ids.shape[1]
     if length > self.wpe.num_embeddings:
-      raise ValueError(f'sequence length {length} exceeds the {self.wpe.num_embeddings} '
-                       'positions of the model')
+      raise ValueError(
+        f"sequence length {length} exceeds the {self.wpe.num_embeddings} positions of the model"
+      )
     x = self.wte(input_ids) + self.wpe(jnp.arange(length))[None]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
     mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
@@ -214,8 +222,9 @@ class GPT2ForSequenceClassification(nnx.Module):
   def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
     self.pad_token_id = config.pad_token_id
     self.transformer = GPT2Model(config, rngs=rngs)
-    self.score = nnx.Linear(config.n_embd, config.num_labels, use_bias=False,
-                            dtype=jnp.dtype(config.dtype), rngs=rngs)
+    self.score = nnx.Linear(
+      config.n_embd, config.num_labels, use_bias=False, dtype=jnp.dtype(config.dtype), rngs=rngs
+    )
 
   def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """(B, L, D) last hidden states, see `GPT2Model.__call__`."""
@@ -245,6 +254,9 @@ class GPT2LMHeadModel(nnx.Module):
 
 def build(config: GPT2Config, *, rngs: nnx.Rngs) -> nnx.Module:
   """The module of `config.architecture`, randomly initialised (use `nnx.eval_shape` for shapes only)."""
-  classes = {'GPT2ForSequenceClassification': GPT2ForSequenceClassification,
-             'GPT2LMHeadModel': GPT2LMHeadModel, 'GPT2Model': GPT2Model}
+  classes = {
+    "GPT2ForSequenceClassification": GPT2ForSequenceClassification,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "GPT2Model": GPT2Model,
+  }
   return classes[config.architecture](config, rngs=rngs)

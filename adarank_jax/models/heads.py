@@ -21,8 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from adarank_jax import files
-from adarank_jax import tree_util
+from adarank_jax import files, tree_util
 
 EncodeTextFn = Callable[[np.ndarray], Any]  # tokens (N, context) int -> embeddings (N, dim)
 TokenizeFn = Callable[[Sequence[str]], np.ndarray]  # texts -> tokens (N, context) int
@@ -32,9 +31,17 @@ def _normalize(x: np.ndarray) -> np.ndarray:
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def zero_shot_head(encode_text_fn: EncodeTextFn, tokenize_fn: TokenizeFn, classnames: Sequence[str],
-                   templates: Sequence[str], logit_scale: float, *, batch_size: int = 256,
-                   vocab_size: int | None = None, source: str = "the text tower") -> np.ndarray:
+def zero_shot_head(
+  encode_text_fn: EncodeTextFn,
+  tokenize_fn: TokenizeFn,
+  classnames: Sequence[str],
+  templates: Sequence[str],
+  logit_scale: float,
+  *,
+  batch_size: int = 256,
+  vocab_size: int | None = None,
+  source: str = "the text tower",
+) -> np.ndarray:
   """The zero-shot head of one task.
 
   Args:
@@ -58,24 +65,28 @@ def zero_shot_head(encode_text_fn: EncodeTextFn, tokenize_fn: TokenizeFn, classn
   """
   if not classnames or not templates:
     raise ValueError(
-        f"zero_shot_head needs classes and templates, got {len(classnames)} and {len(templates)}")
+      f"zero_shot_head needs classes and templates, got {len(classnames)} and {len(templates)}"
+    )
   texts = [template.format(name) for name in classnames for template in templates]
   tokens = np.asarray(tokenize_fn(texts))
   if tokens.ndim != 2 or tokens.shape[0] != len(texts):
     raise ValueError(
-        f"tokenize_fn returned shape {tokens.shape} for {len(texts)} texts; expected (n, context)")
+      f"tokenize_fn returned shape {tokens.shape} for {len(texts)} texts; expected (n, context)"
+    )
   check_token_ids(tokens, vocab_size, source=source)
   chunks = []
   for start in range(0, len(texts), batch_size):
-    chunk = tokens[start:start + batch_size]
+    chunk = tokens[start : start + batch_size]
     padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-    chunks.append(np.asarray(encode_text_fn(padded), np.float32)[:len(chunk)])
+    chunks.append(np.asarray(encode_text_fn(padded), np.float32)[: len(chunk)])
   embeddings = _normalize(np.concatenate(chunks)).reshape(len(classnames), len(templates), -1)
   head = _normalize(embeddings.mean(axis=1)) * np.exp(np.float32(logit_scale))
   if not np.isfinite(head).all():
-    raise ValueError(f"{source}: the zero-shot head of classes {list(classnames)[:5]}... holds NaN or Inf "
-                     f"(text embeddings: {_finiteness(embeddings)}, logit_scale {logit_scale}); check the "
-                     f"text tower's weights and that the tokenizer matches the model")
+    raise ValueError(
+      f"{source}: the zero-shot head of classes {list(classnames)[:5]}... holds NaN or Inf "
+      f"(text embeddings: {_finiteness(embeddings)}, logit_scale {logit_scale}); check the "
+      f"text tower's weights and that the tokenizer matches the model"
+    )
   return head.astype(np.float32)
 
 
@@ -94,10 +105,11 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int | None, *, source: str) 
   low, high = int(tokens.min()), int(tokens.max())
   if low < 0 or high >= vocab_size:
     raise ValueError(
-        f"{source}: the tokenizer gives token ids up to max token id {high} (min {low}) but the text tower "
-        f"has vocab_size {vocab_size}: ids outside [0, {vocab_size}) would give NaN embeddings (a Flax "
-        f"embedding returns NaN out of range). Use the model config whose text tower matches the tokenizer "
-        f"(CLIP's tokenizer needs vocab_size 49408).")
+      f"{source}: the tokenizer gives token ids up to max token id {high} (min {low}) but the text tower "
+      f"has vocab_size {vocab_size}: ids outside [0, {vocab_size}) would give NaN embeddings (a Flax "
+      f"embedding returns NaN out of range). Use the model config whose text tower matches the tokenizer "
+      f"(CLIP's tokenizer needs vocab_size 49408)."
+    )
 
 
 def classify(features: jnp.ndarray, head: jnp.ndarray) -> jnp.ndarray:
@@ -119,17 +131,27 @@ def fingerprint(tree: Mapping[str, Any]) -> str:
   return digest.hexdigest()
 
 
-def head_cache_path(cache_dir: str | os.PathLike[str], *, key: str, classnames: Sequence[str],
-                    templates: Sequence[str]) -> str:
+def head_cache_path(
+  cache_dir: str | os.PathLike[str], *, key: str, classnames: Sequence[str], templates: Sequence[str]
+) -> str:
   """<cache_dir>/head_<key>_<sha256 of class names + templates, 16 hex>.npy."""
   text_hash = hashlib.sha256(json.dumps([list(classnames), list(templates)]).encode()).hexdigest()[:16]
   return os.path.join(os.fspath(cache_dir), f"head_{key}_{text_hash}.npy")
 
 
-def cached_zero_shot_head(cache_dir: str | os.PathLike[str] | None, *, key: str, encode_text_fn: EncodeTextFn,
-                          tokenize_fn: TokenizeFn, classnames: Sequence[str], templates: Sequence[str],
-                          logit_scale: float, batch_size: int = 256, vocab_size: int | None = None,
-                          source: str = "the text tower") -> np.ndarray:
+def cached_zero_shot_head(
+  cache_dir: str | os.PathLike[str] | None,
+  *,
+  key: str,
+  encode_text_fn: EncodeTextFn,
+  tokenize_fn: TokenizeFn,
+  classnames: Sequence[str],
+  templates: Sequence[str],
+  logit_scale: float,
+  batch_size: int = 256,
+  vocab_size: int | None = None,
+  source: str = "the text tower",
+) -> np.ndarray:
   """`zero_shot_head`, read from / written (atomically) to `cache_dir`; None: no cache.
 
   Only finite heads are written, and a cached head that is not finite float32 is refused.
@@ -141,8 +163,16 @@ def cached_zero_shot_head(cache_dir: str | os.PathLike[str] | None, *, key: str,
     encode_text_fn, tokenize_fn, classnames, templates, logit_scale, batch_size, vocab_size, source: as
       `zero_shot_head`.
   """
-  build = lambda: zero_shot_head(encode_text_fn, tokenize_fn, classnames, templates, logit_scale,
-                                 batch_size=batch_size, vocab_size=vocab_size, source=source)
+  build = lambda: zero_shot_head(
+    encode_text_fn,
+    tokenize_fn,
+    classnames,
+    templates,
+    logit_scale,
+    batch_size=batch_size,
+    vocab_size=vocab_size,
+    source=source,
+  )
   if cache_dir is None:
     return build()
   path = head_cache_path(cache_dir, key=key, classnames=classnames, templates=templates)
@@ -151,16 +181,18 @@ def cached_zero_shot_head(cache_dir: str | os.PathLike[str] | None, *, key: str,
     valid = head.dtype == np.float32 and head.ndim == 2 and head.shape[0] == len(classnames)
     if not valid or not np.isfinite(head).all():
       what = "" if not valid or np.isfinite(head).all() else " and holds NaN or Inf"
-      raise ValueError(f"{path}: cached head has dtype {head.dtype} shape {head.shape}{what}; expected "
-                       f"finite float32 ({len(classnames)}, dim). Delete the file to rebuild it")
+      raise ValueError(
+        f"{path}: cached head has dtype {head.dtype} shape {head.shape}{what}; expected "
+        f"finite float32 ({len(classnames)}, dim). Delete the file to rebuild it"
+      )
     return head
   head = build()
   if not np.isfinite(head).all():  # zero_shot_head checks this too; never write a non-finite head
     raise ValueError(f"{path}: refusing to cache a head with NaN or Inf")
+
   def write(tmp: str) -> None:
     with open(tmp, "wb") as f:  # np.save(tmp) would append ".npy" to the temporary name
       np.save(f, head)
 
   files.write_atomic(path, write)
   return head
-

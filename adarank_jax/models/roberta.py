@@ -15,6 +15,7 @@ how position ids are made (`RobertaConfig.position_ids`): RoBERTa counts from
 
 Shapes: B batch, L sequence length, D hidden size, C number of labels.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,10 +29,15 @@ from flax import nnx
 from adarank_jax.models import hf_checks
 from adarank_jax.models.activations import ACTIVATIONS
 
-ARCHITECTURES = ('RobertaForSequenceClassification', 'RobertaModel',
-                 'BertModel', 'BertForSequenceClassification',
-                 'RobertaForMaskedLM', 'BertForMaskedLM')  # masked LMs: the body only (no lm_head)
-_POSITION_IDS = {'roberta': 'padding_offset', 'bert': 'absolute'}
+ARCHITECTURES = (
+  "RobertaForSequenceClassification",
+  "RobertaModel",
+  "BertModel",
+  "BertForSequenceClassification",
+  "RobertaForMaskedLM",
+  "BertForMaskedLM",
+)  # masked LMs: the body only (no lm_head)
+_POSITION_IDS = {"roberta": "padding_offset", "bert": "absolute"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +50,7 @@ class RobertaConfig:
     num_labels: classifier outputs C; None for the bare models.
     dtype: compute dtype (params stay float32); 'float32' or 'bfloat16'.
   """
+
   architecture: str
   vocab_size: int
   hidden_size: int
@@ -57,61 +64,64 @@ class RobertaConfig:
   pad_token_id: int
   position_ids: str
   num_labels: int | None
-  dtype: str = 'float32'
+  dtype: str = "float32"
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
-      raise ValueError(f'architecture {self.architecture!r} is not one of {ARCHITECTURES}')
+      raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
     if self.position_ids not in _POSITION_IDS.values():
-      raise ValueError(f'position_ids {self.position_ids!r} is not one of '
-                       f'{sorted(_POSITION_IDS.values())}')
+      raise ValueError(f"position_ids {self.position_ids!r} is not one of {sorted(_POSITION_IDS.values())}")
     if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f'hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}')
+      raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f'hidden_size {self.hidden_size} is not a multiple of '
-                       f'num_attention_heads {self.num_attention_heads}')
-    if self.architecture.endswith('ForSequenceClassification') != (self.num_labels is not None):
-      raise ValueError(f'{self.architecture} needs num_labels set exactly when it has a '
-                       f'classifier; got num_labels={self.num_labels}')
-    if self.dtype not in ('float32', 'bfloat16'):
+      raise ValueError(
+        f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+      )
+    if self.architecture.endswith("ForSequenceClassification") != (self.num_labels is not None):
+      raise ValueError(
+        f"{self.architecture} needs num_labels set exactly when it has a "
+        f"classifier; got num_labels={self.num_labels}"
+      )
+    if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype {self.dtype!r} is not 'float32' or 'bfloat16'")
 
   @classmethod
-  def from_hf_config(cls, config: Mapping[str, Any], *, dtype: str = 'float32') -> RobertaConfig:
+  def from_hf_config(cls, config: Mapping[str, Any], *, dtype: str = "float32") -> RobertaConfig:
     """Builds the config from a complete HF config.json dict (model_type roberta or bert).
 
     `config` must hold every field HF writes (transformers' `to_dict()` form);
     `interop.hf` fills HF's defaults in before calling this.
     """
-    model_type = config['model_type']
+    model_type = config["model_type"]
     if model_type not in _POSITION_IDS:
-      raise ValueError(f'model_type {model_type!r} is not one of {sorted(_POSITION_IDS)}')
+      raise ValueError(f"model_type {model_type!r} is not one of {sorted(_POSITION_IDS)}")
     # transformers 5 dropped this field (absolute only) but older config.json files carry it.
-    if 'position_embedding_type' in config and config['position_embedding_type'] != 'absolute':
-      raise ValueError(f"position_embedding_type {config['position_embedding_type']!r} is not "
-                       "supported (only 'absolute')")
+    if "position_embedding_type" in config and config["position_embedding_type"] != "absolute":
+      raise ValueError(
+        f"position_embedding_type {config['position_embedding_type']!r} is not supported (only 'absolute')"
+      )
     architecture = hf_checks.single_architecture(config)
     return cls(
-        architecture=architecture,
-        vocab_size=config['vocab_size'],
-        hidden_size=config['hidden_size'],
-        num_hidden_layers=config['num_hidden_layers'],
-        num_attention_heads=config['num_attention_heads'],
-        intermediate_size=config['intermediate_size'],
-        hidden_act=config['hidden_act'],
-        max_position_embeddings=config['max_position_embeddings'],
-        type_vocab_size=config['type_vocab_size'],
-        layer_norm_eps=config['layer_norm_eps'],
-        pad_token_id=config['pad_token_id'],
-        position_ids=_POSITION_IDS[model_type],
-        num_labels=(len(config['id2label'])
-                    if architecture.endswith('ForSequenceClassification') else None),
-        dtype=dtype)
+      architecture=architecture,
+      vocab_size=config["vocab_size"],
+      hidden_size=config["hidden_size"],
+      num_hidden_layers=config["num_hidden_layers"],
+      num_attention_heads=config["num_attention_heads"],
+      intermediate_size=config["intermediate_size"],
+      hidden_act=config["hidden_act"],
+      max_position_embeddings=config["max_position_embeddings"],
+      type_vocab_size=config["type_vocab_size"],
+      layer_norm_eps=config["layer_norm_eps"],
+      pad_token_id=config["pad_token_id"],
+      position_ids=_POSITION_IDS[model_type],
+      num_labels=(len(config["id2label"]) if architecture.endswith("ForSequenceClassification") else None),
+      dtype=dtype,
+    )
 
 
 def position_ids(input_ids: jax.Array, *, scheme: str, pad_token_id: int) -> jax.Array:
   """(B, L) int position ids, as HF RoBERTa (`create_position_ids_from_input_ids`) or BERT make them."""
-  if scheme == 'absolute':
+  if scheme == "absolute":
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
   not_pad = (input_ids != pad_token_id).astype(jnp.int32)
   return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
@@ -131,14 +141,20 @@ class RobertaEmbeddings(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
     """(B, L) ids -> (B, L, D) embeddings."""
-    offset = self.config.pad_token_id + 1 if self.config.position_ids == 'padding_offset' else 0
+    offset = self.config.pad_token_id + 1 if self.config.position_ids == "padding_offset" else 0
     if input_ids.shape[1] + offset > self.config.max_position_embeddings:
-      raise ValueError(f'sequence length {input_ids.shape[1]} exceeds the '
-                       f'{self.config.max_position_embeddings - offset} positions of the model')
-    positions = position_ids(input_ids, scheme=self.config.position_ids,
-                             pad_token_id=self.config.pad_token_id)
-    x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-         + self.position_embeddings(positions))
+      raise ValueError(
+        f"sequence length {input_ids.shape[1]} exceeds the "
+        f"{self.config.max_position_embeddings - offset} positions of the model"
+      )
+    positions = position_ids(
+      input_ids, scheme=self.config.position_ids, pad_token_id=self.config.pad_token_id
+    )
+    x = (
+      self.word_embeddings(input_ids)
+      + self.token_type_embeddings(token_type_ids)
+      + self.position_embeddings(positions)
+    )
     return self.LayerNorm(x)
 
 
@@ -156,8 +172,9 @@ class RobertaSelfAttention(nnx.Module):
     """x: (B, L, D); mask: (B, 1, L, L) bool, True where attending is allowed."""
     b, length, d = x.shape
     heads = lambda t: t.reshape(b, length, self.num_heads, d // self.num_heads)
-    out = jax.nn.dot_product_attention(heads(self.query(x)), heads(self.key(x)),
-                                       heads(self.value(x)), mask=mask)
+    out = jax.nn.dot_product_attention(
+      heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), mask=mask
+    )
     return out.reshape(b, length, d)
 
 
@@ -168,15 +185,13 @@ class RobertaSelfOutput(nnx.Module):
     dtype = jnp.dtype(config.dtype)
     self.dense = nnx.Linear(d_in, config.hidden_size, dtype=dtype, rngs=rngs)
     # pylint: disable-next=invalid-name
-    self.LayerNorm = nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype,
-                                   rngs=rngs)
+    self.LayerNorm = nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
     return self.LayerNorm(self.dense(x) + residual)
 
 
 class RobertaAttention(nnx.Module):
-
   def __init__(self, config: RobertaConfig, *, rngs: nnx.Rngs):
     self.self = RobertaSelfAttention(config, rngs=rngs)
     self.output = RobertaSelfOutput(config.hidden_size, config, rngs=rngs)
@@ -186,10 +201,10 @@ class RobertaAttention(nnx.Module):
 
 
 class RobertaIntermediate(nnx.Module):
-
   def __init__(self, config: RobertaConfig, *, rngs: nnx.Rngs):
-    self.dense = nnx.Linear(config.hidden_size, config.intermediate_size,
-                            dtype=jnp.dtype(config.dtype), rngs=rngs)
+    self.dense = nnx.Linear(
+      config.hidden_size, config.intermediate_size, dtype=jnp.dtype(config.dtype), rngs=rngs
+    )
     self.act = config.hidden_act
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -210,10 +225,8 @@ class RobertaLayer(nnx.Module):
 
 
 class RobertaEncoder(nnx.Module):
-
   def __init__(self, config: RobertaConfig, *, rngs: nnx.Rngs):
-    self.layer = nnx.List([RobertaLayer(config, rngs=rngs)
-                           for _ in range(config.num_hidden_layers)])
+    self.layer = nnx.List([RobertaLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     for layer in self.layer:
@@ -225,8 +238,7 @@ class RobertaPooler(nnx.Module):
   """tanh(dense(first token)): BERT's pooler."""
 
   def __init__(self, config: RobertaConfig, *, rngs: nnx.Rngs):
-    self.dense = nnx.Linear(config.hidden_size, config.hidden_size,
-                            dtype=jnp.dtype(config.dtype), rngs=rngs)
+    self.dense = nnx.Linear(config.hidden_size, config.hidden_size, dtype=jnp.dtype(config.dtype), rngs=rngs)
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
     """(B, L, D) -> (B, D)."""
@@ -242,8 +254,9 @@ class RobertaModel(nnx.Module):
     if add_pooling_layer:
       self.pooler = RobertaPooler(config, rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> jax.Array:
     """Last hidden states.
 
     Args:
@@ -260,8 +273,9 @@ class RobertaModel(nnx.Module):
     mask = attention_mask.astype(bool)[:, None, None, :]
     return self.encoder(x, mask)
 
-  def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
-             token_type_ids: jax.Array | None = None) -> jax.Array:
+  def encode(
+    self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> jax.Array:
     """(B, L, D) last hidden states; the same as `__call__` for the bare model."""
     return self(input_ids, attention_mask, token_type_ids)
 
@@ -286,13 +300,15 @@ class RobertaForSequenceClassification(nnx.Module):
     self.roberta = RobertaModel(config, add_pooling_layer=False, rngs=rngs)
     self.classifier = RobertaClassificationHead(config, rngs=rngs)
 
-  def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
-             token_type_ids: jax.Array | None = None) -> jax.Array:
+  def encode(
+    self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> jax.Array:
     """(B, L, D) last hidden states, see `RobertaModel.__call__`."""
     return self.roberta(input_ids, attention_mask, token_type_ids)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> jax.Array:
     """(B, C) logits from the first token; inputs as `RobertaModel.__call__`."""
     return self.classifier(self.encode(input_ids, attention_mask, token_type_ids))
 
@@ -302,16 +318,19 @@ class BertForSequenceClassification(nnx.Module):
 
   def __init__(self, config: RobertaConfig, *, rngs: nnx.Rngs):
     self.bert = RobertaModel(config, add_pooling_layer=True, rngs=rngs)
-    self.classifier = nnx.Linear(config.hidden_size, config.num_labels,
-                                 dtype=jnp.dtype(config.dtype), rngs=rngs)
+    self.classifier = nnx.Linear(
+      config.hidden_size, config.num_labels, dtype=jnp.dtype(config.dtype), rngs=rngs
+    )
 
-  def encode(self, input_ids: jax.Array, attention_mask: jax.Array,
-             token_type_ids: jax.Array | None = None) -> jax.Array:
+  def encode(
+    self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> jax.Array:
     """(B, L, D) last hidden states, see `RobertaModel.__call__`."""
     return self.bert(input_ids, attention_mask, token_type_ids)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> jax.Array:
     """(B, C) logits from the pooled first token; inputs as `RobertaModel.__call__`."""
     return self.classifier(self.bert.pooler(self.encode(input_ids, attention_mask, token_type_ids)))
 
@@ -324,11 +343,12 @@ class MaskedLMBody(nnx.Module):
   """
 
   def __init__(self, config: RobertaConfig, *, rngs: nnx.Rngs):
-    self.prefix = 'roberta' if config.architecture.startswith('Roberta') else 'bert'
+    self.prefix = "roberta" if config.architecture.startswith("Roberta") else "bert"
     setattr(self, self.prefix, RobertaModel(config, add_pooling_layer=False, rngs=rngs))
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> jax.Array:
     return getattr(self, self.prefix)(input_ids, attention_mask, token_type_ids)
 
   encode = __call__
@@ -336,10 +356,10 @@ class MaskedLMBody(nnx.Module):
 
 def build(config: RobertaConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """The module of `config.architecture`, randomly initialised (use `nnx.eval_shape` for shapes only)."""
-  if config.architecture == 'RobertaForSequenceClassification':
+  if config.architecture == "RobertaForSequenceClassification":
     return RobertaForSequenceClassification(config, rngs=rngs)
-  if config.architecture == 'BertForSequenceClassification':
+  if config.architecture == "BertForSequenceClassification":
     return BertForSequenceClassification(config, rngs=rngs)
-  if config.architecture.endswith('ForMaskedLM'):
+  if config.architecture.endswith("ForMaskedLM"):
     return MaskedLMBody(config, rngs=rngs)
   return RobertaModel(config, add_pooling_layer=True, rngs=rngs)
