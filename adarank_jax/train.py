@@ -468,10 +468,12 @@ def fit(
       saving = checkpoint is not None and (
         step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
       )
-      if saving or step % log_every == 0 or step == num_steps:  # never log or keep a non-finite state
-        _check_finite(step, jax.device_get(metrics["loss"]))
-      if step % log_every == 0 or step == num_steps:
+      log_point = step % log_every == 0 or step == num_steps
+      if log_point:  # one fetch of every metric
         metrics = jax.device_get(metrics)
+      if saving or log_point:  # never log or keep a non-finite state
+        _check_finite(step, metrics["loss"] if log_point else jax.device_get(metrics["loss"]))
+      if log_point:
         now = time.perf_counter()
         metrics["steps_per_s"] = np.asarray((step - last_step) / max(now - last_time, 1e-9))
         bar.set_postfix(

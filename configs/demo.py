@@ -2,6 +2,7 @@
 
 python -m adarank_jax.main --config configs/demo.py                # about 3 minutes the first time
 python -m adarank_jax.main --config configs/demo.py:quick=true     # CI smoke run: under a minute from scratch
+python -m adarank_jax.main --config configs/demo.py:selection=validation  # steps chosen on validation splits
 
 The testbed (a tiny OpenCLIP-architecture CLIP pre-trained on sklearn's 8x8 digits, and one fine-tuned
 image tower per digits task, saved as OpenCLIP state dicts) is built on the first run and cached; its
@@ -13,9 +14,12 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, quick=False, seed=0)
+  arg = common.parse_arg(arg, quick=False, seed=0, selection="final")
   config = common.base()
   config.name = "digits_demo_quick" if arg.quick else "digits_demo"
+  if arg.selection != "final":
+    config.name += f"_{arg.selection}"
+  config.adarank.selection = arg.selection  # final | validation | oracle (README: both tables)
   config.family = "clip"
   # The run builds (or reuses) the testbed and takes the model config and checkpoints from it.
   config.testbed.update(name="digits", quick=arg.quick, seed=arg.seed)

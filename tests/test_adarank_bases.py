@@ -1,4 +1,4 @@
-"""AdaRank on the TSV-M base: its components rebuild TSV-M, and all-on masks are static TSV-M."""
+"""AdaRank on its bases: with the base's own masks on and coefficients at its lambda it is the static base."""
 
 import jax
 import jax.numpy as jnp
@@ -132,3 +132,33 @@ def test_adarank_on_iso_cts_with_all_on_masks_is_static_iso_cts(side, common_fra
   if common_fraction == 1.0:  # no task-specific directions: Iso-CTS is Iso-C
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(baselines.iso_c(origin, factors, scaling=1.5))):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank_ratio", [0.25, 0.5])
+def test_adarank_on_cart_with_its_top_k_masks_on_is_static_cart(rank_ratio):
+  rng = np.random.default_rng(2)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  base = {"enc": {"a": {"kernel": f32(12, 8), "bias": f32(8)}, "b": {"kernel": f32(8, 12)}}}
+  finetuned = [jax.tree.map(lambda x: x + 0.3 * f32(*x.shape), base) for _ in range(T)]
+  origin, tau = task_vectors(base, finetuned, origin="average")
+  factors = decompose(tau, tree_util.select(tau, [r".*/kernel"]))
+  # CART's top-k components on (logit +0.1), the rest off (-0.1); every coefficient at CART's lambda.
+  logits = {}
+  for path, leaf in tree_util.flatten(factors).items():
+    if is_svd(leaf):
+      k = baselines.cart_rank(leaf, rank_ratio)
+      row = jnp.where(jnp.arange(leaf.s.shape[-1]) < k, 0.1, -0.1).astype(jnp.float32)
+      logits[path] = jnp.broadcast_to(row, leaf.s.shape)
+  coefficients = merging.init_coefficients(factors, num_tasks=T, prior=2.0)
+  merged = merging.merge(
+    origin,
+    factors,
+    tree_util.unflatten(logits),
+    coefficients,
+    temperature=10.0,
+    mask_mode="hard",
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  expected = baselines.cart(origin, factors, scaling=2.0, rank_ratio=rank_ratio)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@ fail before any compute."""
 
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,22 @@ def test_workdir_with_other_config(tmp_path):
   with pytest.raises(validate.ConfigError, match=r"different config .*methods"):
     validate.check_workdir(other, tmp_path, resume=False, overwrite=False)
   assert not validate.check_workdir(other, tmp_path, resume=False, overwrite=True)
+
+
+def test_demo_config_is_plain_values_with_a_selection_argument():
+  import subprocess
+  import sys
+
+  # Loading a config imports no library module (configs are data).
+  code = (
+    "import sys; import importlib; importlib.import_module('configs.demo').get_config('selection=validation');"
+    "print(sorted(m for m in sys.modules if m.startswith('adarank_jax')))"
+  )
+  root = Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+  assert out.stdout.strip() == "[]"
+  config = _get("demo", "selection=validation")
+  assert config.adarank.selection == "validation" and config.name == "digits_demo_validation"
+  assert config.testbed.name == "digits" and not config.model.pretrained and not config.model.finetuned
+  assert tuple(config.tasks) == common.DIGITS_8
+  validate.validate(config, paths=True)  # the testbed provides the checkpoints: no path to check
