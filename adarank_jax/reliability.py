@@ -11,6 +11,7 @@ export's temp file, a failed load followed by a corrected rerun, a second lock o
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -149,7 +150,8 @@ def non_finite_head(tmp: Path) -> str:
   return observed
 
 
-def flipped_checkpoint_bytes(tmp: Path) -> str:
+def damaged_checkpoint(tmp: Path, *, damage: str) -> str:
+  """damage='flip': one byte of the largest data file flipped; 'truncate': _METADATA cut in half."""
   from adarank_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
   def state(step):
@@ -159,16 +161,19 @@ def flipped_checkpoint_bytes(tmp: Path) -> str:
   try:
     manager.save(3, state(3))
     manager.save(6, state(6))
-    data = [p for p in (tmp / "ckpts" / "6").rglob("*") if p.is_file() and p.parent.name == "d"]
-    target = max(data, key=lambda p: p.stat().st_size)
-    raw = bytearray(target.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    target.write_bytes(bytes(raw))
+    files = [p for p in (tmp / "ckpts" / "6").rglob("*") if p.is_file()]
+    if damage == "flip":
+      target = max((p for p in files if p.parent.name == "d"), key=lambda p: p.stat().st_size)
+      raw = bytearray(target.read_bytes())
+      raw[len(raw) // 2] ^= 0x10
+      target.write_bytes(bytes(raw))
+      names = (str(tmp / "ckpts" / "6"), "w: sha256")
+    else:
+      target = next(p for p in files if p.name == "_METADATA")
+      target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+      names = (str(tmp / "ckpts" / "6"), "cannot be read")
     error = _raises(
-      lambda: manager.restore(6, state(0), fallback=False),
-      checkpoint.CorruptCheckpointError,
-      str(tmp / "ckpts" / "6"),
-      "w: sha256",
+      lambda: manager.restore(6, state(0), fallback=False), checkpoint.CorruptCheckpointError, *names
     )
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
@@ -281,7 +286,12 @@ CASES: tuple[tuple[str, str, Callable[[Path], str]], ...] = (
   (
     "flipped checkpoint bytes",
     "CorruptCheckpointError naming dir and leaf; latest falls back",
-    flipped_checkpoint_bytes,
+    functools.partial(damaged_checkpoint, damage="flip"),
+  ),
+  (
+    "truncated checkpoint _METADATA",
+    "CorruptCheckpointError naming the dir; latest falls back",
+    functools.partial(damaged_checkpoint, damage="truncate"),
   ),
   ("corrupted testbed cache file", "verify names the file", corrupt_testbed_file),
   ("torn jsonl", "last record dropped with a warning", torn_jsonl),

@@ -349,6 +349,7 @@ def test_reliability_script_prints_a_passing_table(capsys):
     "int weights in a checkpoint",
     "out-of-vocabulary token ids",
     "flipped checkpoint bytes",
+    "truncated checkpoint _METADATA",
     "corrupted testbed cache file",
     "torn jsonl",
     "killed export temp file",
