@@ -224,9 +224,7 @@ def run(
     model=config.model.name
     if not config.testbed.name
     else f"{config.testbed.name} testbed ({Path(model).stem})",
-    steps={
-      m: config[methods.get(m).training.section[0]].num_steps for m in config.methods if methods.get(m).trains
-    },
+    steps={m: _num_steps(config, methods.get(m).training) for m in config.methods if methods.get(m).trains},
     selection=report.SELECTION_OF[config.adarank.selection],
   )
   for method in config.methods:
@@ -313,7 +311,7 @@ def _adapt(
   hp = config
   for key in training.section:
     hp = hp[key]
-  num_steps = config[training.section[0]].num_steps
+  num_steps = _num_steps(config, training)
   placement = "task" if "task" in mesh.axis_names else "replicated"
   frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
   rows = jax.tree.leaves(factors)[0].shape[0]  # T, or T + 1 with Iso-CTS's common row
@@ -429,6 +427,11 @@ def _adapt(
     jax.device_get(hard_merge(origin, factors, mask_logits, coefficients)),
     num_steps if selection == "final" else best["step"],
   )
+
+
+def _num_steps(config, training: methods.Training) -> int:
+  """A trained method's steps: config.<section[0]>.num_steps (adarank.num_steps, adamerging.num_steps)."""
+  return config[training.section[0]].num_steps
 
 
 # The evaluation record's score that each selection maximises ('final' takes the last step).

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import ml_collections
 
-from adarank_jax import baselines, files, methods
+from adarank_jax import baselines, files, methods, report
 from adarank_jax import train as train_lib
 from adarank_jax.data import registry
 
 FAMILIES = ("clip", "roberta", "gpt2")
-SELECTIONS = ("final", "oracle", "validation")  # config.adarank.selection (see run.py)
 EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",)}
 # Fields that may change when a run is resumed (they do not change what was computed so far).
 RESUMABLE = (
@@ -115,8 +114,8 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
   )
   need(config.adarank.rank >= 0, f"adarank.rank={config.adarank.rank}: expected >= 0 (0 = full rank)")
   need(
-    config.adarank.selection in SELECTIONS,
-    f"adarank.selection={config.adarank.selection!r}: expected one of {SELECTIONS}",
+    config.adarank.selection in report.SELECTION_OF,
+    f"adarank.selection={config.adarank.selection!r}: expected one of {tuple(report.SELECTION_OF)}",
   )
   need(
     config.adarank.factor_dtype in ("float32", "bfloat16"),
