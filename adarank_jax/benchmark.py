@@ -39,6 +39,7 @@ from flax import nnx
 
 from adarank_jax import decomposition, task_vectors, train, tree_util
 from adarank_jax.decomposition import SVD
+from adarank_jax.interop import openclip_config
 from adarank_jax.models import clip, functional
 
 # The SVD rule of the official code (docs/algorithm.md, section 1) on the Flax image-tower layout.
@@ -137,7 +138,7 @@ def make_inputs(
   compute_dtype: Any = jnp.float32,
 ) -> Inputs:
   """The benchmark's random tower, heads and images, deterministically from `seed`."""
-  vision = clip.load_config(arch).vision
+  vision = openclip_config.load_config(arch).vision
   model = clip.VisionTransformer(vision, dtype=compute_dtype, rngs=nnx.Rngs(seed))
   graphdef, pretrained = functional.split(model)
   del model
@@ -413,7 +414,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
 
 def compile_only(args: argparse.Namespace) -> dict[str, object]:
   """Traces and compiles the step on abstract inputs of the requested size (no weights made)."""
-  vision = clip.load_config(args.arch).vision
+  vision = openclip_config.load_config(args.arch).vision
   graphdef, params = functional.split(
     nnx.eval_shape(lambda: clip.VisionTransformer(vision, dtype=DTYPES[args.compute_dtype], rngs=nnx.Rngs(0)))
   )

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from adarank_jax.interop import openclip_config
 from adarank_jax.models import clip
 
 SCALE = 100.0  # CLIP's logit scale of the zero-shot heads
@@ -161,7 +162,7 @@ def _torch_step(
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
   args = _parse_args(argv)
-  config = clip.load_config(args.arch).vision
+  config = openclip_config.load_config(args.arch).vision
   images, heads = _inputs(config, args.tasks, args.batch, args.classes)
   if args.backend == "jax":
     run, compile_s = _jax_step(config, args.layout, images, heads)

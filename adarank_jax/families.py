@@ -78,13 +78,14 @@ def load_clip(
     tasks_per_forward, remat: how training runs the tower over the tasks' batches (traced once):
       `train.one_forward`'s tasks_per_call (None: all tasks in one call) and remat.
   """
-  from adarank_jax.interop import openclip  # pylint: disable=g-import-not-at-top (needs torch for .pt)
+  # pylint: disable-next=g-import-not-at-top (needs torch for .pt)
+  from adarank_jax.interop import openclip, openclip_config
 
-  config = clip.load_config(model)
+  config = openclip_config.load_config(model)  # parsed once, passed to every checkpoint's loader
   loaded, problems = [], []
   for path, text in ((pretrained, True), *((path, False) for path in finetuned)):
     try:  # every bad checkpoint is listed, not only the first
-      loaded.append(openclip.load_openclip(path, model, text=text, run_pickled_code=run_pickled_code))
+      loaded.append(openclip.load_openclip(path, config, text=text, run_pickled_code=run_pickled_code))
     except (ValueError, OSError) as error:
       problems.append(str(error))
   if problems:

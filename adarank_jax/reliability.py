@@ -48,11 +48,11 @@ def _short(text: str, width: int = 110) -> str:
 
 def _tiny_clip_state(seed: int = 0) -> dict[str, np.ndarray]:
   from adarank_jax import tree_util  # pylint: disable=g-import-not-at-top
-  from adarank_jax.interop import openclip  # pylint: disable=g-import-not-at-top
+  from adarank_jax.interop import openclip, openclip_config  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import clip  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(seed)
-  abstract = clip.abstract_params(clip.load_config(TINY_CLIP))
+  abstract = clip.abstract_params(openclip_config.load_config(TINY_CLIP))
   return openclip.state_dict_from_tree(
     tree_util.unflatten(
       {k: rng.normal(size=v.shape).astype(np.float32) for k, v in tree_util.flatten(abstract).items()}
@@ -79,7 +79,8 @@ def non_finite_config(tmp: Path) -> str:
 
 
 def int_weights(tmp: Path) -> str:
-  from adarank_jax.interop import openclip, state_dict  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from adarank_jax.interop import openclip, openclip_config, state_dict
 
   key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
   state = _tiny_clip_state()
@@ -87,7 +88,8 @@ def int_weights(tmp: Path) -> str:
   state[key] = np.round(state[key] * 10).astype(np.int64)
   bad = tmp / "ft" / "Digits.safetensors"
   state_dict.save_state_dict(state, bad)
-  loader = _raises(lambda: openclip.load_openclip(bad, TINY_CLIP), ValueError, str(bad), key, "int64")
+  config = openclip_config.load_config(TINY_CLIP)
+  loader = _raises(lambda: openclip.load_openclip(bad, config), ValueError, str(bad), key, "int64")
   _raises(
     lambda: openclip.convert_checkpoints(
       TINY_CLIP, tmp / "pretrained.safetensors", {"Digits": bad}, tmp / "out"
@@ -106,6 +108,7 @@ def out_of_vocabulary(tmp: Path) -> str:
 
   from adarank_jax import families  # pylint: disable=g-import-not-at-top
   from adarank_jax.digits import tasks as digit_tasks  # pylint: disable=g-import-not-at-top
+  from adarank_jax.interop import openclip_config  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import clip, functional  # pylint: disable=g-import-not-at-top
 
   digit_tasks.register_tasks()
@@ -113,7 +116,7 @@ def out_of_vocabulary(tmp: Path) -> str:
   raw["text_cfg"]["vocab_size"] = 128
   path = tmp / "tiny_clip_vocab128.json"
   path.write_text(json.dumps(raw))
-  config = clip.load_config(path)
+  config = openclip_config.load_config(path)
   _, full = functional.split(clip.build(config, rngs=nnx.Rngs(0)))
   observed = _raises(
     lambda: families.zero_shot_heads(

@@ -7,7 +7,7 @@ is written:
   python -m convert.hf --pretrained hf/roberta-base --finetuned hf/glue --out ckpt/roberta
 
 writes ckpt/roberta/pretrained/ and ckpt/roberta/<name>/ per fine-tuned model
-(config.json + params/, see `hf.save_converted`). Export: a converted (or
+(config.json + params/, see `adarank_jax.interop.converted`). Export: a converted (or
 merged) model directory back to an HF directory that transformers'
 `from_pretrained` loads:
 

@@ -3,10 +3,11 @@ r"""OpenCLIP checkpoints <-> adarank_jax param trees.
 Import (pretrained + every fine-tuned checkpoint, all validated before anything is written):
   python -m convert.openclip --config ViT-B-32 --pretrained zeroshot.pt \
       --finetuned checkpoints/ViT-B-32/ --out trees/ViT-B-32 [--with-text] [--run-pickled-code]
-  -> trees/ViT-B-32/pretrained, trees/ViT-B-32/<task> (image-tower trees, orbax)
+  -> trees/ViT-B-32/pretrained, trees/ViT-B-32/<task> (image towers), each a converted directory:
+     open_clip_config.json (the model config, unchanged) + params/ (the tree), see adarank_jax.interop.converted
 
-Export (a tree directory back to an OpenCLIP state dict):
-  python -m convert.openclip --export trees/merged --out merged.safetensors [--prefix '']
+Export (a converted directory back to an OpenCLIP state dict):
+  python -m convert.openclip --export trees/ViT-B-32/dtd --out dtd.safetensors [--prefix '']
 
 --finetuned takes checkpoint files and folders: a folder contributes each checkpoint file in it
 (task = file stem) and each subfolder holding one checkpoint (task = subfolder name).
@@ -27,7 +28,7 @@ def _parse_args(argv):
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   parser.add_argument(
-    "--out", required=True, help="import: output folder of tree dirs; export: .safetensors or .pt file"
+    "--out", required=True, help="import: output folder of converted dirs; export: .safetensors or .pt file"
   )
   parser.add_argument("--config", help="OpenCLIP model config name (ViT-B-32) or JSON path")
   parser.add_argument("--pretrained", help="pretrained OpenCLIP checkpoint file")
@@ -42,7 +43,9 @@ def _parse_args(argv):
     action="store_true",
     help="allow checkpoints that pickle whole modules (runs code from the files)",
   )
-  parser.add_argument("--export", metavar="TREE_DIR", help="export this tree dir instead of importing")
+  parser.add_argument(
+    "--export", metavar="CONVERTED_DIR", help="export this converted dir instead of importing"
+  )
   parser.add_argument(
     "--prefix",
     default=openclip.VISUAL_PREFIX,
@@ -50,7 +53,7 @@ def _parse_args(argv):
   )
   args = parser.parse_args(argv)
   if args.export is None and not (args.config and args.pretrained and args.finetuned):
-    parser.error("import needs --config, --pretrained and --finetuned (or use --export TREE_DIR)")
+    parser.error("import needs --config, --pretrained and --finetuned (or use --export CONVERTED_DIR)")
   return args
 
 
@@ -58,9 +61,7 @@ def main(argv=None) -> int:
   args = _parse_args(argv)
   try:
     if args.export is not None:
-      from adarank_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
-      openclip.export_openclip(checkpoint.load_tree(args.export), args.out, prefix=args.prefix)
+      openclip.export(args.export, args.out, prefix=args.prefix)
       print(f"wrote {args.out}")
       return 0
     written = openclip.convert_checkpoints(
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote {len(written)} trees to {args.out}: {', '.join(p.name for p in written)}")
+  print(f"wrote {len(written)} converted models to {args.out}: {', '.join(p.name for p in written)}")
   return 0
 
 

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from adarank_jax import baselines, decomposition, tree_util
+from adarank_jax.interop import openclip_config
 from adarank_jax.models import clip, functional
 from adarank_jax.task_vectors import task_vectors
 
@@ -47,7 +48,7 @@ def _models():
 @pytest.fixture(name="clip_models", scope="module")
 def _clip_models():
   """A random-init tiny CLIP image tower and T noisy 'fine-tuned' copies (numpy float32 trees)."""
-  config = clip.load_config(TINY_CLIP).vision
+  config = openclip_config.load_config(TINY_CLIP).vision
   _, params = functional.split(clip.VisionTransformer(config, rngs=nnx.Rngs(0)))
   base = jax.tree.map(np.asarray, params)
   rng = np.random.default_rng(7)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from adarank_jax import tree_util
 from adarank_jax.interop import openclip as openclip_interop
+from adarank_jax.interop import openclip_config
 from adarank_jax.models import clip, functional
 
 TINY_VISION = clip.VisionConfig(
@@ -126,7 +127,7 @@ def test_wrong_image_shape_is_a_clear_error():
 
 
 def test_load_config_reads_openclip_jsons():
-  b32 = clip.load_config("ViT-B-32")
+  b32 = openclip_config.load_config("ViT-B-32")
   assert b32.vision == clip.VisionConfig(
     image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_width=3072, output_dim=512, act="gelu"
   )
@@ -140,11 +141,11 @@ def test_load_config_reads_openclip_jsons():
     output_dim=512,
     act="gelu",
   )
-  l14 = clip.load_config("ViT-L-14-quickgelu")
+  l14 = openclip_config.load_config("ViT-L-14-quickgelu")
   assert (l14.vision.width, l14.vision.heads, l14.vision.layers, l14.vision.patch_size) == (1024, 16, 24, 14)
   assert l14.vision.act == l14.text.act == "quick_gelu"
-  assert clip.load_config("ViT-B-16").vision.patch_size == 16
-  g14 = clip.load_config("ViT-g-14")  # head_width 88, mlp_ratio 4.3637
+  assert openclip_config.load_config("ViT-B-16").vision.patch_size == 16
+  g14 = openclip_config.load_config("ViT-g-14")  # head_width 88, mlp_ratio 4.3637
   assert (g14.vision.heads, g14.vision.mlp_width) == (1408 // 88, int(1408 * 4.3637))
 
 
@@ -164,7 +165,7 @@ def test_load_config_from_path_with_norm_eps(tmp_path):
   }
   path = tmp_path / "tiny.json"
   path.write_text(json.dumps(raw))
-  config = clip.load_config(path)
+  config = openclip_config.load_config(path)
   assert config.vision == clip.VisionConfig(32, 8, 64, 2, 4, 256, 16, "quick_gelu", 1e-6)
   assert config.text.ln_eps == 1e-5 and config.text.act == "quick_gelu"
 
@@ -187,12 +188,12 @@ def test_load_config_from_path_with_norm_eps(tmp_path):
 )
 def test_load_config_rejects_nonstandard_architectures(name, problem):
   with pytest.raises(ValueError, match=rf"{name}\.json: unsupported OpenCLIP config.*{problem}"):
-    clip.load_config(name)
+    openclip_config.load_config(name)
 
 
 def test_load_config_unknown_name_suggests_close_matches():
   with pytest.raises(ValueError, match=r"Unknown OpenCLIP model config 'ViT-B-33'.*'ViT-B-32'"):
-    clip.load_config("ViT-B-33")
+    openclip_config.load_config("ViT-B-33")
 
 
 # ---------------------------------------------------------------- parity with OpenCLIP
@@ -205,9 +206,9 @@ def _reference(name, batch):
 
   torch.manual_seed(0)
   model = open_clip.create_model(name, pretrained=None).eval()
-  config = clip.load_config(name)
+  config = openclip_config.load_config(name)
   state = {k: v.numpy() for k, v in model.state_dict().items()}
-  tree = openclip_interop.tree_from_state_dict(state, config.vision, config.text, source=name)
+  tree = openclip_interop.tree_from_state_dict(state, config, source=name)
   size = config.vision.image_size
   images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
   texts = ["a photo of a cat", "a satellite image of a forest", "the number 7", "a diagram"][:batch]

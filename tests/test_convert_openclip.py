@@ -9,10 +9,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from adarank_jax import checkpoint, tree_util
-from adarank_jax.interop import openclip
+from adarank_jax import tree_util
+from adarank_jax.interop import converted, openclip, openclip_config
 from adarank_jax.interop import state_dict as state_dict_lib
-from adarank_jax.models import clip
 from convert import openclip as cli
 
 TINY_NAME = "adarank-test-tiny-vit"
@@ -67,14 +66,14 @@ def test_vit_b32_round_trip_is_bit_identical(tmp_path, suffix):
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
   expected = numpy_state(model)
   del model
-  config = clip.load_config("ViT-B-32")
+  config = openclip_config.load_config("ViT-B-32")
   loaded = state_dict_lib.load_state_dict(path)
-  tree = openclip.tree_from_state_dict(loaded, config.vision, config.text, source=str(path))
+  tree = openclip.tree_from_state_dict(loaded, config, source=str(path))
   assert tree["visual"]["transformer"]["resblocks"][11]["attn"]["in_proj"]["kernel"].shape == (768, 2304)
   assert tree["text"]["token_embedding"]["embedding"].shape == (49408, 512)
   assert_bit_identical(openclip.state_dict_from_tree(tree), expected)
   # The image tower alone, from the same file.
-  vision = openclip.load_openclip(path, "ViT-B-32")
+  vision = openclip.load_openclip(path, config)
   tree_util.check_structure(
     {k: v.shape for k, v in tree_util.flatten(tree["visual"]).items()},
     tree_util.flatten(vision),
@@ -88,7 +87,7 @@ def test_wrapped_checkpoint_round_trip(tmp_path, tiny_config):
   model = tiny_model(0)
   path = tmp_path / "wrapped.pt"
   torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 3}, path)
-  tree = openclip.load_openclip(path, tiny_config, text=True)
+  tree = openclip.load_openclip(path, openclip_config.load_config(tiny_config), text=True)
   assert_bit_identical(openclip.state_dict_from_tree(tree), numpy_state(model))
 
 
@@ -99,8 +98,8 @@ def test_image_tower_alone_with_and_without_prefix(tmp_path, tiny_config):
     {k: v for k, v in model.state_dict().items() if k.startswith("visual.")}, prefixed
   )
   torch.save(model.visual.state_dict(), bare)
-  from_prefixed = openclip.load_openclip(prefixed, tiny_config)
-  from_bare = openclip.load_openclip(bare, tiny_config)
+  from_prefixed = openclip.load_openclip(prefixed, openclip_config.load_config(tiny_config))
+  from_bare = openclip.load_openclip(bare, openclip_config.load_config(tiny_config))
   assert_bit_identical(tree_util.flatten(from_bare), tree_util.flatten(from_prefixed))
   assert_bit_identical(openclip.state_dict_from_tree(from_prefixed), visual_only(numpy_state(model)))
   assert_bit_identical(openclip.state_dict_from_tree(from_bare, prefix=""), numpy_state(model.visual))
@@ -114,11 +113,11 @@ def test_image_encoder_checkpoint_with_leftover_text_keys(tmp_path, tiny_config)
   state = {"model." + k: v for k, v in model.state_dict().items() if not k.startswith("transformer.")}
   path = tmp_path / "image_encoder.pt"
   torch.save(state, path)
-  tree = openclip.load_openclip(path, tiny_config)
+  tree = openclip.load_openclip(path, openclip_config.load_config(tiny_config))
   assert "visual" not in tree and "token_embedding" not in tree
   assert_bit_identical(openclip.state_dict_from_tree(tree), visual_only(numpy_state(model)))
   with pytest.raises(tree_util.StructureError, match=r"image_encoder\.pt.*missing keys.*transformer\."):
-    openclip.load_openclip(path, tiny_config, text=True)
+    openclip.load_openclip(path, openclip_config.load_config(tiny_config), text=True)
 
 
 def test_pickled_module_needs_run_pickled_code(tmp_path, tiny_config):
@@ -126,8 +125,10 @@ def test_pickled_module_needs_run_pickled_code(tmp_path, tiny_config):
   path = tmp_path / "module.pt"
   torch.save(model, path)
   with pytest.raises(state_dict_lib.CheckpointError, match=r"module\.pt.*run_pickled_code"):
-    openclip.load_openclip(path, tiny_config)
-  tree = openclip.load_openclip(path, tiny_config, text=True, run_pickled_code=True)
+    openclip.load_openclip(path, openclip_config.load_config(tiny_config))
+  tree = openclip.load_openclip(
+    path, openclip_config.load_config(tiny_config), text=True, run_pickled_code=True
+  )
   assert_bit_identical(openclip.state_dict_from_tree(tree), numpy_state(model))
 
 
@@ -136,7 +137,7 @@ def test_low_precision_round_trip_keeps_dtype_and_bits(tmp_path, tiny_config, dt
   model = tiny_model(0).to(dtype)
   path = tmp_path / "low.safetensors"
   safetensors.torch.save_file(model.state_dict(), path)
-  tree = openclip.load_openclip(path, tiny_config, text=True)
+  tree = openclip.load_openclip(path, openclip_config.load_config(tiny_config), text=True)
   exported = openclip.state_dict_from_tree(tree)
   for key, value in model.state_dict().items():
     assert exported[key].dtype.name == str(dtype).removeprefix("torch."), key
@@ -179,7 +180,7 @@ def test_bad_checkpoint_errors_name_file_and_key(tmp_path, tiny_config, edit, me
   path = tmp_path / "bad_ckpt.pt"
   _save_visual(state, path)
   with pytest.raises(ValueError, match=rf"{path}(.|\n)*{message}"):
-    openclip.load_openclip(path, tiny_config)
+    openclip.load_openclip(path, openclip_config.load_config(tiny_config))
 
 
 def test_architecture_mismatch_b16_weights_for_b32_config(tmp_path):
@@ -188,7 +189,7 @@ def test_architecture_mismatch_b16_weights_for_b32_config(tmp_path):
   path = tmp_path / "vit_b16_finetuned.safetensors"
   safetensors.torch.save_file({"visual." + k: v.contiguous() for k, v in visual.state_dict().items()}, path)
   with pytest.raises(tree_util.StructureError) as info:
-    openclip.load_openclip(path, "ViT-B-32")
+    openclip.load_openclip(path, openclip_config.load_config("ViT-B-32"))
   message = str(info.value)
   assert str(path) in message
   assert "visual.conv1.weight: expected shape (768, 3, 32, 32), got (768, 3, 16, 16)" in message
@@ -202,7 +203,7 @@ def test_unreadable_file(tmp_path, tiny_config, name):
   path = tmp_path / name
   path.write_bytes(b"definitely not a checkpoint" * 10)
   with pytest.raises(state_dict_lib.CheckpointError, match=rf"{path}: unreadable"):
-    openclip.load_openclip(path, tiny_config)
+    openclip.load_openclip(path, openclip_config.load_config(tiny_config))
 
 
 def test_find_checkpoints_layouts_and_errors(tmp_path):
@@ -267,9 +268,9 @@ def test_cli_converts_and_exports(tmp_path, tiny_config, checkpoints, capsys):
   assert rc == 0, capsys.readouterr().err
   assert sorted(p.name for p in out.iterdir()) == ["dtd", "eurosat", "mnist", "pretrained", "pretrained_clip"]
   for name, model in checkpoints.items():
-    tree = checkpoint.load_tree(out / name)
+    tree = converted.load(out / name).tree
     assert_bit_identical(openclip.state_dict_from_tree(tree), visual_only(numpy_state(model)))
-  full = checkpoint.load_tree(out / "pretrained_clip")
+  full = converted.load(out / "pretrained_clip").tree
   assert_bit_identical(openclip.state_dict_from_tree(full), numpy_state(checkpoints["pretrained"]))
 
   exported = tmp_path / "dtd_export.pt"

@@ -8,8 +8,8 @@ import torch
 import transformers
 from flax import nnx
 
-from adarank_jax import checkpoint, tree_util
-from adarank_jax.interop import hf, openclip
+from adarank_jax import tree_util
+from adarank_jax.interop import converted, hf, openclip, openclip_config
 from adarank_jax.models import clip, functional
 
 TINY = {
@@ -32,7 +32,7 @@ def _shifted(tree, value):
 
 def test_openclip_trees_load_like_files(tmp_path):
   (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-  config = clip.load_config(tmp_path / "tiny.json")
+  config = openclip_config.load_config(tmp_path / "tiny.json")
   _, tree = functional.split(clip.build(config, rngs=nnx.Rngs(0)))
   openclip.export_openclip(tree, tmp_path / "pre.safetensors")
   tuned = {**tree, "visual": _shifted(tree["visual"], 0.01)}
@@ -44,7 +44,7 @@ def test_openclip_trees_load_like_files(tmp_path):
     tmp_path / "trees",
     with_text=True,
   )
-  model = tmp_path / "tiny.json"
+  model = config  # parsed once
   _bit_equal(
     openclip.load_openclip(tmp_path / "trees/pretrained_clip", model, text=True),
     openclip.load_openclip(tmp_path / "pre.safetensors", model, text=True),
@@ -56,9 +56,13 @@ def test_openclip_trees_load_like_files(tmp_path):
   with pytest.raises(tree_util.StructureError, match=r"trees/pretrained: an image tower alone.*--with-text"):
     openclip.load_openclip(tmp_path / "trees/pretrained", model, text=True)
   # A converted tree is checked like a file: a wrong architecture names the directory and the key.
-  bad = tree_util.flatten(checkpoint.load_tree(tmp_path / "trees/Cars"))
+  cars = converted.load(tmp_path / "trees/Cars")
+  assert cars.config_file == converted.OPENCLIP_CONFIG and cars.config == TINY
+  bad = tree_util.flatten(cars.tree)
   bad["proj"] = np.zeros((3, 3), np.float32)
-  checkpoint.save_tree(tmp_path / "trees/Bad", tree_util.unflatten(bad))
+  converted.save(
+    tmp_path / "trees/Bad", config_file=cars.config_file, config=cars.config, tree=tree_util.unflatten(bad)
+  )
   with pytest.raises(tree_util.StructureError, match=r"trees/Bad: .*proj: expected shape \(16, 16\)"):
     openclip.load_openclip(tmp_path / "trees/Bad", model)
 
@@ -77,8 +81,8 @@ def test_hf_converted_directories_load_like_hf_directories(tmp_path):
   transformers.BertModel(config).save_pretrained(tmp_path / "pre")
   transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "tuned" / "mnli")
   hf.convert(tmp_path / "pre", [tmp_path / "tuned" / "mnli"], tmp_path / "trees")
-  for converted, original in (("pretrained", "pre"), ("mnli", "tuned/mnli")):
-    ours_config, ours = hf.load_hf(tmp_path / "trees" / converted)
+  for name, original in (("pretrained", "pre"), ("mnli", "tuned/mnli")):
+    ours_config, ours = hf.load_hf(tmp_path / "trees" / name)
     ref_config, ref = hf.load_hf(tmp_path / original)
     assert ours_config == ref_config
     _bit_equal(ours, ref)

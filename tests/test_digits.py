@@ -10,7 +10,7 @@ import pytest
 from adarank_jax import tree_util
 from adarank_jax.data import preprocess, registry
 from adarank_jax.digits import tasks, testbed
-from adarank_jax.interop import openclip
+from adarank_jax.interop import openclip, openclip_config
 from adarank_jax.models import clip
 
 CLASS_COUNTS = {
@@ -87,13 +87,13 @@ def test_task_data_are_deterministic():
 
 def test_checkpoints_load_as_openclip(built):
   _, bed = built
-  config = clip.load_config(bed.model_config)
-  full = openclip.load_openclip(bed.pretrained, bed.model_config, text=True)
+  config = openclip_config.load_config(bed.model_config)
+  full = openclip.load_openclip(bed.pretrained, config, text=True)
   assert _shapes(full) == _shapes(clip.abstract_params(config))
   visual_shapes = _shapes(clip.abstract_params(config.vision))
   pretrained_leaves = tree_util.flatten(full["visual"])
   for task in bed.tasks:
-    tuned = openclip.load_openclip(bed.finetuned(task), bed.model_config, text=True)
+    tuned = openclip.load_openclip(bed.finetuned(task), config, text=True)
     assert _shapes(tuned["visual"]) == visual_shapes
     # Text tower and logit scale stay pretrained; the image tower moved.
     for a, b in zip(jax.tree.leaves(tuned["text"]), jax.tree.leaves(full["text"])):
@@ -121,7 +121,7 @@ def test_checkpoints_run_in_open_clip(built, tmp_path):
   config_file.write_text(open(bed.model_config, encoding="utf-8").read())
   open_clip.add_model_config(config_file)
   model = open_clip.create_model("digits-test-tiny-clip", pretrained=bed.finetuned("DigitsMod3")).eval()
-  config = clip.load_config(bed.model_config)
+  config = openclip_config.load_config(bed.model_config)
   images = np.stack(
     [
       preprocess.clip_eval(image, config.vision.image_size)
@@ -133,7 +133,7 @@ def test_checkpoints_run_in_open_clip(built, tmp_path):
   graphdef, _ = functional.split(
     nnx.eval_shape(lambda: clip.VisionTransformer(config.vision, rngs=nnx.Rngs(0)))
   )
-  visual = openclip.load_openclip(bed.finetuned("DigitsMod3"), bed.model_config)
+  visual = openclip.load_openclip(bed.finetuned("DigitsMod3"), config)
   np.testing.assert_allclose(functional.call(graphdef, visual, images), expected, atol=1e-4, rtol=1e-4)
 
 

@@ -11,6 +11,7 @@ from flax import nnx
 
 from adarank_jax.data import clip_tokenizer
 from adarank_jax.interop import openclip as openclip_interop
+from adarank_jax.interop import openclip_config
 from adarank_jax.models import clip, functional, heads
 
 _VOCAB = {w: i + 1 for i, w in enumerate("a photo of the cat dog car red blue big small {} . ,".split())}
@@ -141,9 +142,9 @@ def test_tiny_real_clip_text_tower_matches_open_clip_head():
       rows.append(embeddings)
     reference = (torch.cat(rows) * model.logit_scale.exp()).numpy()
 
-  config = clip.config_from_dict(_TINY, source="tiny")
+  config = openclip_config.config_from_dict(_TINY, source="tiny")
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  tree = openclip_interop.tree_from_state_dict(state, config.vision, config.text, source="tiny")
+  tree = openclip_interop.tree_from_state_dict(state, config, source="tiny")
   graphdef, _ = functional.split(nnx.eval_shape(lambda: clip.CLIP(config, rngs=nnx.Rngs(0))))
   encode = jax.jit(lambda tokens: functional.call(graphdef, tree, tokens, method="encode_text"))
   head = heads.zero_shot_head(

@@ -33,11 +33,11 @@ def checkpoints(tmp_path_factory):
   """A random tiny CLIP and three 'fine-tuned' ones (its image tower plus noise), as OpenCLIP files."""
   from flax import nnx
 
-  from adarank_jax.interop import openclip
+  from adarank_jax.interop import openclip, openclip_config
 
   root = tmp_path_factory.mktemp("ckpts")
   (root / "tiny.json").write_text(json.dumps(TINY))
-  config = clip.load_config(root / "tiny.json")
+  config = openclip_config.load_config(root / "tiny.json")
   _, pretrained = functional.split(clip.build(config, rngs=nnx.Rngs(0)))
   pretrained = {k: np.asarray(v) for k, v in tree_util.flatten(pretrained).items()}
   openclip.export_openclip(tree_util.unflatten(pretrained), root / "pretrained.safetensors")

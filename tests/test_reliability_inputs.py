@@ -149,11 +149,12 @@ def test_token_ids_beyond_the_vocabulary_are_an_error_not_nan_heads(tmp_path):
 
   from adarank_jax import families
   from adarank_jax.digits import tasks as digit_tasks
+  from adarank_jax.interop import openclip_config
   from adarank_jax.models import clip, functional
 
   digit_tasks.register_tasks()
   config_path = _tiny_clip_config(tmp_path, 128)
-  config = clip.load_config(config_path)
+  config = openclip_config.load_config(config_path)
   _, full = functional.split(clip.build(config, rngs=nnx.Rngs(0)))
   cache = tmp_path / "heads"
   with pytest.raises(ValueError, match=r"tiny_clip_vocab128\.json.*max token id \d{5}.*vocab_size 128"):
@@ -190,11 +191,11 @@ def _tiny_openclip_files(tmp_path, *, int_key=None, dtype=np.int64):
   """pretrained.safetensors and ft/Digits.safetensors of the quick tiny CLIP; `int_key` of the fine-tuned
   one holds integers."""
   from adarank_jax import tree_util
-  from adarank_jax.interop import openclip, state_dict
+  from adarank_jax.interop import openclip, openclip_config, state_dict
   from adarank_jax.models import clip
 
   config_path = ROOT / "adarank_jax/digits/tiny_clip_quick.json"
-  abstract = clip.abstract_params(clip.load_config(config_path))
+  abstract = clip.abstract_params(openclip_config.load_config(config_path))
   rng = np.random.default_rng(0)
   tree = tree_util.unflatten(
     {k: rng.normal(size=v.shape).astype(np.float32) for k, v in tree_util.flatten(abstract).items()}
@@ -210,25 +211,27 @@ def _tiny_openclip_files(tmp_path, *, int_key=None, dtype=np.int64):
 @pytest.mark.parametrize("dtype", [np.int64, np.bool_])
 def test_integer_weights_are_rejected_by_the_loader_and_the_converter(tmp_path, dtype):
   from adarank_jax import tree_util
-  from adarank_jax.interop import openclip
+  from adarank_jax.interop import openclip, openclip_config
 
   key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
   config_path = _tiny_openclip_files(tmp_path, int_key=key, dtype=dtype)
   bad = tmp_path / "ft" / "Digits.safetensors"
   pattern = rf"{bad}: .*{key}: .*{np.dtype(dtype).name}.*floating"
   with pytest.raises(tree_util.StructureError, match=pattern):
-    openclip.load_openclip(bad, config_path)  # what families.load_clip (the main CLI) calls
+    openclip.load_openclip(bad, openclip_config.load_config(config_path))  # as families.load_clip calls it
   with pytest.raises(ValueError, match=pattern):
     openclip.convert_checkpoints(
       config_path, tmp_path / "pretrained.safetensors", {"Digits": bad}, tmp_path / "out"
     )
   assert not (tmp_path / "out").exists()
-  openclip.load_openclip(tmp_path / "pretrained.safetensors", config_path, text=True)  # floats pass
+  openclip.load_openclip(  # floats pass
+    tmp_path / "pretrained.safetensors", openclip_config.load_config(config_path), text=True
+  )
 
 
 def test_integer_weights_in_a_converted_tree_are_rejected(tmp_path):
   from adarank_jax import tree_util
-  from adarank_jax.interop import openclip
+  from adarank_jax.interop import converted, openclip, openclip_config
 
   config_path = _tiny_openclip_files(tmp_path)
   openclip.convert_checkpoints(
@@ -237,11 +240,14 @@ def test_integer_weights_in_a_converted_tree_are_rejected(tmp_path):
     {"Digits": tmp_path / "ft" / "Digits.safetensors"},
     tmp_path / "out",
   )
-  tree = checkpoint.load_tree(tmp_path / "out" / "Digits")
+  digits = converted.load(tmp_path / "out" / "Digits")
+  tree = digits.tree
   tree["ln_pre"]["scale"] = np.ones_like(tree["ln_pre"]["scale"], np.int32)
-  checkpoint.save_tree(tmp_path / "out" / "IntDigits", tree)
+  converted.save(
+    tmp_path / "out" / "IntDigits", config_file=digits.config_file, config=digits.config, tree=tree
+  )
   with pytest.raises(tree_util.StructureError, match=r"IntDigits: .*ln_pre/scale: .*int32"):
-    openclip.load_openclip(tmp_path / "out" / "IntDigits", config_path)
+    openclip.load_openclip(tmp_path / "out" / "IntDigits", openclip_config.load_config(config_path))
 
 
 def test_integer_weights_in_a_hugging_face_directory_are_rejected(tmp_path):

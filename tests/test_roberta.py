@@ -13,6 +13,7 @@ import transformers
 from flax import nnx
 
 from adarank_jax.interop import hf
+from adarank_jax.interop import hf_config as hf_config_lib
 from adarank_jax.models import functional, roberta
 
 
@@ -178,13 +179,13 @@ def test_bfloat16_compute_stays_close(tmp_path):
 def test_config_rejects_unsupported_fields():
   hf_config = transformers.RobertaConfig(**_tiny_config(num_labels=2)).to_dict()
   hf_config["architectures"] = ["RobertaForSequenceClassification"]
-  assert roberta.RobertaConfig.from_hf_config(hf_config).num_labels == 2
+  assert hf_config_lib.roberta_config(hf_config).num_labels == 2
   with pytest.raises(ValueError, match="position_embedding_type"):
-    roberta.RobertaConfig.from_hf_config({**hf_config, "position_embedding_type": "relative_key"})
+    hf_config_lib.roberta_config({**hf_config, "position_embedding_type": "relative_key"})
   with pytest.raises(ValueError, match="RobertaForCausalLM"):
-    roberta.RobertaConfig.from_hf_config({**hf_config, "architectures": ["RobertaForCausalLM"]})
+    hf_config_lib.roberta_config({**hf_config, "architectures": ["RobertaForCausalLM"]})
   with pytest.raises(ValueError, match="hidden_act"):
-    roberta.RobertaConfig.from_hf_config({**hf_config, "hidden_act": "swish"})
+    hf_config_lib.roberta_config({**hf_config, "hidden_act": "swish"})
 
 
 def test_too_long_input_is_an_error():

@@ -95,7 +95,7 @@ class Testbed:
   Attributes:
     directory: the cache directory of this build; `testbed.json` in it records the schedule, the
       build times and the zero-shot / fine-tuned test accuracies.
-    model_config: OpenCLIP model-config JSON (`clip.load_config` and open_clip read it).
+    model_config: OpenCLIP model-config JSON (`openclip_config.load_config` and open_clip read it).
     pretrained: full CLIP, OpenCLIP state dict (.safetensors).
     finetuned_template: fine-tuned full CLIP per task, with "{task}" for the task name.
     tasks: the registered task names, in merging order.
@@ -273,11 +273,23 @@ def _running(pid: int) -> bool:
 
 def _fingerprint(schedule: Schedule, seed: int) -> str:
   """Hash of what a build depends on: schedule, seed, model config and the code that makes the files."""
-  from adarank_jax.interop import openclip, state_dict  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from adarank_jax.interop import keymap, openclip, openclip_config, state_dict
 
   digest = hashlib.sha256(json.dumps([dataclasses.asdict(schedule), seed]).encode())
   code = [
-    Path(m.__file__) for m in (clip_tokenizer, preprocess, clip, functional, heads_lib, openclip, state_dict)
+    Path(m.__file__)
+    for m in (
+      clip_tokenizer,
+      preprocess,
+      clip,
+      functional,
+      heads_lib,
+      keymap,
+      openclip,
+      openclip_config,
+      state_dict,
+    )
   ]
   for path in sorted(PACKAGE_DIR.glob("*.py")) + code + [PACKAGE_DIR / schedule.model_config]:
     digest.update(path.read_bytes())
@@ -290,11 +302,11 @@ def _fingerprint(schedule: Schedule, seed: int) -> str:
 
 def _build_into(out: Path, names: tuple[str, ...], schedule: Schedule, seed: int) -> dict[str, Any]:
   """Trains and writes every file of a testbed into `out`; returns what the manifest records."""
-  from adarank_jax.interop import openclip  # pylint: disable=g-import-not-at-top
+  from adarank_jax.interop import openclip, openclip_config  # pylint: disable=g-import-not-at-top
 
   clock = _Clock()
   shutil.copyfile(PACKAGE_DIR / schedule.model_config, out / "model_config.json")
-  config = clip.load_config(out / "model_config.json")
+  config = openclip_config.load_config(out / "model_config.json")
   tokenize = clip_tokenizer.Tokenizer(context_length=config.text.context_length)
   graphdef, params = functional.split(clip.CLIP(config, rngs=nnx.Rngs(seed)))
   train = _stack(names, "train", config.vision.image_size)

@@ -1,9 +1,9 @@
-"""OpenCLIP state dicts <-> CLIP param trees of `adarank_jax.models.clip`.
+"""OpenCLIP state dicts and converted directories <-> CLIP param trees of `adarank_jax.models.clip`.
 
-The mapping is one declarative name table from a tree path (relative to a tower) to the OpenCLIP key, plus
-a transform hook per entry: a fixed axis permutation (Linear weights (out, in) -> kernels (in, out); conv
-OIHW -> HWIO). Both directions use the same table, so state dict -> tree -> state dict is bit-identical
-(values and dtypes; trees keep the stored dtype).
+The mapping is one key map (`keymap.Rule`s) from a tree path (relative to a tower) to the OpenCLIP key,
+with a hook per rule (Linear weights (out, in) -> kernels (in, out); conv OIHW -> HWIO). Both directions
+use the same rules, so state dict -> tree -> state dict is bit-identical (values and dtypes; trees keep
+the stored dtype).
 
   visual.conv1.weight (768, 3, 32, 32)                  <-> visual/conv1/kernel (32, 32, 3, 768)
   visual.transformer.resblocks.0.attn.in_proj_weight    <-> visual/transformer/resblocks/0/attn/in_proj/kernel
@@ -15,7 +15,9 @@ OIHW -> HWIO). Both directions use the same table, so state dict -> tree -> stat
 The image tower alone (what AdaRank merges) is read from the `visual.*` keys of a CLIP checkpoint (its text
 keys are ignored, as are the leftovers in Task Arithmetic's image-encoder checkpoints) or from a
 `model.visual.state_dict()` without the prefix. Keys, shapes and finiteness are checked before a tree is
-built; errors name the file and the keys. torch is needed only for .pt/.bin files.
+built; errors name the file and the keys. torch is needed only for .pt/.bin files. Model configs are
+parsed by `openclip_config`, once, and the parsed `clip.CLIPConfig` is passed down; converted models are
+`interop.converted` directories holding the model-config JSON they were converted with.
 """
 
 import os
@@ -27,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from adarank_jax import tree_util
+from adarank_jax.interop import keymap, openclip_config
 from adarank_jax.interop import state_dict as state_dict_lib
+from adarank_jax.interop.keymap import Rule
 from adarank_jax.models import clip
 
 VISUAL_PREFIX = "visual."
@@ -35,21 +39,21 @@ CHECKPOINT_SUFFIXES = (".safetensors",) + state_dict_lib.TORCH_SUFFIXES
 PRETRAINED_NAME = "pretrained"
 PRETRAINED_CLIP_NAME = "pretrained_clip"
 
-# Hooks: the axis permutation taking the OpenCLIP tensor to the tree array (None: as is).
-_LINEAR = (1, 0)  # (out, in) -> (in, out)
-_CONV = (2, 3, 1, 0)  # (out, in, h, w) -> (h, w, in, out)
-
-# Tower-relative tree path (regex, first full match wins) -> OpenCLIP key template ('/' become '.'), hook.
-NAME_TABLE = (
-  (r"conv1/kernel", "conv1.weight", _CONV),
-  (r"(.*)/in_proj/kernel", r"\1.in_proj_weight", _LINEAR),  # packed q|k|v
-  (r"(.*)/in_proj/bias", r"\1.in_proj_bias", None),
-  (r"(.*)/kernel", r"\1.weight", _LINEAR),  # out_proj, c_fc, c_proj
-  (r"(.*)/scale", r"\1.weight", None),  # LayerNorm
-  (r"(.*)/embedding", r"\1.weight", None),  # token_embedding
-  (r".*", r"\g<0>", None),  # biases, class/positional embeddings, proj, text_projection, logit_scale
+# A tower's rules: tower-relative tree path -> OpenCLIP key ('/' become '.'), hook.
+TOWER = (
+  Rule(r"conv1/kernel", ("conv1.weight",), keymap.CONV),
+  Rule(r"(.*)/in_proj/kernel", (r"\1.in_proj_weight",), keymap.LINEAR),  # packed q|k|v
+  Rule(r"(.*)/in_proj/bias", (r"\1.in_proj_bias",)),
+  Rule(r"(.*)/kernel", (r"\1.weight",), keymap.LINEAR),  # out_proj, c_fc, c_proj
+  Rule(r"(.*)/(scale|embedding)", (r"\1.weight",)),  # LayerNorm, token_embedding
+  Rule(r"(.*)", (r"\1",)),  # biases, class/positional embeddings, proj, text_projection
 )
-_TABLE = tuple((re.compile(pattern), template, hook) for pattern, template, hook in NAME_TABLE)
+# A CLIP tree: OpenCLIP keeps the text tower at top level.
+CLIP = (
+  keymap.prefixed(TOWER, "visual/", VISUAL_PREFIX)
+  + keymap.prefixed(TOWER, "text/", "")
+  + (Rule(r"logit_scale", ("logit_scale",)),)
+)
 
 # Text-tower and CLIP-head keys, ignored when only the image tower is read from a prefixed checkpoint.
 _TEXT_KEYS = re.compile(
@@ -57,75 +61,21 @@ _TEXT_KEYS = re.compile(
   r"|ln_final\.(weight|bias)|text_projection|logit_scale|logit_bias|attn_mask"
 )
 
-Hook = tuple[int, ...] | None
 
-
-def _tower_key(path: str) -> tuple[str, Hook]:
-  for pattern, template, hook in _TABLE:
-    if pattern.fullmatch(path):
-      return pattern.sub(template, path).replace("/", "."), hook
-  raise AssertionError(f"NAME_TABLE ends with a catch-all, yet nothing matched {path!r}")
-
-
-def _openclip_key(path: str, *, is_clip: bool, prefix: str) -> tuple[str, Hook]:
-  """(OpenCLIP key, hook) of a path in a CLIP tree or (with `prefix`) in a VisionTransformer tree."""
-  if not is_clip:
-    key, hook = _tower_key(path)
-    return prefix + key, hook
-  tower, _, rest = path.partition("/")
-  if tower == "visual":
-    key, hook = _tower_key(rest)
-    return VISUAL_PREFIX + key, hook
-  return _tower_key(rest if tower == "text" else path)  # OpenCLIP keeps the text tower at top level
-
-
-def _to_tree(array: np.ndarray, hook: Hook) -> np.ndarray:
-  array = np.asarray(array)
-  return array if hook is None else np.ascontiguousarray(array.transpose(hook))
-
-
-def _to_openclip(array: Any, hook: Hook) -> np.ndarray:
-  array = np.asarray(array)
-  return array if hook is None else np.ascontiguousarray(array.transpose(np.argsort(hook)))
-
-
-def _expected(
-  config: clip.VisionConfig | clip.CLIPConfig, *, prefix: str
-) -> dict[str, tuple[str, tuple[int, ...], Hook]]:
-  """OpenCLIP key -> (tree path, OpenCLIP shape, hook), for every param of `config`'s model."""
-  is_clip = isinstance(config, clip.CLIPConfig)
-  table = {}
-  for path, leaf in tree_util.flatten(clip.abstract_params(config)).items():
-    key, hook = _openclip_key(path, is_clip=is_clip, prefix=prefix)
-    shape = leaf.shape if hook is None else tuple(leaf.shape[i] for i in np.argsort(hook))
-    table[key] = (path, tuple(shape), hook)
-  return table
-
-
-def _expected_dtypes(config: clip.VisionConfig | clip.CLIPConfig, *, prefix: str) -> dict[str, Any]:
-  """OpenCLIP key -> the architecture's dtype (float32 for every CLIP param)."""
-  is_clip = isinstance(config, clip.CLIPConfig)
-  return {
-    _openclip_key(path, is_clip=is_clip, prefix=prefix)[0]: leaf.dtype
-    for path, leaf in tree_util.flatten(clip.abstract_params(config)).items()
-  }
+def _abstract(config: clip.VisionConfig | clip.CLIPConfig) -> dict[str, Any]:
+  return tree_util.flatten(clip.abstract_params(config))
 
 
 def tree_from_state_dict(
-  state_dict: Mapping[str, np.ndarray],
-  vision_cfg: clip.VisionConfig,
-  text_cfg: clip.TextConfig | None = None,
-  *,
-  source: str,
+  state_dict: Mapping[str, np.ndarray], config: clip.VisionConfig | clip.CLIPConfig, *, source: str
 ) -> dict[str, Any]:
-  """Validates an OpenCLIP state dict against the configs, then builds the param tree.
+  """Validates an OpenCLIP state dict against `config`, then builds the param tree.
 
   Args:
     state_dict: OpenCLIP key -> array in torch layouts (as `state_dict.load_state_dict` returns).
-    vision_cfg: the image tower's architecture.
-    text_cfg: None -> a VisionTransformer tree, from the `visual.*` keys (other CLIP keys are ignored) or,
-      when no key has that prefix, from an image-tower state dict. A TextConfig -> a CLIP tree
-      ({'visual', 'text', 'logit_scale'}); every CLIP key is then required.
+    config: a VisionConfig -> a VisionTransformer tree, from the `visual.*` keys (other CLIP keys are
+      ignored) or, when no key has that prefix, from an image-tower state dict. A CLIPConfig -> a CLIP
+      tree ({'visual', 'text', 'logit_scale'}); every CLIP key is then required.
     source: where the state dict came from (the file), named in errors.
 
   Returns:
@@ -136,28 +86,21 @@ def tree_from_state_dict(
       weights for a ViT-B/32 config), or integer/bool arrays for float weights; all of them are listed.
     tree_util.NonFiniteError: NaN or Inf in a tensor the tree uses.
   """
-  if text_cfg is not None:
-    config = clip.CLIPConfig(vision=vision_cfg, text=text_cfg)
-    expected = _expected(config, prefix="")
-    used = dict(state_dict)
+  if isinstance(config, clip.CLIPConfig):
+    rules, used = CLIP, dict(state_dict)
   else:
-    config = vision_cfg
     prefix = VISUAL_PREFIX if any(k.startswith(VISUAL_PREFIX) for k in state_dict) else ""
-    expected = _expected(config, prefix=prefix)
+    rules = keymap.prefixed(TOWER, "", prefix)
     used = {
       k: v for k, v in state_dict.items() if not prefix or k.startswith(prefix) or not _TEXT_KEYS.fullmatch(k)
     }
-  try:
-    tree_util.check_structure({key: shape for key, (_, shape, _) in expected.items()}, used, source=source)
-  except tree_util.StructureError as e:
-    raise tree_util.StructureError(
-      f"{e}\n  The checkpoint does not match the expected OpenCLIP architecture {config}."
-    ) from None
-  state_dict_lib.check_dtypes(
-    _expected_dtypes(config, prefix="" if text_cfg is not None else prefix), used, source=source
+  return keymap.tree_from_state_dict(
+    rules,
+    _abstract(config),
+    used,
+    source=source,
+    hint=f"The checkpoint does not match the expected OpenCLIP architecture {config}.",
   )
-  tree_util.check_finite(used, source=source)
-  return tree_util.unflatten({path: _to_tree(used[key], hook) for key, (path, _, hook) in expected.items()})
 
 
 def state_dict_from_tree(tree: Mapping[str, Any], *, prefix: str = VISUAL_PREFIX) -> dict[str, np.ndarray]:
@@ -169,64 +112,68 @@ def state_dict_from_tree(tree: Mapping[str, Any], *, prefix: str = VISUAL_PREFIX
       `model.load_state_dict(sd, strict=False)`) or '' (keys of `model.visual`). A CLIP tree always maps to
       the full CLIP layout.
   """
-  is_clip = "visual" in tree
-  if is_clip and prefix != VISUAL_PREFIX:
-    raise ValueError(
-      f"prefix={prefix!r} applies to VisionTransformer trees; a CLIP tree always maps to the "
-      f"full OpenCLIP layout."
-    )
-  state = {}
-  for path, leaf in tree_util.flatten(tree).items():
-    key, hook = _openclip_key(path, is_clip=is_clip, prefix=prefix)
-    state[key] = _to_openclip(leaf, hook)
-  return state
+  if "visual" in tree:
+    if prefix != VISUAL_PREFIX:
+      raise ValueError(
+        f"prefix={prefix!r} applies to VisionTransformer trees; a CLIP tree always maps to the "
+        f"full OpenCLIP layout."
+      )
+    return keymap.state_dict_from_tree(CLIP, tree)
+  return keymap.state_dict_from_tree(keymap.prefixed(TOWER, "", prefix), tree)
 
 
 def load_openclip(
-  path: str | os.PathLike,
-  config_name_or_path: str | os.PathLike,
-  *,
-  text: bool = False,
-  run_pickled_code: bool = False,
+  path: str | os.PathLike, config: clip.CLIPConfig, *, text: bool = False, run_pickled_code: bool = False
 ) -> dict[str, Any]:
-  """Reads an OpenCLIP checkpoint file, or a tree converted by `convert_checkpoints`, into a param tree.
+  """Reads an OpenCLIP checkpoint file, or a model converted by `convert_checkpoints`, into a param tree.
 
   Args:
     path: .safetensors / .pt / .pth / .bin / .ckpt. Wrappers ({'state_dict': ...}) and 'module.'/'model.'
-      prefixes are handled by `state_dict.load_state_dict`. A directory is a converted Orbax tree
+      prefixes are handled by `state_dict.load_state_dict`. A directory is a converted model
       (`python -m convert.openclip` output: <out>/<task>, <out>/pretrained, <out>/pretrained_clip), checked
-      against the config like a file.
-    config_name_or_path: OpenCLIP model config name ('ViT-B-32') or JSON path.
+      against the config like a file, and against the model config it was converted with.
+    config: the parsed model config (`openclip_config.load_config`).
     text: False -> VisionTransformer tree (the image tower); True -> CLIP tree (needs the text tower).
     run_pickled_code: allow files that pickle whole modules (runs code from the file: trusted files only).
   """
-  config = clip.load_config(config_name_or_path)
-  if os.path.isdir(path):
-    return _load_converted(path, config, text=text)
-  state = state_dict_lib.load_state_dict(path, run_pickled_code=run_pickled_code)
-  return tree_from_state_dict(state, config.vision, config.text if text else None, source=os.fspath(path))
-
-
-def _load_converted(path: str | os.PathLike, config: clip.CLIPConfig, *, text: bool) -> dict[str, Any]:
-  """A converted tree directory, validated against `config` (keys, shapes, finiteness)."""
-  from adarank_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
-  source = os.fspath(path)
-  tree = checkpoint.load_tree(path)
-  if text and "visual" not in tree:
-    raise tree_util.StructureError(
-      f"{source}: an image tower alone; the pretrained model needs the text tower too (convert it with "
-      f"--with-text and use <out>/pretrained_clip)"
+  if not isinstance(config, clip.CLIPConfig):
+    raise TypeError(
+      f"config must be a parsed clip.CLIPConfig (openclip_config.load_config), got {type(config).__name__}"
     )
-  if not text and "visual" in tree:
-    tree = tree["visual"]
-  expected = clip.abstract_params(config if text else config.vision)
-  flat = tree_util.flatten(tree)
-  expected_flat = tree_util.flatten(expected)
-  tree_util.check_structure(tree_util.shapes(expected_flat), flat, source=source)
-  state_dict_lib.check_dtypes({k: v.dtype for k, v in expected_flat.items()}, flat, source=source)
-  tree_util.check_finite(flat, source=source)
-  return tree
+  if os.path.isdir(path):
+    stored, tree = load_converted(path)
+    if text and "visual" not in tree:
+      raise tree_util.StructureError(
+        f"{os.fspath(path)}: an image tower alone; the pretrained model needs the text tower too (convert "
+        f"it with --with-text and use <out>/pretrained_clip)"
+      )
+    if not text:
+      stored, config, tree = stored.vision, config.vision, tree.get("visual", tree)
+    if stored != config:
+      raise tree_util.StructureError(
+        f"{os.fspath(path)}: converted with another model config: {stored}, expected {config}"
+      )
+    return tree
+  state = state_dict_lib.load_state_dict(path, run_pickled_code=run_pickled_code)
+  return tree_from_state_dict(state, config if text else config.vision, source=os.fspath(path))
+
+
+def load_converted(directory: str | os.PathLike) -> tuple[clip.CLIPConfig, dict[str, Any]]:
+  """(model config, tree) of a converted OpenCLIP directory: an image tower, or a CLIP tree (converted
+  --with-text), checked against the model config stored with it (keys, shapes, dtypes, finiteness)."""
+  from adarank_jax.interop import converted  # pylint: disable=g-import-not-at-top (orbax)
+
+  found = converted.load(directory)
+  if found.config_file != converted.OPENCLIP_CONFIG:
+    raise state_dict_lib.CheckpointError(
+      f"{directory}: a converted model with {found.config_file}, not an OpenCLIP one ({converted.OPENCLIP_CONFIG})"
+    )
+  config_path = pathlib.Path(directory) / found.config_file
+  config = openclip_config.config_from_dict(found.config, source=str(config_path))
+  tree = found.tree
+  abstract = _abstract(config if "visual" in tree else config.vision)
+  keymap.check_tree(abstract, tree_util.flatten(tree), source=os.fspath(directory))
+  return config, tree
 
 
 def export_openclip(tree: Mapping[str, Any], path: str | os.PathLike, *, prefix: str = VISUAL_PREFIX) -> None:
@@ -235,6 +182,11 @@ def export_openclip(tree: Mapping[str, Any], path: str | os.PathLike, *, prefix:
   See `state_dict_from_tree` for `prefix`. The tree is not checked against a config.
   """
   state_dict_lib.save_state_dict(state_dict_from_tree(tree, prefix=prefix), path)
+
+
+def export(directory: str | os.PathLike, path: str | os.PathLike, *, prefix: str = VISUAL_PREFIX) -> None:
+  """Writes a converted OpenCLIP directory (checked by `load_converted`) as a state dict file."""
+  export_openclip(load_converted(directory)[1], path, prefix=prefix)
 
 
 # ------------------------------------------------------------------------------------------ batch conversion
@@ -288,11 +240,12 @@ def convert_checkpoints(
   run_pickled_code: bool = False,
   progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items,
 ) -> list[pathlib.Path]:
-  """Converts one pretrained and many fine-tuned OpenCLIP checkpoints into tree directories.
+  """Converts one pretrained and many fine-tuned OpenCLIP checkpoints into converted directories.
 
-  Every input is read and validated first; if any is bad, nothing is written and one ValueError lists all
-  the problems. Then each image tower is saved with `checkpoint.save_tree` as out_dir/<task name>, the
-  pretrained one as out_dir/pretrained (and with `with_text` its full CLIP as out_dir/pretrained_clip).
+  The model config is read and parsed once, before any checkpoint. Every input is then read and validated;
+  if any is bad, nothing is written and one ValueError lists all the problems. Then each image tower is
+  saved (`converted.save`, with the model-config JSON) as out_dir/<task name>, the pretrained one as
+  out_dir/pretrained (and with `with_text` its full CLIP as out_dir/pretrained_clip).
 
   Args:
     config_name_or_path: OpenCLIP model config name or JSON path.
@@ -304,11 +257,12 @@ def convert_checkpoints(
     progress: wraps each pass's iterable with a description ('validating', 'converting'), e.g. tqdm.
 
   Returns:
-    The tree directories written.
+    The directories written.
   """
-  from adarank_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax only when writing)
+  from adarank_jax.interop import converted  # pylint: disable=g-import-not-at-top  (orbax only when writing)
 
-  clip.load_config(config_name_or_path)  # A bad config fails before any checkpoint is read.
+  raw, config_path = openclip_config.read_config(config_name_or_path)
+  config = openclip_config.config_from_dict(raw, source=config_path)
   jobs = [(PRETRAINED_NAME, pathlib.Path(pretrained), False)]
   if with_text:
     jobs.append((PRETRAINED_CLIP_NAME, pathlib.Path(pretrained), True))
@@ -322,7 +276,7 @@ def convert_checkpoints(
     raise ValueError(f"Outputs already exist; nothing was written: {existing}.")
 
   def read(path, text):
-    return load_openclip(path, config_name_or_path, text=text, run_pickled_code=run_pickled_code)
+    return load_openclip(path, config, text=text, run_pickled_code=run_pickled_code)
 
   errors = []
   for _, path, text in progress(jobs, "validating"):
@@ -337,6 +291,6 @@ def convert_checkpoints(
     )
   written = []
   for name, path, text in progress(jobs, "converting"):
-    checkpoint.save_tree(out_dir / name, read(path, text))
+    converted.save(out_dir / name, config_file=converted.OPENCLIP_CONFIG, config=raw, tree=read(path, text))
     written.append(out_dir / name)
   return written

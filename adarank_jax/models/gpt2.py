@@ -16,14 +16,11 @@ Shapes: B batch, L sequence length, D hidden size, C number of labels, V vocabul
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from adarank_jax.models import hf_checks
 from adarank_jax.models.activations import ACTIVATIONS
 
 ARCHITECTURES = ("GPT2ForSequenceClassification", "GPT2LMHeadModel", "GPT2Model")
@@ -77,39 +74,6 @@ class GPT2Config:
   @property
   def mlp_width(self) -> int:
     return 4 * self.n_embd if self.n_inner is None else self.n_inner
-
-  @classmethod
-  def from_hf_config(cls, config: Mapping[str, Any], *, dtype: str = "float32") -> GPT2Config:
-    """Builds the config from a complete HF config.json dict (model_type gpt2).
-
-    `config` must hold every field HF writes (transformers' `to_dict()` form);
-    `interop.hf` fills HF's defaults in before calling this.
-    """
-    if config["model_type"] != "gpt2":
-      raise ValueError(f"model_type {config['model_type']!r} is not 'gpt2'")
-    if config["add_cross_attention"]:
-      raise ValueError("add_cross_attention=True (GPT-2 with cross-attention) is not supported")
-    architecture = hf_checks.single_architecture(config)
-    if architecture == "GPT2LMHeadModel" and not config["tie_word_embeddings"]:
-      raise ValueError(
-        "GPT2LMHeadModel with tie_word_embeddings=False is not supported (its lm_head would not be kept)"
-      )
-    return cls(
-      architecture=architecture,
-      vocab_size=config["vocab_size"],
-      n_positions=config["n_positions"],
-      n_embd=config["n_embd"],
-      n_layer=config["n_layer"],
-      n_head=config["n_head"],
-      n_inner=config["n_inner"],
-      activation_function=config["activation_function"],
-      layer_norm_epsilon=config["layer_norm_epsilon"],
-      scale_attn_weights=config["scale_attn_weights"],
-      scale_attn_by_inverse_layer_idx=config["scale_attn_by_inverse_layer_idx"],
-      pad_token_id=config["pad_token_id"],
-      num_labels=(len(config["id2label"]) if architecture == "GPT2ForSequenceClassification" else None),
-      dtype=dtype,
-    )
 
 
 def last_non_pad_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:

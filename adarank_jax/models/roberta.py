@@ -19,14 +19,11 @@ Shapes: B batch, L sequence length, D hidden size, C number of labels.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from adarank_jax.models import hf_checks
 from adarank_jax.models.activations import ACTIVATIONS
 
 ARCHITECTURES = (
@@ -37,7 +34,7 @@ ARCHITECTURES = (
   "RobertaForMaskedLM",
   "BertForMaskedLM",
 )  # masked LMs: the body only (no lm_head)
-_POSITION_IDS = {"roberta": "padding_offset", "bert": "absolute"}
+POSITION_IDS = ("padding_offset", "absolute")  # RoBERTa, BERT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +66,8 @@ class RobertaConfig:
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
       raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
-    if self.position_ids not in _POSITION_IDS.values():
-      raise ValueError(f"position_ids {self.position_ids!r} is not one of {sorted(_POSITION_IDS.values())}")
+    if self.position_ids not in POSITION_IDS:
+      raise ValueError(f"position_ids {self.position_ids!r} is not one of {POSITION_IDS}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
     if self.hidden_size % self.num_attention_heads:
@@ -84,39 +81,6 @@ class RobertaConfig:
       )
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype {self.dtype!r} is not 'float32' or 'bfloat16'")
-
-  @classmethod
-  def from_hf_config(cls, config: Mapping[str, Any], *, dtype: str = "float32") -> RobertaConfig:
-    """Builds the config from a complete HF config.json dict (model_type roberta or bert).
-
-    `config` must hold every field HF writes (transformers' `to_dict()` form);
-    `interop.hf` fills HF's defaults in before calling this.
-    """
-    model_type = config["model_type"]
-    if model_type not in _POSITION_IDS:
-      raise ValueError(f"model_type {model_type!r} is not one of {sorted(_POSITION_IDS)}")
-    # transformers 5 dropped this field (absolute only) but older config.json files carry it.
-    if "position_embedding_type" in config and config["position_embedding_type"] != "absolute":
-      raise ValueError(
-        f"position_embedding_type {config['position_embedding_type']!r} is not supported (only 'absolute')"
-      )
-    architecture = hf_checks.single_architecture(config)
-    return cls(
-      architecture=architecture,
-      vocab_size=config["vocab_size"],
-      hidden_size=config["hidden_size"],
-      num_hidden_layers=config["num_hidden_layers"],
-      num_attention_heads=config["num_attention_heads"],
-      intermediate_size=config["intermediate_size"],
-      hidden_act=config["hidden_act"],
-      max_position_embeddings=config["max_position_embeddings"],
-      type_vocab_size=config["type_vocab_size"],
-      layer_norm_eps=config["layer_norm_eps"],
-      pad_token_id=config["pad_token_id"],
-      position_ids=_POSITION_IDS[model_type],
-      num_labels=(len(config["id2label"]) if architecture.endswith("ForSequenceClassification") else None),
-      dtype=dtype,
-    )
 
 
 def position_ids(input_ids: jax.Array, *, scheme: str, pad_token_id: int) -> jax.Array:
