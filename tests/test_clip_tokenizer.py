@@ -1,5 +1,6 @@
 """The torch-free CLIP tokenizer gives open_clip's SimpleTokenizer's tokens exactly."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -108,6 +109,6 @@ def test_unreadable_bpe_path_names_it(tmp_path):
 
 
 def test_without_open_clip_asks_for_the_torch_extra(monkeypatch):
-  monkeypatch.setattr(clip_tokenizer.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ValueError, match=r"open_clip is not installed.*\[torch\].*bpe_path="):
     clip_tokenizer.Tokenizer()

@@ -11,7 +11,6 @@ importing it.
 
 import gzip
 import html
-import importlib.util
 import itertools
 import math
 import os
@@ -21,6 +20,8 @@ import ftfy
 import numpy as np
 import regex
 
+from adarank_jax.interop import openclip_config
+
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # merges used by CLIP: lines 1..48894 of the BPE file (line 0 is a header)
 _SOT, _EOT = "<start_of_text>", "<end_of_text>"
@@ -28,13 +29,11 @@ _SOT, _EOT = "<start_of_text>", "<end_of_text>"
 
 def _default_bpe_path() -> str:
   """open_clip's bundled BPE vocabulary, located without importing open_clip (or torch)."""
-  spec = importlib.util.find_spec("open_clip")
-  if spec is None or not spec.submodule_search_locations:
-    raise ValueError(
-      f"open_clip is not installed, so its CLIP BPE vocabulary {_BPE_FILE} cannot be found; "
-      'install the [torch] extra (pip install -e ".[torch]") or pass bpe_path=.'
-    )
-  return os.path.join(spec.submodule_search_locations[0], _BPE_FILE)
+  return openclip_config.package_path(
+    _BPE_FILE,
+    what=f"its CLIP BPE vocabulary {_BPE_FILE}",
+    instead='install the [torch] extra (pip install -e ".[torch]") or pass bpe_path=.',
+  )
 
 
 def _bytes_to_unicode() -> dict[int, str]:
