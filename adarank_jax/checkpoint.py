@@ -8,7 +8,9 @@ and shape, computed from the arrays given to save. Restoring recomputes it from 
 so a flipped byte in a stored file (which Orbax's compressed chunks may decode without complaint into
 other numbers) raises CorruptCheckpointError naming the directory and the leaf. `Manager.restore` of
 the newest step falls back to the newest older step that verifies, with a warning naming both.
-Trees written before checksums existed (no checksum.json) restore unverified.
+Trees written before checksums existed (no checksum.json) restore unverified. A `Manager` step also
+holds a small JSON dict beside the tree (`Manager.save(..., data=...)`): the input pipeline's iterator
+state, so a resumed run reads exactly the batches the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import contextlib
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,9 @@ from adarank_jax import files, tree_util
 
 CHECKSUM_NAME = "checksum.json"
 _CHECKSUM_FORMAT = "sha256 per leaf of dtype, shape and bytes, v1"
+# A Manager step holds two items, the tree and a JSON dict of the input pipeline's state, beside the
+# tree's checksum.json.
+_STATE, _DATA = "state", "data"
 
 
 class CorruptCheckpointError(ValueError):
@@ -60,8 +65,9 @@ def _dtype(name: str) -> np.dtype:
 
 
 def _host_array(leaf: Any) -> np.ndarray | None:
-  """The leaf as one numpy array, or None where this process does not hold all of it."""
-  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+  """The leaf as one numpy array, or None where this process does not hold all of it (a replicated
+  leaf of a run of several processes is whole on every process)."""
+  if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
     return None
   return np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
 
@@ -83,9 +89,11 @@ def checksums(tree: Any) -> dict[str, dict[str, Any]] | None:
   return out
 
 
-def _write_checksum(directory: Path, tree: Any) -> None:
+def _write_checksum(directory: Path, tree: Any, *, shared: bool) -> None:
+  """shared: a checkpoint all processes write together (process 0 writes its checksum), else a host
+  tree of this process."""
   sums = checksums(tree)
-  if sums is not None and jax.process_index() == 0:
+  if sums is not None and (not shared or jax.process_index() == 0):
     files.write_json(directory / CHECKSUM_NAME, {"format": _CHECKSUM_FORMAT, "leaves": sums}, indent=1)
 
 
@@ -145,11 +153,20 @@ def _naming(path: Path, what: str) -> Iterator[None]:
     ) from error
 
 
+def _this_process() -> ocp.StandardCheckpointer:
+  """A checkpointer for a host tree that this process writes or reads on its own (in a run of several
+  processes, the others do not take part: no barrier waits for them)."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(
+    multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  )
+
+
 def _write_tree(path: Path, tree: Any) -> None:
-  with _naming(path, "the tree"), ocp.StandardCheckpointer() as checkpointer:
+  with _naming(path, "the tree"), _this_process() as checkpointer:
     checkpointer.save(path, tree)
     checkpointer.wait_until_finished()
-  _write_checksum(path, tree)
+  _write_checksum(path, tree, shared=False)
 
 
 def save_tree(path: str | os.PathLike, tree: Any) -> None:
@@ -178,7 +195,7 @@ def load_tree(path: str | os.PathLike, target: Any = None) -> Any:
   path = Path(path).absolute()
   if not path.is_dir():
     raise FileNotFoundError(f"{path}: no saved tree here")
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _this_process() as checkpointer:
     if target is None:
       tree = _restored(checkpointer.restore(path))
     else:
@@ -204,12 +221,32 @@ class Manager:
     """Where checkpoint `step` lives."""
     return self.directory / str(step)
 
-  def save(self, step: int, tree: Any) -> None:
-    """Saves `tree` as checkpoint `step`, with its checksum, and waits until it is complete on disk."""
+  def save(self, step: int, tree: Any, *, data: Mapping[str, Any] | None = None) -> None:
+    """Saves `tree` as checkpoint `step`, with its checksum, and waits until it is complete on disk.
+
+    `data`: a JSON-able dict saved beside the tree in the same step (the input pipeline's iterator
+    state), read back by `data`.
+    """
+    items = {_STATE: ocp.args.StandardSave(tree), _DATA: ocp.args.JsonSave(dict(data or {}))}
     with _naming(self.step_directory(step), f"checkpoint step {step}"):
-      self._manager.save(step, args=ocp.args.StandardSave(tree))
+      self._manager.save(step, args=ocp.args.Composite(**items))
       self._manager.wait_until_finished()
-      _write_checksum(self.step_directory(step), tree)
+      _write_checksum(self.step_directory(step), tree, shared=True)
+
+  def data(self, step: int) -> dict[str, Any]:
+    """The JSON dict saved with checkpoint `step` (empty if none was given).
+
+    Raises:
+      CorruptCheckpointError: it cannot be read.
+    """
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{_DATA: ocp.args.JsonRestore()}))
+    except (ValueError, OSError, KeyError) as error:
+      raise CorruptCheckpointError(
+        f"{self.step_directory(step) / _DATA}: the data state cannot be read ({type(error).__name__}: "
+        f"{str(error)[:300]})"
+      ) from error
+    return dict(restored[_DATA])
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -220,7 +257,9 @@ class Manager:
   def _restore_verified(self, step: int, target: Any) -> Any:
     abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      tree = self._manager.restore(
+        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
+      )[_STATE]
     except (ValueError, OSError, KeyError) as error:  # e.g. a truncated _METADATA or a missing file
       raise CorruptCheckpointError(
         f"{self.step_directory(step)}: checkpoint cannot be read, truncated or corrupt "

@@ -34,6 +34,14 @@ _VERBOSE = flags.DEFINE_bool(
   "On an error, print the traceback too (or set "
   "ADARANK_VERBOSE=1); without it an error is one 'error: ...' message.",
 )
+# Runs of several processes (config.mesh.multi_host=True, one process per host): where the processes
+# meet and who this one is. Left unset, jax.distributed.initialize() detects them on Cloud TPU, SLURM,
+# Open MPI and Kubernetes jobs (README: "Several hosts").
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 (or $JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 flags.mark_flags_as_required(["config"])
 VERBOSE_ENV = "ADARANK_VERBOSE"
 
@@ -86,7 +94,10 @@ def _main(argv):
   if config.mesh.multi_host:
     import jax  # pylint: disable=g-import-not-at-top
 
-    jax.distributed.initialize()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only: their collectives
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
   from adarank_jax import run  # pylint: disable=g-import-not-at-top  (heavy imports after validation)
 
   try:

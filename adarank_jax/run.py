@@ -15,6 +15,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from adarank_jax import (
   checkpoint,
@@ -55,9 +58,16 @@ def run(
   # ------------------------------------------------------------------------------------------ Workdir
   # Nothing but the cache is written before the models loaded: a run that fails to load leaves no
   # config.json behind, so the corrected rerun is not refused as "a different config".
-  if overwrite:
+  # A run of several processes (one per host) shares the workdir: every process computes the same
+  # results; process 0 writes its reports to the workdir, every other process i its own copy under
+  # workdir/processes/i. The trained methods' checkpoints are written by all processes together;
+  # their masks, candidate models and the exports by process 0 alone, in the workdir.
+  primary = jax.process_index() == 0
+  outputs = workdir if primary else workdir / "processes" / str(jax.process_index())
+  if overwrite and primary:
     files.clear_dir(workdir)  # keeps main.py's lock file
-  workdir.mkdir(parents=True, exist_ok=True)
+  _barrier("workdir ready")
+  outputs.mkdir(parents=True, exist_ok=True)
   cache_dir = Path(config.cache_dir or workdir / "cache")
   tasks = tuple(config.tasks)
   print(f"workdir {workdir}; {len(tasks)} tasks; methods: {', '.join(config.methods)}")
@@ -111,8 +121,8 @@ def run(
     setup = families.load_lm(pretrained=pretrained, finetuned=paths, tasks=tasks, dtype=config.model.dtype)
   timings = {"load_s": time.perf_counter() - start}
   if not continued:
-    files.write_atomic(workdir / "config.json", config.to_json(indent=2) + "\n")
-  writer = report.MetricWriter(workdir)
+    files.write_atomic(outputs / "config.json", config.to_json(indent=2) + "\n")
+  writer = report.MetricWriter(outputs)
 
   # ------------------------------------------------------------------------------------------ Data
   if setup.kind == "vision":
@@ -134,6 +144,7 @@ def run(
           batch_size=config.eval.batch_size,
           max_examples=config.eval.max_examples,
           workers=config.data.workers,
+          processes=config.data.processes,
         )
         scores[name] = evaluate.evaluate_task(
           lambda batch, t=t: setup.predict(params, t, inputs_of(batch)),
@@ -185,13 +196,14 @@ def run(
           learn=learn,
           coefficient_range=training.coefficient_range,
         ),
-        jax.jit(
+        jax.jit(  # replicated, so every process holds (and can fetch) the whole merged model
           functools.partial(
             merging.merge,
             temperature=temperature,
             mask_mode="hard",
             coefficient_range=training.coefficient_range,
-          )
+          ),
+          out_shardings=NamedSharding(mesh, P()),
         ),
       )
     return compiled[key]
@@ -244,8 +256,9 @@ def run(
         train_step, hard_merge = step_and_merge(spec.training)
         params, results["selected_steps"][method] = _adapt(
           config,
-          workdir / method,
+          outputs / method,
           spec,
+          shared=workdir / method,
           writer=writer,
           origin=origin,
           factors=factors,
@@ -262,7 +275,7 @@ def run(
         hyperparameters = dict(config.merge[method]) if method in config.merge else {}
         params = jax.jit(functools.partial(spec.merge, **hyperparameters))(*method_inputs(spec))
       results["methods"][method] = evaluate_params(params)
-      if export:
+      if export and primary:
         setup.export(params, workdir / "export" / (method if export == "hf" else f"{method}.{export}"))
     timings[f"{method}_s"] = time.perf_counter() - begin
     writer.scalars(
@@ -271,13 +284,13 @@ def run(
 
   # ------------------------------------------------------------------------------------------ Reports
   results["timings_s"] = timings
-  report.write_results_json(workdir / "results.json", results)
+  report.write_results_json(outputs / "results.json", results)
   table = report.markdown_table(results)
-  report.write_markdown(workdir / "results.md", results)
+  report.write_markdown(outputs / "results.md", results)
   writer.close()
   print(table)
   print(
-    f"\nwritten to {workdir}: results.json, results.md"
+    f"\nwritten to {outputs}: results.json, results.md"
     + (", export/" if export else "")
     + "".join(
       f", {m}/rank_heatmap.png"
@@ -293,6 +306,7 @@ def _adapt(
   outdir: Path,
   spec: methods.Method,
   *,
+  shared: Path,
   writer,
   origin,
   factors,
@@ -306,7 +320,10 @@ def _adapt(
   hard_merge,
 ):
   """Learns a trained method's state on the unlabeled test streams; returns the hard-merged tree of
-  the reported model (config.adarank.selection) and its step."""
+  the reported model (config.adarank.selection) and its step.
+
+  Logs, evaluation records and the rank heatmap go to `outdir` (this process's); the checkpoints,
+  candidate models and masks to `shared` (the workdir's, written by process 0 but for checkpoints)."""
   name, training = spec.name, spec.training
   hp = config
   for key in training.section:
@@ -330,32 +347,35 @@ def _adapt(
     pipeline.subset(src, config.adarank.data_fraction, seed=config.seed + t) for t, src in enumerate(sources)
   ]
 
-  def make_batches(start):
-    streams = [
-      pipeline.adaptation_stream(
+  batches = pipeline.TaskBatches(
+    [
+      pipeline.adaptation_batches(
         src,
         prepare=prepare,
         batch_size=config.adarank.batch_size_per_task,
         seed=config.seed + t,
-        start_batch=start,
+        shard=train.batch_shard(mesh, config.adarank.batch_size_per_task),
         workers=config.data.workers,
+        processes=config.data.processes,
       )
       for t, src in enumerate(adaptation)
-    ]
-    return (tuple(inputs_of(next(s)) for s in streams) for _ in iter(int, 1))
+    ],
+    inputs_of,
+  )
 
   # Evaluation points: every eval_every steps (and step 0 when a step is selected), each scored on
   # the test splits and, for selection=validation, on the labelled validation splits. A resumed run
   # continues from its last checkpoint: what the killed run logged after it is logged again, so it
   # is dropped here (a torn last record with it), and so are the candidate models it kept.
   selection = config.adarank.selection
-  evals_path, candidates = outdir / "evals.jsonl", outdir / "selected"
-  manager = checkpoint.Manager(outdir / "checkpoints")
-  state = train.resume(manager, state, frozen[1])
+  evals_path, candidates = outdir / "evals.jsonl", shared / "selected"
+  primary = jax.process_index() == 0
+  manager = checkpoint.Manager(shared / "checkpoints")
+  state = train.resume(manager, state, frozen[1], batches)
   restored = int(jax.device_get(state.step))
   files.rewrite_jsonl(evals_path, lambda record: record["step"] <= restored)
   _drop_metrics(writer.jsonl_path, name, config.tasks, after_step=restored)
-  for old in candidates.glob("step_*") if candidates.is_dir() else ():
+  for old in candidates.glob("step_*") if candidates.is_dir() and primary else ():
     if int(old.name.removeprefix("step_")) > restored:
       shutil.rmtree(old)
   best = _best_evaluation(evals_path, SELECTION_KEYS.get(selection))
@@ -372,7 +392,8 @@ def _adapt(
     key = SELECTION_KEYS.get(selection)
     if key and record[key] > best[key]:  # a candidate: its model is kept until the run ends
       best.update(record)
-      checkpoint.replace_tree(candidates / f"step_{step}", trainable)
+      if primary:
+        checkpoint.replace_tree(candidates / f"step_{step}", trainable)
 
   outdir.mkdir(parents=True, exist_ok=True)
   if selection != "final" and restored == 0 and best["step"] < 0:
@@ -382,7 +403,7 @@ def _adapt(
     frozen,
     state,
     train_step=train_step,
-    make_batches=make_batches,
+    batches=batches,
     num_steps=num_steps,
     log_every=config.adarank.log_every,
     checkpoint=manager,
@@ -408,18 +429,20 @@ def _adapt(
   manager.close()
   trainable = jax.device_get((state.mask_logits, state.coefficients))
   if selection != "final":
+    _barrier(f"{name}: candidates written")
     trainable = checkpoint.load_tree(candidates / f"step_{best['step']}", trainable)
     on = "the labelled test set: an oracle" if selection == "oracle" else "the labelled validation splits"
     print(
       f"[{name}] {selection} selection: step {best['step']} (average "
       f"{best[SELECTION_KEYS[selection]]:.4f} on {on})"
     )
-    for old in candidates.iterdir():
+    for old in candidates.iterdir() if primary else ():
       if old.name != f"step_{best['step']}":
         shutil.rmtree(old)
   mask_logits, coefficients = trainable
   # The reported model (final or selected), atomically: a resume with more steps replaces it.
-  checkpoint.replace_tree(outdir / "masks", {"mask_logits": mask_logits, "coefficients": coefficients})
+  if primary:
+    checkpoint.replace_tree(shared / "masks", {"mask_logits": mask_logits, "coefficients": coefficients})
   if training.masks:
     labels = list(config.tasks) + ["common"] * (rows - len(config.tasks))
     report.rank_heatmap(tree_util.flatten(mask_logits), labels, outdir / "rank_heatmap.png")
@@ -427,6 +450,12 @@ def _adapt(
     jax.device_get(hard_merge(origin, factors, mask_logits, coefficients)),
     num_steps if selection == "final" else best["step"],
   )
+
+
+def _barrier(name: str) -> None:
+  """Waits until every process of the run gets here (nothing to wait for in a run of one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"adarank_jax: {name}")
 
 
 def _num_steps(config, training: methods.Training) -> int:

@@ -8,7 +8,7 @@ decay, on the mask logits and the coefficients only; the origin and the factors 
   state = init_state(factors, optimizer=..., num_tasks=T, initial_rank_ratio=rho, prior=lam0)
   step = make_train_step(logits_fn=per_task(f), optimizer=make_optimizer(1e-3), temperature=10.,
                          num_tasks=T)
-  for point in fit(frozen, state, train_step=step, make_batches=g, num_steps=10_000, ...):
+  for point in fit(frozen, state, train_step=step, batches=b, num_steps=10_000, ...):
     ...                                      # log, evaluate and select inline (train.Logged)
 
 `logits_fn(params, batches) -> T logits (B_t, C_t)` is the model-specific part, made by one of:
@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from adarank_jax import checkpoint as checkpoint_lib
 from adarank_jax import masking, merging, objectives
+from adarank_jax.data import pipeline
 
 FACTOR_PLACEMENTS = ("replicated", "task")
 
@@ -344,21 +345,41 @@ def place_state(state: TrainState, mesh: Mesh) -> TrainState:
   return placed._replace(deltas=state.deltas)
 
 
+def batch_shard(mesh: Mesh, batch_size: int) -> pipeline.Shard:
+  """Which contiguous part of every global batch of `batch_size` this process's devices hold when a
+  batch is split over the mesh's 'data' axis (`place_batches`): what this process's input pipeline
+  reads. One process: the whole batch, Shard(0, 1)."""
+  indices = NamedSharding(mesh, P("data")).addressable_devices_indices_map((batch_size,)).values()
+  rows = {index[0].indices(batch_size)[:2] for index in indices}
+  start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
+  size = stop - start
+  if batch_size % size or start % size or sum(b - a for a, b in rows) < size:
+    raise ValueError(
+      f"batch_shard: this process's devices hold rows {sorted(rows)} of {batch_size}: not one part"
+    )
+  return pipeline.Shard(index=start // size, count=batch_size // size)
+
+
 def place_batches(batches: Any, mesh: Mesh) -> Any:
-  """Splits every leaf of every task's batch along its leading (batch) axis over 'data'."""
-  return jax.device_put(batches, NamedSharding(mesh, P("data")))
+  """Splits every leaf of every task's batch along its leading (batch) axis over 'data'. Each process
+  gives its part (`batch_shard`); the global batch is the parts of all processes in order."""
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batches)
 
 
 # ------------------------------------------------------------------------------------------------
 # Loop
 
 
-def save_state(manager: checkpoint_lib.Manager, state: TrainState) -> None:
-  """Checkpoints step, mask_logits, coefficients and opt_state at `state.step`.
+def save_state(
+  manager: checkpoint_lib.Manager, state: TrainState, *, data: Mapping[str, Any] | None = None
+) -> None:
+  """Checkpoints step, mask_logits, coefficients and opt_state at `state.step`, and `data` (the input
+  pipeline's iterator state, `pipeline.TaskBatches.get_state()`) with them.
 
   Cached deltas are not saved: `restore_state` rebuilds them from the factors and the logits.
   """
-  manager.save(int(jax.device_get(state.step)), state._replace(deltas=None)._asdict())
+  manager.save(int(jax.device_get(state.step)), state._replace(deltas=None)._asdict(), data=data)
 
 
 def restore_state(
@@ -379,11 +400,22 @@ def restore_state(
 _refresh_deltas = jax.jit(merging.refresh_deltas, donate_argnums=1)
 
 
-def resume(manager: checkpoint_lib.Manager, state: TrainState, factors: Mapping[Any, Any]) -> TrainState:
+def resume(
+  manager: checkpoint_lib.Manager,
+  state: TrainState,
+  factors: Mapping[Any, Any],
+  batches: pipeline.TaskBatches | None = None,
+) -> TrainState:
   """The latest checkpoint's state (see `restore_state`; a corrupt newest step falls back to the one
-  before), or `state` itself when `manager` holds none."""
+  before), or `state` itself when `manager` holds none. `batches` (when given) continue from the
+  iterator state saved with the restored step."""
   latest = manager.latest_step()
-  return state if latest is None else restore_state(manager, latest, state, factors)
+  if latest is None:
+    return state
+  state = restore_state(manager, latest, state, factors)
+  if batches is not None:
+    batches.set_state(manager.data(int(jax.device_get(state.step))))
+  return state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -414,7 +446,7 @@ def fit(
   state: TrainState,
   *,
   train_step: Callable[..., Any],
-  make_batches: Callable[[int], Iterator[Any]],
+  batches: pipeline.TaskBatches,
   num_steps: int,
   log_every: int = 50,
   checkpoint: checkpoint_lib.Manager | None = None,
@@ -442,8 +474,8 @@ def fit(
     state: the state to continue from (`init_state`, or `resume`'s); nothing runs (and nothing is
       yielded) if it is already at `num_steps`.
     train_step: from `make_train_step`.
-    make_batches: start -> iterator of length-T batch sequences, starting after `start` batches of
-      every task (so a resumed run sees the same data as an uninterrupted one).
+    batches: every step's batches (a length-T tuple), positioned where `state` was saved (`resume`);
+      their iterator state is saved with every checkpoint.
     num_steps: total number of steps (not steps still to go).
     log_every: logging interval in steps.
     checkpoint: optional `checkpoint.Manager`; the state is saved every `checkpoint_every` steps
@@ -456,14 +488,13 @@ def fit(
     NonFiniteLossError: at the first logging or checkpointing point whose loss is NaN or Inf.
   """
   start = int(jax.device_get(state.step))
-  batch_iter = make_batches(start)  # every step takes one batch of every task
   last_time, last_step = time.perf_counter(), start
   with tqdm.tqdm(total=num_steps, initial=start, disable=not progress, desc="train") as bar:
     for step in range(start + 1, num_steps + 1):
-      batches = next(batch_iter)
+      step_batches = next(batches)  # one batch of every task
       if mesh is not None:
-        batches = place_batches(batches, mesh)
-      state, metrics = train_step(frozen, state, batches)
+        step_batches = place_batches(step_batches, mesh)
+      state, metrics = train_step(frozen, state, step_batches)
       bar.update(1)
       saving = checkpoint is not None and (
         step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
@@ -482,4 +513,4 @@ def fit(
         yield Logged(step, metrics, state)
         last_time, last_step = time.perf_counter(), step  # the loop body's time is not training's
       if saving:
-        save_state(checkpoint, state)
+        save_state(checkpoint, state, data=batches.get_state())

@@ -88,6 +88,14 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
     value = config[section][key]
     need(isinstance(value, int) and value > 0, f"{section}.{key}={value!r}: expected a positive integer")
   need(
+    isinstance(config.data.workers, int) and config.data.workers > 0,
+    f"data.workers={config.data.workers!r}: expected a positive integer",
+  )
+  need(
+    isinstance(config.data.processes, int) and config.data.processes >= 0,
+    f"data.processes={config.data.processes!r}: expected an integer >= 0 (0: no worker processes)",
+  )
+  need(
     config.adarank.learn in train_lib.LEARN,
     f"adarank.learn={config.adarank.learn!r}: expected one of {train_lib.LEARN}",
   )

@@ -83,7 +83,10 @@ def base():
   config.data.data_dir = ""  # tfds data_dir that holds the prepared data sets
   config.data.tokenizer = ""  # LMs: local tokenizer directory ('' = the pretrained dir)
   config.data.max_length = 128  # LMs: tokens per example
-  config.data.workers = 2  # preprocessing threads
+  config.data.workers = 2  # preprocessing threads (per worker process, if any)
+  config.data.processes = 0  # worker processes that decode and preprocess (0: threads of the run's
+  # own process); a checkpoint's data state holds one entry per worker
+  # process, so a run resumes with the same number
   config.cache_dir = ""  # zero-shot heads and other caches ('' = <workdir>/cache)
   config.export = ""  # also write each merged model under <workdir>/export: '' (no),
   # 'safetensors' | 'pt' (clip: OpenCLIP state dict), 'hf' (LMs);

@@ -1,5 +1,6 @@
 """Tests for adarank_jax.data.pipeline: fixed-shape padded batches, prefetching, resumable streams."""
 
+import json
 import os
 import sys
 import threading
@@ -8,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
 
 from adarank_jax.data import image_folder, pipeline, preprocess, registry
@@ -68,9 +70,9 @@ def test_worker_errors_propagate():
     list(pipeline.eval_batches(_ListSource(8), prepare=broken, batch_size=4))
 
 
-def _stream(n=10, batch_size=4, seed=0):
-  return pipeline.AdaptationStream(
-    _ListSource(n), prepare=_identity, batch_size=batch_size, seed=seed, workers=2
+def _stream(n=10, batch_size=4, seed=0, **kwargs):
+  return pipeline.adaptation_batches(
+    _ListSource(n), prepare=_identity, batch_size=batch_size, seed=seed, workers=2, **kwargs
   )
 
 
@@ -78,47 +80,107 @@ def _ids(batch):
   return batch["x"][:, 0].astype(int).tolist()
 
 
-def test_adaptation_stream_epochs_are_seeded_permutations():
+def test_adaptation_epochs_are_seeded_permutations():
   stream = _stream(n=12, batch_size=4, seed=3)
   first_epoch = sum((_ids(next(stream)) for _ in range(3)), [])
   second_epoch = sum((_ids(next(stream)) for _ in range(3)), [])
   assert sorted(first_epoch) == list(range(12)) and sorted(second_epoch) == list(range(12))
   assert first_epoch != second_epoch  # reshuffled per epoch
-  assert first_epoch == pipeline.epoch_permutation(12, 3, 0).tolist()
-  assert stream.position == {"epoch": 2, "index": 0}
+  assert first_epoch != list(range(12))
+  again = _stream(n=12, batch_size=4, seed=3)
+  assert sum((_ids(next(again)) for _ in range(3)), []) == first_epoch  # the seed fixes the order
   other = _stream(n=12, batch_size=4, seed=4)
   assert sum((_ids(next(other)) for _ in range(3)), []) != first_epoch
-  stream.close()
-  other.close()
+  for iterator in (stream, again, other):
+    iterator.close()
 
 
 def test_adaptation_batches_are_full_across_epoch_boundaries():
   stream = _stream(n=10, batch_size=4)
   batches = [next(stream) for _ in range(5)]  # 20 examples = 2 epochs
-  assert all(b["mask"].sum() == 4 for b in batches)
+  assert all(b["mask"].tolist() == [1, 1, 1, 1] and b["mask"].dtype == np.float32 for b in batches)
   ids = sum((_ids(b) for b in batches), [])
   assert sorted(ids[:10]) == list(range(10)) and sorted(ids[10:]) == list(range(10))
-  assert stream.position == {"epoch": 2, "index": 0}
   stream.close()
 
 
-def test_position_restore_reproduces_the_stream():
+def test_saved_iterator_state_reproduces_the_stream():
   stream = _stream(n=10, batch_size=4, seed=7)
   for _ in range(3):
     next(stream)
-  saved = dict(stream.position)
-  assert saved == {"epoch": 1, "index": 2}
+  saved = json.loads(json.dumps(stream.get_state()))  # what a checkpoint stores
   expected = [_ids(next(stream)) for _ in range(4)]
   resumed = _stream(n=10, batch_size=4, seed=7)
-  resumed.restore(saved)
+  resumed.set_state(saved)
   assert [_ids(next(resumed)) for _ in range(4)] == expected
-  stream.restore(saved)  # the same stream rewinds, dropping what it had prefetched
+  stream.set_state(saved)  # the same stream rewinds, dropping what it had prefetched
   assert [_ids(next(stream)) for _ in range(4)] == expected
-  for bad in ({"epoch": 0}, {"epoch": 0, "index": 10}, {"epoch": -1, "index": 0}):
-    with pytest.raises(ValueError, match="position"):
-      resumed.restore(bad)
   stream.close()
   resumed.close()
+
+
+def test_task_batches_save_and_restore_every_task():
+  def task_batches(seeds):
+    return pipeline.TaskBatches([_stream(n=9, batch_size=3, seed=s) for s in seeds], lambda b: {"x": b["x"]})
+
+  batches = task_batches((0, 1))
+  for _ in range(4):
+    next(batches)
+  saved = json.loads(json.dumps(batches.get_state()))
+  expected = [tuple(_ids(b) for b in next(batches)) for _ in range(3)]
+  resumed = task_batches((0, 1))
+  resumed.set_state(saved)
+  assert [tuple(_ids(b) for b in next(resumed)) for _ in range(3)] == expected
+  with pytest.raises(ValueError, match="one iterator state per task"):
+    task_batches((0, 1, 2)).set_state(saved)
+  batches.close()
+  resumed.close()
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_shards_concatenate_to_the_global_batch(count):
+  whole = _stream(n=10, batch_size=8, seed=2)
+  parts = [_stream(n=10, batch_size=8, seed=2, shard=pipeline.Shard(i, count)) for i in range(count)]
+  for _ in range(4):  # across epoch boundaries
+    batch = next(whole)
+    local = [next(part) for part in parts]
+    assert all(p["x"].shape == (8 // count, 2) for p in local)
+    np.testing.assert_array_equal(np.concatenate([p["x"] for p in local]), batch["x"])
+  evaluated = [
+    list(pipeline.eval_batches(_ListSource(10), prepare=_identity, batch_size=4, shard=pipeline.Shard(i, 2)))
+    for i in range(2)
+  ]
+  assert [len(e) for e in evaluated] == [3, 3]  # as many batches on every process
+  joined = np.concatenate([np.concatenate([a["x"], b["x"]]) for a, b in zip(*evaluated)])
+  masks = np.concatenate([np.concatenate([a["mask"], b["mask"]]) for a, b in zip(*evaluated)])
+  np.testing.assert_array_equal(joined[masks > 0, 0], np.arange(10))
+  with pytest.raises(ValueError, match="multiple of count"):
+    _stream(n=10, batch_size=6, shard=pipeline.Shard(0, 4))
+  for iterator in [whole, *parts]:
+    iterator.close()
+
+
+def test_worker_processes_give_the_threads_batches():
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read its absl flags (parsed by app.run in main)
+  records = [_ListSource(10)[i] for i in range(10)]  # a picklable source: a list
+
+  def _stream(n, **kwargs):
+    del n
+    return pipeline.adaptation_batches(records, prepare=_identity, workers=2, **kwargs)
+
+  threads = _stream(n=10, batch_size=4, seed=1)
+  expected = [_ids(next(threads)) for _ in range(4)]
+  processes = _stream(n=10, batch_size=4, seed=1, processes=2)
+  assert [_ids(next(processes)) for _ in range(2)] == expected[:2]
+  saved = processes.get_state()
+  processes.close()
+  resumed = _stream(n=10, batch_size=4, seed=1, processes=2)
+  resumed.set_state(saved)
+  assert [_ids(next(resumed)) for _ in range(2)] == expected[2:]
+  resumed.close()
+  threads.close()
+  evaluated = pipeline.eval_batches(records, prepare=_identity, batch_size=4, processes=2)
+  assert np.concatenate([b["x"][b["mask"] > 0, 0] for b in evaluated]).tolist() == list(range(10))
 
 
 def _prepared_rendered_sst2(tmp_path):
@@ -154,10 +216,8 @@ def test_vision_adaptation_under_mock_tfds():
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
     source = task.open_source()
     prepare = pipeline.vision_preprocessor(image_size=32)
-    stream = pipeline.adaptation_stream(
-      source, prepare=prepare, batch_size=4, seed=0, start_batch=1, workers=2
-    )
-    assert stream.position == {"epoch": 0, "index": 4}
+    stream = pipeline.adaptation_batches(source, prepare=prepare, batch_size=4, seed=0, workers=2)
+    next(stream)
     batch = next(stream)
     stream.close()
   assert batch["image"].shape == (4, 32, 32, 3) and batch["mask"].tolist() == [1, 1, 1, 1]
@@ -199,19 +259,6 @@ def test_eval_max_examples_and_model_inputs():
     pipeline.model_inputs(batches[0], kind="text")
   with pytest.raises(ValueError, match="kind"):
     pipeline.model_inputs(batches[0], kind="audio")
-
-
-def test_adaptation_stream_start_batch_matches_a_consumed_stream():
-  stream = _stream(n=10, batch_size=4, seed=5)
-  for _ in range(3):
-    next(stream)
-  expected = _ids(next(stream))
-  started = pipeline.adaptation_stream(
-    _ListSource(10), prepare=_identity, batch_size=4, seed=5, start_batch=3, workers=2
-  )
-  assert started.position == {"epoch": 1, "index": 2} and _ids(next(started)) == expected
-  stream.close()
-  started.close()
 
 
 def test_missing_dataset_error(tmp_path):

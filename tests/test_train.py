@@ -45,6 +45,26 @@ def _make_batches(start, seed=7):
     )
 
 
+class _Batches:
+  """What `fit` takes (pipeline.TaskBatches' interface) over `_make_batches`, or one fixed batch."""
+
+  def __init__(self, fixed=None):
+    self.position, self.fixed = 0, fixed
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.position += 1
+    return self.fixed if self.fixed is not None else next(_make_batches(self.position - 1))
+
+  def get_state(self):
+    return {"position": self.position}
+
+  def set_state(self, state):
+    self.position = state["position"]
+
+
 def test_entropy_against_numpy():
   logits = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
   p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
@@ -155,13 +175,14 @@ def _fit(frozen, logits_fn, *, num_steps, directory=None, logged=None, cache_del
     logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
   )
   manager = None if directory is None else checkpoint.Manager(directory)
+  batches = _Batches()
   if manager is not None:
-    state = train.resume(manager, state, frozen[1])
+    state = train.resume(manager, state, frozen[1], batches)
   for point in train.fit(
     frozen,
     state,
     train_step=step,
-    make_batches=_make_batches,
+    batches=batches,
     num_steps=num_steps,
     log_every=2,
     checkpoint=manager,
@@ -209,7 +230,7 @@ def test_fit_lowers_the_entropy_of_a_fixed_batch():
     frozen,
     state,
     train_step=step,
-    make_batches=lambda _: iter(lambda: batches, None),
+    batches=_Batches(fixed=batches),
     num_steps=30,
     log_every=10,
     progress=False,
@@ -385,7 +406,7 @@ def test_a_non_finite_loss_stops_fit_before_it_is_checkpointed(tmp_path):
         frozen,
         state,
         train_step=step,
-        make_batches=_make_batches,
+        batches=_Batches(),
         num_steps=4,
         log_every=2,
         checkpoint=manager,

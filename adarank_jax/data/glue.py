@@ -5,16 +5,16 @@ the tokenizer itself (`tokenizer(text_a, text_b)`: [CLS] a [SEP] b [SEP] for BER
 for RoBERTa, plain concatenation for GPT-2), truncated and padded to `max_length` (128, as DARE / MergeLM
 and AdaRank use). A tokenizer without a pad token (GPT-2) pads with its eos token.
 
-`text_preprocessor(tokenizer)` maps a registry text record {"text_a"[, "text_b"], "label"} to fixed-length
+`TextPreprocessor(tokenizer)` maps a registry text record {"text_a"[, "text_b"], "label"} to fixed-length
 int32 arrays {"input_ids": (L,), "attention_mask": (L,), ["token_type_ids": (L,)], "label": ()}, which
-`pipeline.eval_batches` / `pipeline.adaptation_stream` batch.
+`pipeline.eval_batches` / `pipeline.adaptation_batches` batch.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,19 +58,25 @@ def tokenize_texts(
   return {k: np.asarray(v, np.int32) for k, v in encoded.items()}
 
 
-def text_preprocessor(
-  tokenizer: Any, *, max_length: int = MAX_LENGTH
-) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
+class TextPreprocessor:
   """record -> {"input_ids": int32 (max_length,), "attention_mask", ["token_type_ids"], "label": int32}.
 
   Safe to call from worker threads: calls into the (stateful) fast tokenizer are serialised by a lock.
+  Picklable (for worker processes): each copy makes its own lock.
   """
-  lock = threading.Lock()
 
-  def prepare(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  def __init__(self, tokenizer: Any, *, max_length: int = MAX_LENGTH):
+    self.tokenizer, self.max_length = tokenizer, max_length
+    self._lock = threading.Lock()
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {"tokenizer": self.tokenizer, "max_length": self.max_length}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["tokenizer"], max_length=state["max_length"])
+
+  def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     text_b = [record["text_b"]] if "text_b" in record else None
-    with lock:
-      arrays = tokenize_texts(tokenizer, [record["text_a"]], text_b, max_length=max_length)
+    with self._lock:
+      arrays = tokenize_texts(self.tokenizer, [record["text_a"]], text_b, max_length=self.max_length)
     return {**{k: v[0] for k, v in arrays.items()}, "label": np.int32(record["label"])}
-
-  return prepare

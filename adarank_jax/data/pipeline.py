@@ -1,29 +1,40 @@
-"""Fixed-shape numpy batches from a task's source, preprocessed in worker threads ahead of the accelerator.
+"""Fixed-shape numpy batches from a task's source, on grain: decoded in worker threads (or processes)
+ahead of the accelerator, shuffled with a seed, resumable from a saved iterator state, sharded per process.
 
-Every batch is a dict of numpy arrays with a leading axis of exactly `batch_size`, plus
-`mask`: float32 (batch_size,), 1 for a real example and 0 for padding, so a jitted step sees one shape
-and evaluation counts only real examples (the `evaluate` module's convention).
+Every batch is a dict of numpy arrays with a leading axis of exactly `batch_size // shard.count`, plus
+`mask`: float32, 1 for a real example and 0 for padding, so a jitted step sees one shape and evaluation
+counts only real examples (the `evaluate` module's convention).
 
-  eval_batches(source, prepare=..., batch_size=...)   one in-order pass; the last batch is zero-padded.
-  adaptation_stream(source, prepare=..., batch_size=..., seed=..., start_batch=k)
-      an endless `AdaptationStream`: each epoch a fresh seeded permutation, every batch full; it starts
-      after k batches, and `stream.position` ({"epoch", "index"}) / `stream.restore(position)` resume it
-      exactly.
+  eval_batches(source, prepare=..., batch_size=...)    one in-order pass; the last batch is zero-padded.
+  adaptation_batches(source, prepare=..., batch_size=..., seed=...)
+      an endless grain iterator: epoch e visits the examples in a seeded permutation of its own (grain's
+      index shuffle, seeded with seed + e), and a batch that crosses an epoch boundary continues into the
+      next epoch, so every batch is full. `iterator.get_state()` / `set_state(state)` resume it exactly;
+      the training checkpoint stores that state (`TaskBatches`).
+
+Global batch k is examples [k * batch_size, (k + 1) * batch_size) of the (shuffled) stream. With
+`shard=Shard(index, count)` a process reads only the contiguous `index`-th of `count` equal parts of
+every global batch, so the parts of all processes, in process order, are the global batch
+(`jax.make_array_from_process_local_data` assembles it; `train.batch_shard` says which part a process
+holds). Evaluation pads the pass to whole global batches, so every process gets as many batches.
 
 `prepare(record) -> dict[str, np.ndarray]` turns one source record into fixed-shape arrays
-(`vision_preprocessor`, `text_preprocessor`). It runs in a thread pool of `workers` threads (PIL
-resizing and numpy release the GIL) with up to `prefetch` batches in flight. Nothing here needs
-TensorFlow. `model_inputs(batch, kind=...)` picks the arrays a model takes.
+(`vision_preprocessor`, `text_preprocessor`). It runs in `workers` threads of this process (PIL resizing
+and numpy release the GIL), or, with `processes` > 0, in that many worker processes (then `prepare` and
+the source are pickled; grain reads its absl flags there, so call this from an absl program, as
+`adarank_jax.main` is). Nothing here needs TensorFlow. `model_inputs(batch, kind=...)` picks the arrays
+a model takes.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
+import dataclasses
+import functools
 import os
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
+import grain
 import numpy as np
 
 from adarank_jax.data import glue, preprocess, registry
@@ -33,18 +44,28 @@ Prepare = Callable[[Mapping[str, Any]], dict[str, np.ndarray]]
 _INPUT_KEYS = {"vision": ("image",), "text": ("input_ids", "attention_mask", "token_type_ids")}
 
 
+class Shard(NamedTuple):
+  """This process reads part `index` of `count` equal, contiguous parts of every global batch."""
+
+  index: int = 0
+  count: int = 1
+
+
+WHOLE = Shard(0, 1)  # one process reads every batch whole
+
+
+def _clip_eval(record: Mapping[str, Any], *, image_size: int) -> dict[str, np.ndarray]:
+  return {"image": preprocess.clip_eval(record["image"], image_size), "label": np.int32(record["label"])}
+
+
 def vision_preprocessor(*, image_size: int) -> Prepare:
   """record -> {"image": float32 (image_size, image_size, 3), "label": int32 ()}, open_clip eval transform."""
-
-  def prepare(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {"image": preprocess.clip_eval(record["image"], image_size), "label": np.int32(record["label"])}
-
-  return prepare
+  return functools.partial(_clip_eval, image_size=image_size)
 
 
 def text_preprocessor(*, tokenizer_dir: str | os.PathLike[str], max_length: int = glue.MAX_LENGTH) -> Prepare:
   """record -> int32 token arrays (max_length,) + label, with the tokenizer of a local checkpoint dir."""
-  return glue.text_preprocessor(glue.load_tokenizer(tokenizer_dir), max_length=max_length)
+  return glue.TextPreprocessor(glue.load_tokenizer(tokenizer_dir), max_length=max_length)
 
 
 def model_inputs(batch: Mapping[str, np.ndarray], *, kind: str) -> dict[str, np.ndarray]:
@@ -57,55 +78,38 @@ def model_inputs(batch: Mapping[str, np.ndarray], *, kind: str) -> dict[str, np.
   return inputs
 
 
-def collate(examples: list[dict[str, np.ndarray]], batch_size: int) -> Batch:
-  """Stacks examples and zero-pads to `batch_size`; adds the float32 `mask`."""
-  if not 0 < len(examples) <= batch_size:
-    raise ValueError(f"collate got {len(examples)} examples for batch_size {batch_size}")
-  batch = {}
-  for key in examples[0]:
-    stacked = np.stack([e[key] for e in examples])
-    padding = np.zeros((batch_size - len(examples),) + stacked.shape[1:], stacked.dtype)
-    batch[key] = np.concatenate([stacked, padding]) if len(padding) else stacked
-  batch["mask"] = (np.arange(batch_size) < len(examples)).astype(np.float32)
-  return batch
+@dataclasses.dataclass(frozen=True)
+class _Example:
+  """prepare(record) plus mask 1: a real example (picklable, for worker processes)."""
+
+  prepare: Prepare
+
+  def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {**self.prepare(record), "mask": np.float32(1)}
 
 
-class _Prefetcher:
-  """Runs `prepare(source[i])` for a stream of indices in a thread pool, in order, `depth` results ahead."""
+def _local_batch_size(batch_size: int, shard: Shard) -> int:
+  if batch_size < 1 or not 0 <= shard.index < shard.count or batch_size % shard.count:
+    raise ValueError(
+      f"batch_size {batch_size} and {shard}: need batch_size >= 1, 0 <= index < count and batch_size "
+      "a multiple of count"
+    )
+  return batch_size // shard.count
 
-  def __init__(
-    self, source: registry.Source, prepare: Prepare, indices: Iterator[int], *, workers: int, depth: int
-  ):
-    if workers < 1:
-      raise ValueError(f"workers must be >= 1, got {workers}")
-    self._source, self._prepare, self._indices, self._depth = source, prepare, indices, depth
-    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adarank_data")
-    self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
-    self._fill()
 
-  def _load(self, index: int) -> dict[str, np.ndarray]:
-    return self._prepare(self._source[index])
-
-  def _fill(self) -> None:
-    while len(self._pending) < self._depth:
-      index = next(self._indices, None)
-      if index is None:
-        return
-      self._pending.append(self._pool.submit(self._load, index))
-
-  def take(self, count: int) -> list[dict[str, np.ndarray]]:
-    """The next `count` results (fewer at the end of a finite index stream)."""
-    out = []
-    while len(out) < count and self._pending:
-      out.append(self._pending.popleft().result())
-      self._fill()
-    return out
-
-  def close(self) -> None:
-    for future in self._pending:
-      future.cancel()
-    self._pending.clear()
-    self._pool.shutdown(wait=False, cancel_futures=True)
+def _iterate(
+  dataset: grain.MapDataset, *, workers: int, processes: int, prefetch: int
+) -> grain.DatasetIterator:
+  """An iterator over `dataset` (whose elements are batches): `workers` threads make batches ahead of
+  the consumer, `prefetch` of them at most, in this process or in each of `processes` worker processes."""
+  if workers < 1 or processes < 0 or prefetch < 1:
+    raise ValueError(
+      f"need workers >= 1, processes >= 0 and prefetch >= 1; got {workers}, {processes}, {prefetch}"
+    )
+  iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=prefetch))
+  if processes:
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes))
+  return iter(iterable)
 
 
 def eval_batches(
@@ -114,21 +118,84 @@ def eval_batches(
   prepare: Prepare,
   batch_size: int,
   max_examples: int = 0,
+  shard: Shard = WHOLE,
   workers: int = 8,
+  processes: int = 0,
   prefetch: int = 2,
 ) -> Iterator[Batch]:
-  """One in-order pass over the first `max_examples` (0: all) examples; the last batch is padded."""
-  if batch_size < 1 or max_examples < 0:
-    raise ValueError(f"need batch_size >= 1 and max_examples >= 0, got {batch_size} and {max_examples}")
+  """One in-order pass over the first `max_examples` (0: all) examples, padded to whole global batches
+  (padding: zeros with mask 0); this process's part of each."""
+  if max_examples < 0:
+    raise ValueError(f"need max_examples >= 0, got {max_examples}")
+  local = _local_batch_size(batch_size, shard)
   count = min(len(source), max_examples) if max_examples else len(source)
-  prefetcher = _Prefetcher(
-    source, prepare, iter(range(count)), workers=workers, depth=batch_size * (prefetch + 1)
+  examples = grain.MapDataset.source(source)[:count].map(_Example(prepare))
+  padding = -count % batch_size
+  if padding:
+    blank = {k: np.zeros_like(v) for k, v in _Example(prepare)(source[0]).items()}
+    examples = grain.MapDataset.concatenate([examples, grain.MapDataset.source([blank]).repeat(padding)])
+  iterator = _iterate(
+    examples.batch(local)[shard.index :: shard.count], workers=workers, processes=processes, prefetch=prefetch
   )
   try:
-    while examples := prefetcher.take(batch_size):
-      yield collate(examples, batch_size)
+    yield from iterator
   finally:
-    prefetcher.close()
+    iterator.close()
+
+
+def adaptation_batches(
+  source: registry.Source,
+  *,
+  prepare: Prepare,
+  batch_size: int,
+  seed: int,
+  shard: Shard = WHOLE,
+  workers: int = 8,
+  processes: int = 0,
+  prefetch: int = 2,
+) -> grain.DatasetIterator:
+  """The endless, shuffled stream of full batches (module docstring); this process's part of each."""
+  if len(source) == 0:
+    raise ValueError("adaptation_batches needs a non-empty source")
+  local = _local_batch_size(batch_size, shard)
+  stream = grain.MapDataset.source(source).shuffle(seed).repeat().map(_Example(prepare))
+  return _iterate(
+    stream.batch(local)[shard.index :: shard.count], workers=workers, processes=processes, prefetch=prefetch
+  )
+
+
+class TaskBatches:
+  """Every step's batches: one of every task, as `inputs_of(batch)`, from one iterator per task.
+
+  `get_state()` is a JSON-able dict of every iterator's state, which `train.fit` saves with each
+  checkpoint; `set_state` (from `train.resume`) continues every stream exactly where it was saved.
+  """
+
+  def __init__(self, iterators: Sequence[grain.DatasetIterator], inputs_of: Callable[[Batch], Batch]):
+    self._iterators, self._inputs_of = list(iterators), inputs_of
+
+  def __iter__(self) -> TaskBatches:
+    return self
+
+  def __next__(self) -> tuple[Batch, ...]:
+    return tuple(self._inputs_of(next(iterator)) for iterator in self._iterators)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"tasks": [iterator.get_state() for iterator in self._iterators]}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    tasks = state.get("tasks") if isinstance(state, Mapping) else None
+    if not isinstance(tasks, list) or len(tasks) != len(self._iterators):
+      raise ValueError(
+        f"data state {str(state)[:200]}: expected {{'tasks': [...]}} with one iterator state per task "
+        f"({len(self._iterators)})"
+      )
+    for iterator, task_state in zip(self._iterators, tasks):
+      iterator.set_state(task_state)
+
+  def close(self) -> None:
+    for iterator in self._iterators:  # worker threads or processes
+      iterator.close()
 
 
 class Subset:
@@ -153,101 +220,3 @@ def subset(source: registry.Source, fraction: float, *, seed: int) -> registry.S
     return source
   count = max(1, round(fraction * len(source)))
   return Subset(source, np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False)))
-
-
-def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The example order of `epoch`: a permutation that depends only on (seed, epoch)."""
-  return np.random.default_rng((seed, epoch)).permutation(num_examples)
-
-
-class AdaptationStream:
-  """An endless stream of full, shuffled batches that a checkpoint can stop and resume exactly.
-
-  Epoch e visits `epoch_permutation(len(source), seed, e)`; a batch that crosses an epoch boundary
-  continues into the next epoch, so every batch is full (mask all ones). `position` is the (epoch, index)
-  of the next example to be returned, as a small dict of ints.
-  """
-
-  def __init__(
-    self,
-    source: registry.Source,
-    *,
-    prepare: Prepare,
-    batch_size: int,
-    seed: int,
-    workers: int = 8,
-    prefetch: int = 2,
-  ):
-    if len(source) == 0:
-      raise ValueError("AdaptationStream needs a non-empty source")
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    self._source, self._prepare = source, prepare
-    self.batch_size, self.seed = batch_size, seed
-    self._workers, self._depth = workers, batch_size * (prefetch + 1)
-    self._epoch, self._index = 0, 0
-    self._prefetcher: _Prefetcher | None = None
-
-  @property
-  def position(self) -> dict[str, int]:
-    """{"epoch": e, "index": i}: the next example is epoch_permutation(..., e)[i]."""
-    return {"epoch": self._epoch, "index": self._index}
-
-  def restore(self, position: Mapping[str, int]) -> None:
-    """Continues from a saved `position`; the following batches equal those the saved stream would give."""
-    if set(position) != {"epoch", "index"}:
-      raise ValueError(f"position must have exactly the keys 'epoch' and 'index', got {sorted(position)}")
-    epoch, index = int(position["epoch"]), int(position["index"])
-    if epoch < 0 or not 0 <= index < len(self._source):
-      raise ValueError(f"position {dict(position)} out of range for a source of {len(self._source)} examples")
-    self.close()
-    self._epoch, self._index = epoch, index
-
-  def _indices(self, epoch: int, index: int) -> Iterator[int]:
-    while True:
-      yield from epoch_permutation(len(self._source), self.seed, epoch)[index:].tolist()
-      epoch, index = epoch + 1, 0
-
-  def __iter__(self) -> AdaptationStream:
-    return self
-
-  def __next__(self) -> Batch:
-    if self._prefetcher is None:
-      self._prefetcher = _Prefetcher(
-        self._source,
-        self._prepare,
-        self._indices(self._epoch, self._index),
-        workers=self._workers,
-        depth=self._depth,
-      )
-    batch = collate(self._prefetcher.take(self.batch_size), self.batch_size)
-    consumed = self._epoch * len(self._source) + self._index + self.batch_size
-    self._epoch, self._index = divmod(consumed, len(self._source))
-    return batch
-
-  def close(self) -> None:
-    """Stops the worker threads; the next batch restarts them from `position`."""
-    if self._prefetcher is not None:
-      self._prefetcher.close()
-      self._prefetcher = None
-
-
-def adaptation_stream(
-  source: registry.Source,
-  *,
-  prepare: Prepare,
-  batch_size: int,
-  seed: int,
-  start_batch: int = 0,
-  workers: int = 8,
-  prefetch: int = 2,
-) -> AdaptationStream:
-  """An `AdaptationStream` positioned after `start_batch` batches (a checkpoint's batches-consumed count)."""
-  if start_batch < 0:
-    raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-  stream = AdaptationStream(
-    source, prepare=prepare, batch_size=batch_size, seed=seed, workers=workers, prefetch=prefetch
-  )
-  epoch, index = divmod(start_batch * batch_size, len(source))
-  stream.restore({"epoch": epoch, "index": index})
-  return stream

@@ -1,0 +1,128 @@
+"""A run that spans processes: 2 processes x 4 CPU devices (jax.distributed over localhost, CPU collectives)
+run the real CLI on the quick digits config with the factors sharded on the task axis, are killed together
+after a checkpoint and resumed, and reach the scores (exactly) and masks (to float32 rounding) of 1 process
+x 8 devices.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from adarank_jax import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("task_arithmetic", "adamerging_task", "adarank_ta")
+
+
+def _args(workdir, *extra):
+  return [
+    sys.executable,
+    "-m",
+    "adarank_jax.main",
+    "--config",
+    "configs/demo.py:quick=true",
+    f"--workdir={workdir}",
+    f"--config.methods={METHODS!r}",
+    "--config.mesh.factor_placement=task",
+    "--config.adarank.num_steps=12",
+    "--config.adarank.checkpoint_every=3",
+    "--config.export=",
+    *extra,
+  ]
+
+
+def _env(cache, devices):
+  return {
+    **os.environ,
+    "ADARANK_JAX_CACHE": str(cache),
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  }
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch_two(workdir, cache, *extra):
+  """Both processes of one run (each its own command, as on two hosts): [(process, log file)]."""
+  port = _free_port()
+  launched = []
+  for i in range(2):
+    log = workdir.parent / f"{workdir.name}.{i}.{len(list(workdir.parent.glob('*.log')))}.log"
+    with open(log, "w") as out:
+      args = _args(
+        workdir,
+        "--config.mesh.multi_host=true",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        *extra,
+      )
+      launched.append((subprocess.Popen(args, cwd=ROOT, env=_env(cache, 4), stdout=out, stderr=out), log))
+  return launched
+
+
+def _wait(launched, timeout=900):
+  outputs = []
+  for process, log in launched:
+    process.wait(timeout=timeout)
+    outputs.append(log.read_text())
+    assert process.returncode == 0, outputs[-1][-4000:]
+  return outputs
+
+
+def _masks(outputs):
+  return checkpoint.load_tree(outputs / "adarank_ta" / "masks")
+
+
+def test_two_processes_killed_and_resumed_equal_one_process_of_eight_devices(tmp_path):
+  cache = tmp_path / "cache"  # the quick digits testbed, built by the first run
+  single = subprocess.run(
+    _args(tmp_path / "single"), cwd=ROOT, env=_env(cache, 8), capture_output=True, text=True, timeout=900
+  )
+  assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
+  assert "mesh: {'data': 1, 'task': 8} over 8 cpu device(s)" in single.stdout
+
+  workdir = tmp_path / "two"
+  first = _launch_two(workdir, cache)
+  step_3 = workdir / "adarank_ta" / "checkpoints" / "3"
+  deadline = time.time() + 900
+  while not (step_3 / checkpoint.CHECKSUM_NAME).exists():
+    running = [p.poll() is None for p, _ in first]
+    assert time.time() < deadline and all(running), [log.read_text()[-3000:] for _, log in first]
+    time.sleep(0.05)
+  for p, _ in first:  # both hosts go down together, mid-way through AdaRank's 12 steps
+    p.send_signal(signal.SIGKILL)
+  for p, _ in first:
+    p.wait()
+  saved = checkpoint.Manager(workdir / "adarank_ta" / "checkpoints").all_steps()
+  assert saved and max(saved) < 12 and not (workdir / "results.json").exists(), saved
+
+  outputs = _wait(_launch_two(workdir, cache, "--resume"))
+  assert "mesh: {'data': 1, 'task': 8} over 8 cpu device(s)" in outputs[0]
+
+  expected = json.loads((tmp_path / "single" / "results.json").read_text())
+  for outputs_dir in (workdir, workdir / "processes" / "1"):  # process 0's reports and process 1's
+    got = json.loads((outputs_dir / "results.json").read_text())
+    assert set(got["methods"]) == set(METHODS)
+    for method in METHODS:
+      for task, score in expected["methods"][method].items():
+        assert got["methods"][method][task] == score, (method, task)
+  reference, masks = _masks(tmp_path / "single"), _masks(workdir)
+  assert jax.tree.structure(reference) == jax.tree.structure(masks)
+  for a, b in zip(jax.tree.leaves(reference["mask_logits"]), jax.tree.leaves(masks["mask_logits"])):
+    np.testing.assert_array_equal(a > 0, b > 0)  # the same components kept
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(masks)):
+    # equal to float32 rounding: gloo's cross-process sums may add in another order (1 ulp seen)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
