@@ -244,16 +244,25 @@ def accumulate_confusion(predict_fn: PredictFn, batches: Iterable[Mapping[str, A
   return confusion
 
 
-def evaluate_task(predict_fn: PredictFn, batches: Iterable[Mapping[str, Any]], *, metric: str) -> float:
+def evaluate_task(
+  predict_fn: PredictFn,
+  batches: Iterable[Mapping[str, Any]],
+  *,
+  metric: str,
+  combine: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> float:
   """One task's score over all real rows of `batches`.
 
   Args:
     predict_fn: jitted; dict of the non-reserved batch arrays -> logits (B, C).
     batches: iterable of dicts of numpy arrays with fixed shapes, with 'label' (B,) and 'mask' (B,).
     metric: a METRICS name: 'accuracy' or 'matthews' (Matthews correlation, e.g. CoLA).
+    combine: this process's confusion matrix -> the sum over every process's, when each process of a
+      run sees only its part of every batch; None: the counts are this process's alone.
 
   Returns:
     The score as a fraction (accuracy in [0, 1], Matthews correlation in [-1, 1]).
   """
   metric_fn = _metric_fn(metric)
-  return metric_fn(accumulate_confusion(predict_fn, batches))
+  confusion = accumulate_confusion(predict_fn, batches)
+  return metric_fn(confusion if combine is None else combine(confusion))

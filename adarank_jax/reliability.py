@@ -106,7 +106,7 @@ def int_weights(tmp: Path) -> str:
 def out_of_vocabulary(tmp: Path) -> str:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from adarank_jax import families  # pylint: disable=g-import-not-at-top
+  from adarank_jax import loading  # pylint: disable=g-import-not-at-top
   from adarank_jax.digits import tasks as digit_tasks  # pylint: disable=g-import-not-at-top
   from adarank_jax.interop import openclip_config  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import clip, functional  # pylint: disable=g-import-not-at-top
@@ -119,7 +119,7 @@ def out_of_vocabulary(tmp: Path) -> str:
   config = openclip_config.load_config(path)
   _, full = functional.split(clip.build(config, rngs=nnx.Rngs(0)))
   observed = _raises(
-    lambda: families.zero_shot_heads(
+    lambda: loading.zero_shot_heads(
       config, full, ["DigitsParity"], cache_dir=tmp / "heads", source=f"model config {path}"
     ),
     ValueError,

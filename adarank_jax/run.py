@@ -23,8 +23,8 @@ from adarank_jax import (
   checkpoint,
   decomposition,
   evaluate,
-  families,
   files,
+  loading,
   merging,
   methods,
   report,
@@ -48,12 +48,20 @@ def run(
     task_axis = math.gcd(jax.device_count(), len(config.tasks))
   mesh = train.make_mesh(task=task_axis)
   data_axis = mesh.shape["data"]
-  if config.adarank.batch_size_per_task % data_axis:
-    raise validate.ConfigError(
-      f"adarank.batch_size_per_task={config.adarank.batch_size_per_task}: expected a multiple of the "
-      f"mesh's data axis ({data_axis} devices) so every task's batch splits evenly"
-    )
+  for key in ("adarank.batch_size_per_task", "eval.batch_size"):
+    section, field = key.split(".")
+    if config[section][field] % data_axis:
+      raise validate.ConfigError(
+        f"{key}={config[section][field]}: expected a multiple of the mesh's data axis ({data_axis} "
+        "devices) so every batch splits evenly"
+      )
   print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
+  if jax.process_count() > 1:
+    shard = train.batch_shard(mesh, config.adarank.batch_size_per_task)
+    print(
+      f"process {jax.process_index()} of {jax.process_count()} reads part {shard.index + 1} of "
+      f"{shard.count} of every batch"
+    )
 
   # ------------------------------------------------------------------------------------------ Workdir
   # Nothing but the cache is written before the models loaded: a run that fails to load leaves no
@@ -105,8 +113,8 @@ def run(
     model, pretrained, finetuned = built.model_config, built.pretrained, built.finetuned_template
   start = time.perf_counter()
   paths = [str(validate.finetuned_path(finetuned, t)) for t in tasks]
-  if config.family == "clip":
-    setup = families.load_clip(
+  if config.architecture == "clip":
+    setup = loading.load_clip(
       model=model,
       pretrained=pretrained,
       finetuned=paths,
@@ -118,23 +126,36 @@ def run(
       remat=config.adarank.remat,
     )
   else:
-    setup = families.load_lm(pretrained=pretrained, finetuned=paths, tasks=tasks, dtype=config.model.dtype)
+    setup = loading.load_lm(pretrained=pretrained, finetuned=paths, tasks=tasks, dtype=config.model.dtype)
   timings = {"load_s": time.perf_counter() - start}
   if not continued:
     files.write_atomic(outputs / "config.json", config.to_json(indent=2) + "\n")
   writer = report.MetricWriter(outputs)
 
   # ------------------------------------------------------------------------------------------ Data
-  if setup.kind == "vision":
+  if setup.modality == "vision":
     prepare = pipeline.vision_preprocessor(image_size=setup.image_size)
   else:
     prepare = pipeline.text_preprocessor(
       tokenizer_dir=config.data.tokenizer or setup.tokenizer, max_length=config.data.max_length
     )
-  inputs_of = functools.partial(pipeline.model_inputs, kind=setup.kind)
+  inputs_of = functools.partial(pipeline.model_inputs, modality=setup.modality)
+
+  # Evaluation is data-parallel like training: the merged model replicated on the mesh, every batch
+  # split over 'data'; each process reads its part of every batch and counts its rows, and the
+  # confusion matrices of all processes are summed.
+  eval_shard = train.batch_shard(mesh, config.eval.batch_size)
+
+  def local_logits(t, params, batch):
+    logits = setup.predict(params, t, train.place_batches(inputs_of(batch), mesh))
+    return multihost_utils.global_array_to_host_local_array(logits, mesh, P("data"))
+
+  def all_processes(confusion):
+    return np.sum(multihost_utils.process_allgather(confusion), axis=0)
 
   def evaluate_params(params, only=None, on=sources) -> dict[str, float]:
     """Scores on every task (or the tasks in `only`) of the splits `on` (default: the test splits)."""
+    params = jax.device_put(jax.device_get(params), NamedSharding(mesh, P()))
     scores = {}
     for t, name in enumerate(tasks):
       if only is None or t in only:
@@ -143,13 +164,15 @@ def run(
           prepare=prepare,
           batch_size=config.eval.batch_size,
           max_examples=config.eval.max_examples,
+          shard=eval_shard,
           workers=config.data.workers,
           processes=config.data.processes,
         )
         scores[name] = evaluate.evaluate_task(
-          lambda batch, t=t: setup.predict(params, t, inputs_of(batch)),
+          functools.partial(local_logits, t, params),
           batches,
           metric=registry.get(name).metric,
+          combine=all_processes if jax.process_count() > 1 else None,
         )
     return scores
 
@@ -217,9 +240,9 @@ def run(
     origin = methods.ORIGIN_OF[method.needs]
     if method.needs == "tau":
       return vectors(origin)
-    rank, dtype = None, families.DTYPES["float32"]  # static methods and their components: full rank
+    rank, dtype = None, loading.DTYPES["float32"]  # static methods and their components: full rank
     if method.trains and method.needs not in methods.COMPONENTS:
-      rank, dtype = config.adarank.rank or None, families.DTYPES[config.adarank.factor_dtype]
+      rank, dtype = config.adarank.rank or None, loading.DTYPES[config.adarank.factor_dtype]
     factors = factors_of(origin, rank=rank, dtype=dtype)
     if method.needs in methods.COMPONENTS:  # a static merge's components, with its keywords
       if ("components", method.needs) not in memo:

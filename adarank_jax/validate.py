@@ -12,7 +12,7 @@ from adarank_jax import baselines, files, methods, report
 from adarank_jax import train as train_lib
 from adarank_jax.data import registry
 
-FAMILIES = ("clip", "roberta", "gpt2")
+ARCHITECTURES = ("clip", "roberta", "gpt2")
 EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",)}
 # Fields that may change when a run is resumed (they do not change what was computed so far).
 RESUMABLE = (
@@ -56,7 +56,10 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
   need(
     config.testbed.name in ("", "digits"), f"testbed.name={config.testbed.name!r}: expected '' or 'digits'"
   )
-  need(config.family in FAMILIES, f"family={config.family!r}: expected one of {FAMILIES}")
+  need(
+    config.architecture in ARCHITECTURES,
+    f"architecture={config.architecture!r}: expected one of {ARCHITECTURES}",
+  )
   tasks = tuple(config.tasks)
   need(len(tasks) > 0, "tasks: empty")
   need(len(set(tasks)) == len(tasks), f"tasks: duplicates in {tasks}")
@@ -159,8 +162,11 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
     f"mesh.factor_placement={config.mesh.factor_placement!r}: expected one of {train_lib.FACTOR_PLACEMENTS}",
   )
   if export:
-    allowed = EXPORTS.get(config.family, ())
-    need(export in allowed, f"export={export!r}: for family {config.family!r} expected one of {allowed}")
+    allowed = EXPORTS.get(config.architecture, ())
+    need(
+      export in allowed,
+      f"export={export!r}: for architecture {config.architecture!r} expected one of {allowed}",
+    )
 
   if config.testbed.name:
     set_paths = [f"model.{k}={config.model[k]!r}" for k in ("pretrained", "finetuned") if config.model[k]]
@@ -179,7 +185,7 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
       Path(config.model.pretrained).exists(), f"model.pretrained: {config.model.pretrained} does not exist"
     )
   # Fine-tuned checkpoints are needed by every method but zero-shot CLIP (LM heads come from them).
-  if config.family != "clip" or any(m != "zero_shot" for m in config.methods):
+  if config.architecture != "clip" or any(m != "zero_shot" for m in config.methods):
     template = config.model.finetuned
     need(
       "{task}" in template,

@@ -23,7 +23,7 @@ DIGITS_8 = (
   "DigitsMod3",
 )
 
-# The official code's SVD rule per model family: which matrices are decomposed and masked. Paths are
+# The official code's SVD rule per architecture: which matrices are decomposed and masked. Paths are
 # those of the merged tree (the image tower for CLIP, the whole model minus heads for the LMs).
 DECOMPOSE = {
   "clip": (
@@ -68,7 +68,7 @@ def base():
   """All fields with defaults. Paths are empty: set them with --config.x=... or flags."""
   config = ml_collections.ConfigDict()
   config.name = ""  # experiment name, shown in reports
-  config.family = "clip"  # 'clip' | 'roberta' | 'gpt2'
+  config.architecture = "clip"  # 'clip' | 'roberta' | 'gpt2'
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
@@ -192,7 +192,7 @@ def quick(config):
 def experiment(
   arg,
   *,
-  family,
+  architecture,
   model,
   tasks,
   batch_size,
@@ -217,11 +217,11 @@ def experiment(
   if arg.base not in BASES:
     raise ValueError(f"config argument base={arg.base!r}: expected one of {BASES}")
   config = base()
-  config.family = family
+  config.architecture = architecture
   config.model.name = model
   config.tasks = tasks
-  config.merge.decompose = DECOMPOSE[family]
-  config.merge.unmerged = UNMERGED[family]
+  config.merge.decompose = DECOMPOSE[architecture]
+  config.merge.unmerged = UNMERGED[architecture]
   config.adarank.ta.update(ta)
   config.adarank.cart.update(cart)
   config.adarank.batch_size_per_task = batch_size

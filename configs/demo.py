@@ -20,7 +20,7 @@ def get_config(arg=None):
   if arg.selection != "final":
     config.name += f"_{arg.selection}"
   config.adarank.selection = arg.selection  # final | validation | oracle (README: both tables)
-  config.family = "clip"
+  config.architecture = "clip"
   # The run builds (or reuses) the testbed and takes the model config and checkpoints from it.
   config.testbed.update(name="digits", quick=arg.quick, seed=arg.seed)
   config.model.name = ""  # the testbed's own (adarank_jax/digits/tiny_clip*.json)

@@ -11,7 +11,7 @@ from configs import common
 def get_config(arg=None):
   return common.experiment(
     arg,
-    family="gpt2",
+    architecture="gpt2",
     model="GPT-2",
     tasks=common.GLUE_7,
     batch_size=8,

@@ -11,7 +11,7 @@ from configs import common
 def get_config(arg=None):
   return common.experiment(
     arg,
-    family="roberta",
+    architecture="roberta",
     model="RoBERTa-base",
     tasks=common.GLUE_7,
     batch_size=8,

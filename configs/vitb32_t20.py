@@ -12,7 +12,7 @@ from configs import common
 def get_config(arg=None):
   return common.experiment(
     arg,
-    family="clip",
+    architecture="clip",
     model="ViT-B-32",
     tasks=common.TASKS_20,
     batch_size=16,

@@ -12,7 +12,7 @@ from configs import common
 def get_config(arg=None):
   return common.experiment(
     arg,
-    family="clip",
+    architecture="clip",
     model="ViT-L-14",
     tasks=common.TASKS_14,
     batch_size=2,

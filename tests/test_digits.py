@@ -40,7 +40,12 @@ def test_tasks_registered_with_class_counts():
   assert tasks.register_tasks() == tuple(CLASS_COUNTS)  # idempotent
   for name, count in CLASS_COUNTS.items():
     task = registry.get(name)
-    assert (task.kind, task.num_classes, len(task.classnames), task.split) == ("vision", count, count, "test")
+    assert (task.modality, task.num_classes, len(task.classnames), task.split) == (
+      "vision",
+      count,
+      count,
+      "test",
+    )
     assert task.validation_split == "validation"
     train, validation, test = (task.open_source(split) for split in ("train", "validation", "test"))
     assert (len(train), len(validation), len(test)) == (970, 108, 719)  # 1,797 images, disjoint

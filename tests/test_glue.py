@@ -60,7 +60,7 @@ def test_glue_batches_through_the_pipeline(name):
     texts[5]["text_a"], texts[5].get("text_b"), max_length=32, padding="max_length", truncation=True
   )["input_ids"]
   np.testing.assert_array_equal(batches[1]["input_ids"][1], expected)
-  inputs = pipeline.model_inputs(batches[0], kind="text")
+  inputs = pipeline.model_inputs(batches[0], modality="text")
   assert set(inputs) == {"input_ids", "attention_mask", "token_type_ids"}
 
 

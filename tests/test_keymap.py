@@ -96,8 +96,8 @@ def test_openclip_clip_round_trip():
   "config", [ROBERTA, BERT, GPT2, VISION], ids=["roberta", "bert", "gpt2", "clip_vision"]
 )
 def test_hf_round_trip(config):
-  family = hf._family(config)
-  state = _random_state(keymap.expected_keys(family.rules, family.abstract(config)))
+  architecture = hf._architecture(config)
+  state = _random_state(keymap.expected_keys(architecture.rules, architecture.abstract(config)))
   tree = hf.tree_from_state_dict(config, state, source="mem")
   _assert_bit_equal(hf.state_dict_from_tree(config, tree), state)
 
@@ -109,8 +109,8 @@ def test_hf_keys_of_packed_and_conv1d_layers():
     assert expected[f"vision_model.encoder.layers.1.self_attn.{x}_proj.bias"][0] == (16,)
   assert expected["vision_model.embeddings.patch_embedding.weight"][0] == (16, 3, 8, 8)
   assert expected["visual_projection.weight"][0] == (8, 16)
-  family = hf._family(GPT2)
-  gpt = keymap.expected_keys(family.rules, family.abstract(GPT2))
+  architecture = hf._architecture(GPT2)
+  gpt = keymap.expected_keys(architecture.rules, architecture.abstract(GPT2))
   assert gpt["transformer.h.0.attn.c_attn.weight"][0] == (16, 48)  # Conv1D: (in, out), not transposed
   assert gpt["score.weight"][0] == (2, 16)  # a Linear: transposed
 

@@ -1,7 +1,7 @@
-"""A run that spans processes: 2 processes x 4 CPU devices (jax.distributed over localhost, CPU collectives)
-run the real CLI on the quick digits config with the factors sharded on the task axis, are killed together
-after a checkpoint and resumed, and reach the scores (exactly) and masks (to float32 rounding) of 1 process
-x 8 devices.
+"""Runs that span processes: 2 processes x 4 CPU devices (jax.distributed over localhost, CPU collectives)
+run the real CLI on the quick digits config and reach the scores (exactly) and masks (to float32 rounding)
+of 1 process x 8 devices: with the factors sharded on the task axis, killed together after a checkpoint and
+resumed; and with replicated factors, where each process's input pipeline reads half of every batch.
 """
 
 import json
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from adarank_jax import checkpoint
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("task_arithmetic", "adamerging_task", "adarank_ta")
 
 
-def _args(workdir, *extra):
+def _args(workdir, *extra, placement="task"):
   return [
     sys.executable,
     "-m",
@@ -31,7 +32,7 @@ def _args(workdir, *extra):
     "configs/demo.py:quick=true",
     f"--workdir={workdir}",
     f"--config.methods={METHODS!r}",
-    "--config.mesh.factor_placement=task",
+    f"--config.mesh.factor_placement={placement}",
     "--config.adarank.num_steps=12",
     "--config.adarank.checkpoint_every=3",
     "--config.export=",
@@ -54,7 +55,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch_two(workdir, cache, *extra):
+def _launch_two(workdir, cache, *extra, placement="task"):
   """Both processes of one run (each its own command, as on two hosts): [(process, log file)]."""
   port = _free_port()
   launched = []
@@ -68,6 +69,7 @@ def _launch_two(workdir, cache, *extra):
         "--num_processes=2",
         f"--process_id={i}",
         *extra,
+        placement=placement,
       )
       launched.append((subprocess.Popen(args, cwd=ROOT, env=_env(cache, 4), stdout=out, stderr=out), log))
   return launched
@@ -86,13 +88,47 @@ def _masks(outputs):
   return checkpoint.load_tree(outputs / "adarank_ta" / "masks")
 
 
-def test_two_processes_killed_and_resumed_equal_one_process_of_eight_devices(tmp_path):
-  cache = tmp_path / "cache"  # the quick digits testbed, built by the first run
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """The quick digits testbed's cache, built by the first run that needs it."""
+  return tmp_path_factory.mktemp("testbed")
+
+
+def _single(workdir, cache, placement):
+  """The reference: one process of 8 devices."""
   single = subprocess.run(
-    _args(tmp_path / "single"), cwd=ROOT, env=_env(cache, 8), capture_output=True, text=True, timeout=900
+    _args(workdir, placement=placement),
+    cwd=ROOT,
+    env=_env(cache, 8),
+    capture_output=True,
+    text=True,
+    timeout=900,
   )
   assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
-  assert "mesh: {'data': 1, 'task': 8} over 8 cpu device(s)" in single.stdout
+  return single.stdout
+
+
+def _assert_same_run(reference, workdir):
+  """Both processes' results equal the reference's exactly; the masks to float32 rounding."""
+  expected = json.loads((reference / "results.json").read_text())
+  for outputs_dir in (workdir, workdir / "processes" / "1"):  # process 0's reports and process 1's
+    got = json.loads((outputs_dir / "results.json").read_text())
+    assert set(got["methods"]) == set(METHODS)
+    for method in METHODS:
+      for task, score in expected["methods"][method].items():
+        assert got["methods"][method][task] == score, (method, task)
+  reference, masks = _masks(reference), _masks(workdir)
+  assert jax.tree.structure(reference) == jax.tree.structure(masks)
+  for a, b in zip(jax.tree.leaves(reference["mask_logits"]), jax.tree.leaves(masks["mask_logits"])):
+    np.testing.assert_array_equal(a > 0, b > 0)  # the same components kept
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(masks)):
+    # equal to float32 rounding: gloo's cross-process sums may add in another order (1 ulp seen)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_two_processes_killed_and_resumed_equal_one_process_of_eight_devices(tmp_path, cache):
+  single = _single(tmp_path / "single", cache, "task")
+  assert "mesh: {'data': 1, 'task': 8} over 8 cpu device(s)" in single
 
   workdir = tmp_path / "two"
   first = _launch_two(workdir, cache)
@@ -110,19 +146,19 @@ def test_two_processes_killed_and_resumed_equal_one_process_of_eight_devices(tmp
   assert saved and max(saved) < 12 and not (workdir / "results.json").exists(), saved
 
   outputs = _wait(_launch_two(workdir, cache, "--resume"))
+  # The factors are split over all 8 devices; every process reads whole batches (the 'data' axis is 1).
   assert "mesh: {'data': 1, 'task': 8} over 8 cpu device(s)" in outputs[0]
+  assert "process 1 of 2 reads part 1 of 1 of every batch" in outputs[1]
+  _assert_same_run(tmp_path / "single", workdir)
 
-  expected = json.loads((tmp_path / "single" / "results.json").read_text())
-  for outputs_dir in (workdir, workdir / "processes" / "1"):  # process 0's reports and process 1's
-    got = json.loads((outputs_dir / "results.json").read_text())
-    assert set(got["methods"]) == set(METHODS)
-    for method in METHODS:
-      for task, score in expected["methods"][method].items():
-        assert got["methods"][method][task] == score, (method, task)
-  reference, masks = _masks(tmp_path / "single"), _masks(workdir)
-  assert jax.tree.structure(reference) == jax.tree.structure(masks)
-  for a, b in zip(jax.tree.leaves(reference["mask_logits"]), jax.tree.leaves(masks["mask_logits"])):
-    np.testing.assert_array_equal(a > 0, b > 0)  # the same components kept
-  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(masks)):
-    # equal to float32 rounding: gloo's cross-process sums may add in another order (1 ulp seen)
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+def test_each_process_reads_its_part_of_every_batch(tmp_path, cache):
+  """Replicated factors: every batch is split over 8 devices, 4 per process, so each process's pipeline
+  reads its half of every adaptation and evaluation batch."""
+  single = _single(tmp_path / "single", cache, "replicated")
+  assert "mesh: {'data': 8} over 8 cpu device(s)" in single
+  workdir = tmp_path / "two"
+  outputs = _wait(_launch_two(workdir, cache, placement="replicated"))
+  for i, log in enumerate(outputs):
+    assert f"process {i} of 2 reads part {i + 1} of 2 of every batch" in log
+  _assert_same_run(tmp_path / "single", workdir)

@@ -222,13 +222,13 @@ def test_vision_adaptation_under_mock_tfds():
     stream.close()
   assert batch["image"].shape == (4, 32, 32, 3) and batch["mask"].tolist() == [1, 1, 1, 1]
   assert ((0 <= batch["label"]) & (batch["label"] < 10)).all()
-  assert set(pipeline.model_inputs(batch, kind="vision")) == {"image"}
+  assert set(pipeline.model_inputs(batch, modality="vision")) == {"image"}
 
 
 def _custom_task(records, num_classes=2):
   return registry.Task(
     name="custom",
-    kind="vision",
+    modality="vision",
     num_classes=num_classes,
     split="test",
     reader=lambda task, split, data_dir: records,
@@ -256,9 +256,9 @@ def test_eval_max_examples_and_model_inputs():
   batches = list(pipeline.eval_batches(_ListSource(10), prepare=_identity, batch_size=4, max_examples=5))
   assert [b["mask"].sum() for b in batches] == [4, 1]
   with pytest.raises(KeyError, match="a text batch needs 'input_ids'"):
-    pipeline.model_inputs(batches[0], kind="text")
-  with pytest.raises(ValueError, match="kind"):
-    pipeline.model_inputs(batches[0], kind="audio")
+    pipeline.model_inputs(batches[0], modality="text")
+  with pytest.raises(ValueError, match="modality"):
+    pipeline.model_inputs(batches[0], modality="audio")
 
 
 def test_missing_dataset_error(tmp_path):

@@ -86,7 +86,7 @@ def test_task_lists():
 def test_class_and_template_counts(name):
   task = registry.get(name)
   assert task.num_classes == _NUM_CLASSES[name]
-  if task.kind == "vision":
+  if task.modality == "vision":
     assert len(task.classnames) == task.num_classes == len(set(task.classnames))
     assert len(task.templates) == _NUM_TEMPLATES[name]
     assert all(t.count("{}") == 1 for t in task.templates)
@@ -166,7 +166,7 @@ def test_register_duplicate_and_validation():
   with pytest.raises(ValueError, match="3 classnames for num_classes=2"):
     registry.Task(
       name="x",
-      kind="vision",
+      modality="vision",
       num_classes=2,
       split="test",
       reader=registry.read_tfds,
@@ -176,15 +176,15 @@ def test_register_duplicate_and_validation():
   with pytest.raises(ValueError, match="exactly one"):
     registry.Task(
       name="x",
-      kind="vision",
+      modality="vision",
       num_classes=1,
       split="test",
       reader=registry.read_tfds,
       classnames=("a",),
       templates=("no slot",),
     )
-  with pytest.raises(ValueError, match="kind"):
-    registry.Task(name="x", kind="audio", num_classes=1, split="test", reader=registry.read_tfds)
+  with pytest.raises(ValueError, match="modality"):
+    registry.Task(name="x", modality="audio", num_classes=1, split="test", reader=registry.read_tfds)
 
 
 def test_missing_dataset_names_task_dir_and_recipe(tmp_path):
@@ -211,7 +211,7 @@ def test_mock_tfds_sources_without_tensorflow():
 def test_num_classes_mismatch_is_reported():
   wrong = registry.Task(
     name="MNIST7",
-    kind="vision",
+    modality="vision",
     num_classes=7,
     split="test",
     reader=registry.read_tfds,

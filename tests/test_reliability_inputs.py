@@ -147,7 +147,7 @@ def _tiny_clip_config(tmp_path, vocab_size):
 def test_token_ids_beyond_the_vocabulary_are_an_error_not_nan_heads(tmp_path):
   from flax import nnx
 
-  from adarank_jax import families
+  from adarank_jax import loading
   from adarank_jax.digits import tasks as digit_tasks
   from adarank_jax.interop import openclip_config
   from adarank_jax.models import clip, functional
@@ -158,7 +158,7 @@ def test_token_ids_beyond_the_vocabulary_are_an_error_not_nan_heads(tmp_path):
   _, full = functional.split(clip.build(config, rngs=nnx.Rngs(0)))
   cache = tmp_path / "heads"
   with pytest.raises(ValueError, match=r"tiny_clip_vocab128\.json.*max token id \d{5}.*vocab_size 128"):
-    families.zero_shot_heads(config, full, ["DigitsParity"], cache_dir=cache, source=str(config_path))
+    loading.zero_shot_heads(config, full, ["DigitsParity"], cache_dir=cache, source=str(config_path))
   assert not cache.exists() or not list(cache.iterdir())  # nothing cached
 
 
@@ -218,7 +218,7 @@ def test_integer_weights_are_rejected_by_the_loader_and_the_converter(tmp_path, 
   bad = tmp_path / "ft" / "Digits.safetensors"
   pattern = rf"{bad}: .*{key}: .*{np.dtype(dtype).name}.*floating"
   with pytest.raises(tree_util.StructureError, match=pattern):
-    openclip.load_openclip(bad, openclip_config.load_config(config_path))  # as families.load_clip calls it
+    openclip.load_openclip(bad, openclip_config.load_config(config_path))  # as loading.load_clip calls it
   with pytest.raises(ValueError, match=pattern):
     openclip.convert_checkpoints(
       config_path, tmp_path / "pretrained.safetensors", {"Digits": bad}, tmp_path / "out"

@@ -1,11 +1,11 @@
 """The language-model path of `run.run` end to end: tiny HF classifiers, mock GLUE data, HF export.
 
-BERT goes through family 'roberta' with the real MiniLM WordPiece tokenizer and runs every method;
+BERT goes through architecture 'roberta' with the real MiniLM WordPiece tokenizer and runs every method;
 GPT-2 uses a byte-level BPE tokenizer trained here (pad = eos) and runs individual + adarank_cart.
 The "fine-tuned" models are the pretrained body plus noise with a head fitted by least squares to
 the first FIT mock examples, so their predictions vary and wrongly wired heads would show.
 Scores are checked against transformers on the same examples; an LM's zero_shot row is the
-pretrained body with each task's fine-tuned head (`families.load_lm`).
+pretrained body with each task's fine-tuned head (`loading.load_lm`).
 """
 
 import re
@@ -26,7 +26,7 @@ from sklearn import metrics
 from adarank_jax import (
   checkpoint,
   decomposition,
-  families,
+  loading,
   merging,
   report,
   run,
@@ -181,27 +181,27 @@ DECODER = dict(vocab_size=99, n_embd=16, n_layer=2, n_head=2, n_positions=40, pa
 
 
 @pytest.mark.parametrize(
-  "model_type,family,kwargs",
+  "model_type,architecture,kwargs",
   [("roberta", "roberta", ENCODER), ("bert", "roberta", ENCODER), ("gpt2", "gpt2", DECODER)],
 )
-def test_decompose_and_unmerged_patterns_are_the_official_rule(model_type, family, kwargs, tmp_path):
+def test_decompose_and_unmerged_patterns_are_the_official_rule(model_type, architecture, kwargs, tmp_path):
   """Over every merged tensor of a tiny classifier, the config's patterns give docs/algorithm.md §1."""
   model = transformers.AutoModelForSequenceClassification.from_config(
     transformers.AutoConfig.for_model(model_type, **kwargs)
   )
   model.save_pretrained(tmp_path)
-  setup = families.load_lm(
+  setup = loading.load_lm(
     pretrained=str(tmp_path), finetuned=[str(tmp_path)], tasks=("mnli",), dtype="float32"
   )
   to_hf = lambda path: re.sub(r"(kernel|scale|embedding)$", "weight", path.replace("/", "."))
   ours = {
     to_hf(p): (d, u)
     for (p, d), u in zip(
-      tree_util.flatten(tree_util.select(setup.merged, common.DECOMPOSE[family])).items(),
-      tree_util.flatten(tree_util.select(setup.merged, common.UNMERGED[family])).values(),
+      tree_util.flatten(tree_util.select(setup.merged, common.DECOMPOSE[architecture])).items(),
+      tree_util.flatten(tree_util.select(setup.merged, common.UNMERGED[architecture])).values(),
     )
   }
-  unmerged, dense = OFFICIAL_RULES[family]
+  unmerged, dense = OFFICIAL_RULES[architecture]
   heads = {k for k, _ in model.named_parameters() if k.split(".")[0] in ("classifier", "score")}
   assert heads and set(ours) == {k for k, _ in model.named_parameters()} - heads
   for key, (decomposed, kept) in ours.items():
@@ -256,7 +256,7 @@ def bert(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bert_setup(bert):
   root = bert[0]
-  return families.load_lm(
+  return loading.load_lm(
     pretrained=str(root / "pretrained"),
     tasks=tuple(BERT_TASKS),
     dtype="float32",
@@ -367,7 +367,7 @@ def test_lm_zero_shot_is_the_pretrained_body_with_fine_tuned_heads(bert):
 def test_a_bare_pretrained_body_gives_the_same_merged_tree(bert, bert_setup, tmp_path):
   root, _, _, _ = bert
   transformers.BertModel.from_pretrained(root / "pretrained").save_pretrained(tmp_path / "body")
-  from_body = families.load_lm(
+  from_body = loading.load_lm(
     pretrained=str(tmp_path / "body"),
     tasks=tuple(BERT_TASKS),
     dtype="float32",
@@ -450,7 +450,7 @@ def test_gpt2_adarank_cart_export(gpt2):
   root, config, results, tokenizer = gpt2
   pretrained = _state(root / "pretrained")
   tuned = {t: _state(root / "finetuned" / t) for t in GPT2_TASKS}
-  setup = families.load_lm(
+  setup = loading.load_lm(
     pretrained=str(root / "pretrained"),
     tasks=tuple(GPT2_TASKS),
     dtype="float32",
@@ -480,7 +480,7 @@ def test_gpt2_without_pad_token_id_is_a_clear_error(gpt2, tmp_path):
   config = (tmp_path / "cola" / "config.json").read_text()
   (tmp_path / "cola" / "config.json").write_text(config.replace('"pad_token_id": 0', '"pad_token_id": null'))
   with pytest.raises(ValueError, match=r"cola/config.json: pad_token_id is not set"):
-    families.load_lm(
+    loading.load_lm(
       pretrained=str(root / "pretrained"),
       finetuned=[str(tmp_path / "cola")],
       tasks=("cola",),

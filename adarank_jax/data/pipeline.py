@@ -22,7 +22,7 @@ holds). Evaluation pads the pass to whole global batches, so every process gets 
 (`vision_preprocessor`, `text_preprocessor`). It runs in `workers` threads of this process (PIL resizing
 and numpy release the GIL), or, with `processes` > 0, in that many worker processes (then `prepare` and
 the source are pickled; grain reads its absl flags there, so call this from an absl program, as
-`adarank_jax.main` is). Nothing here needs TensorFlow. `model_inputs(batch, kind=...)` picks the arrays
+`adarank_jax.main` is). Nothing here needs TensorFlow. `model_inputs(batch, modality=...)` picks the arrays
 a model takes.
 """
 
@@ -68,13 +68,13 @@ def text_preprocessor(*, tokenizer_dir: str | os.PathLike[str], max_length: int 
   return glue.TextPreprocessor(glue.load_tokenizer(tokenizer_dir), max_length=max_length)
 
 
-def model_inputs(batch: Mapping[str, np.ndarray], *, kind: str) -> dict[str, np.ndarray]:
+def model_inputs(batch: Mapping[str, np.ndarray], *, modality: str) -> dict[str, np.ndarray]:
   """The model's inputs of a batch: {"image"} (vision) or the token arrays (text); no label / mask."""
-  if kind not in _INPUT_KEYS:
-    raise ValueError(f"kind must be one of {sorted(_INPUT_KEYS)}, got {kind!r}")
-  inputs = {k: batch[k] for k in _INPUT_KEYS[kind] if k in batch}
-  if _INPUT_KEYS[kind][0] not in inputs:
-    raise KeyError(f"a {kind} batch needs {_INPUT_KEYS[kind][0]!r}; it has {sorted(batch)}")
+  if modality not in _INPUT_KEYS:
+    raise ValueError(f"modality must be one of {sorted(_INPUT_KEYS)}, got {modality!r}")
+  inputs = {k: batch[k] for k in _INPUT_KEYS[modality] if k in batch}
+  if _INPUT_KEYS[modality][0] not in inputs:
+    raise KeyError(f"a {modality} batch needs {_INPUT_KEYS[modality][0]!r}; it has {sorted(batch)}")
   return inputs
 
 

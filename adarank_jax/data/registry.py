@@ -63,7 +63,7 @@ class Task:
 
   Attributes:
     name: registry key ("SUN397", "cola", ...).
-    kind: "vision" or "text".
+    modality: "vision" or "text".
     num_classes: number of labels.
     split: the split the papers evaluate (and adapt) on, a tfds split string.
     validation_split: the labelled split that selection=validation scores, held out of the task's
@@ -82,7 +82,7 @@ class Task:
   """
 
   name: str
-  kind: str
+  modality: str
   num_classes: int
   split: str
   reader: Reader
@@ -95,11 +95,11 @@ class Task:
   prepare: str = ""
 
   def __post_init__(self):
-    if self.kind not in ("vision", "text"):
-      raise ValueError(f"Task {self.name}: kind must be 'vision' or 'text', got {self.kind!r}")
+    if self.modality not in ("vision", "text"):
+      raise ValueError(f"Task {self.name}: modality must be 'vision' or 'text', got {self.modality!r}")
     if self.metric not in ("accuracy", "matthews"):
       raise ValueError(f"Task {self.name}: metric must be 'accuracy' or 'matthews', got {self.metric!r}")
-    if self.kind == "vision":
+    if self.modality == "vision":
       if len(self.classnames) != self.num_classes:
         raise ValueError(
           f"Task {self.name}: {len(self.classnames)} classnames for num_classes={self.num_classes}"
@@ -122,11 +122,11 @@ def _check_first_record(task: Task, split: str, source: Source) -> None:
   if len(source) == 0:
     raise DatasetMismatchError(f"Task {task.name}: split {split!r} is empty")
   first = source[0]
-  wanted = ("image", "label") if task.kind == "vision" else ("text_a", "label")
+  wanted = ("image", "label") if task.modality == "vision" else ("text_a", "label")
   missing = [k for k in wanted if k not in first]
   if missing:
     raise DatasetMismatchError(f"Task {task.name}: records lack {missing}; got keys {sorted(first)}")
-  if task.kind == "vision":
+  if task.modality == "vision":
     image = np.asarray(first["image"])
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
       raise DatasetMismatchError(
@@ -263,7 +263,7 @@ def _register_builtin() -> None:
     register(
       Task(
         name=name,
-        kind="vision",
+        modality="vision",
         num_classes=len(classnames),
         split=split,
         validation_split=validation_split,
@@ -278,7 +278,7 @@ def _register_builtin() -> None:
     register(
       Task(
         name=name,
-        kind="text",
+        modality="text",
         num_classes=num_classes,
         split=split,
         validation_split=TFDS_VALIDATION,

@@ -35,7 +35,7 @@ def _open_builder(task: Task, data_dir: str | None):
 
 def _check_features(task: Task, builder) -> None:
   features = builder.info.features
-  wanted = ("label",) + (task.text_fields if task.kind == "text" else ())
+  wanted = ("label",) + (task.text_fields if task.modality == "text" else ())
   missing = [f for f in wanted if f not in features]
   if missing:
     raise DatasetMismatchError(
@@ -68,7 +68,7 @@ def read_tfds(task: Task, split: str, data_dir: str | None) -> Source:
       f"{sorted(builder.info.splits)}; prepare with --file_format=array_record if it holds tfrecord "
       f"files"
     ) from e
-  return TextSource(raw, task) if task.kind == "text" else ImageSource(raw, task)
+  return TextSource(raw, task) if task.modality == "text" else ImageSource(raw, task)
 
 
 def decode_image(record: dict[str, Any]) -> np.ndarray:

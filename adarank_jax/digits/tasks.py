@@ -267,7 +267,7 @@ def register_tasks() -> tuple[str, ...]:
       registry.register(
         registry.Task(
           name=name,
-          kind="vision",
+          modality="vision",
           num_classes=len(spec.classnames),
           split="test",
           validation_split="validation",

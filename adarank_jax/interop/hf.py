@@ -1,7 +1,7 @@
 """Hugging Face model directories and converted directories <-> param trees: RoBERTa, BERT, GPT-2 and the
 CLIP image tower.
 
-Each family is a key map (`keymap.Rule`s: tree path -> HF keys, hook). RoBERTa/BERT/GPT-2 trees mirror the
+Each architecture is a key map (`keymap.Rule`s: tree path -> HF keys, hook). RoBERTa/BERT/GPT-2 trees mirror the
 HF module names, so their rules only rename leaves (kernel -> weight, transposed unless the HF layer is
 GPT-2's Conv1D). The CLIP rules map a `CLIPVisionModel` onto OpenCLIP's `VisionTransformer` layout and pack
 q_proj|k_proj|v_proj into one (width, 3 * width) `in_proj` kernel:
@@ -88,8 +88,8 @@ def _nnx_abstract(module_fn: Callable[[], nnx.Module]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Family:
-  """What differs between model families."""
+class _Architecture:
+  """What differs between the architectures."""
 
   config_type: type
   abstract: Callable[[Any], dict[str, Any]]  # config -> flat tree path -> abstract leaf (shape, dtype)
@@ -98,22 +98,22 @@ class _Family:
   head_fields: tuple[str, ...]  # config fields fine-tuned models may change
 
 
-_FAMILIES = (
-  _Family(
+_ARCHITECTURES = (
+  _Architecture(
     roberta.RobertaConfig,
     lambda c: _nnx_abstract(lambda: roberta.build(c, rngs=nnx.Rngs(0))),
     ROBERTA,
     r"(.*\.)?embeddings\.(position_ids|token_type_ids)|roberta\.pooler\..*|lm_head\..*|cls\..*",
     ("architecture", "num_labels", "dtype"),
   ),
-  _Family(
+  _Architecture(
     gpt2.GPT2Config,
     lambda c: _nnx_abstract(lambda: gpt2.build(c, rngs=nnx.Rngs(0))),
     GPT2,
     r"(.*\.)?h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight",
     ("architecture", "num_labels", "pad_token_id", "dtype"),
   ),
-  _Family(
+  _Architecture(
     clip.VisionConfig,
     lambda c: tree_util.flatten(clip.abstract_params(c)),
     CLIP_VISION,
@@ -123,11 +123,11 @@ _FAMILIES = (
 )
 
 
-def _family(config: ModelConfig) -> _Family:
-  for family in _FAMILIES:
-    if isinstance(config, family.config_type):
-      return family
-  raise TypeError(f"{type(config).__name__} is not one of {[f.config_type.__name__ for f in _FAMILIES]}")
+def _architecture(config: ModelConfig) -> _Architecture:
+  for architecture in _ARCHITECTURES:
+    if isinstance(config, architecture.config_type):
+      return architecture
+  raise TypeError(f"{type(config).__name__} is not one of {[f.config_type.__name__ for f in _ARCHITECTURES]}")
 
 
 def tree_from_state_dict(
@@ -151,18 +151,18 @@ def tree_from_state_dict(
       tensors where the architecture has float weights.
     tree_util.NonFiniteError: NaN or Inf in a used tensor.
   """
-  family = _family(config)
-  abstract = family.abstract(config)
-  ignored = re.compile(family.ignored)
+  architecture = _architecture(config)
+  abstract = architecture.abstract(config)
+  ignored = re.compile(architecture.ignored)
   used = {k: v for k, v in state.items() if not ignored.fullmatch(k)}
-  first_parts = {k.split(".")[0] for k in keymap.expected_keys(family.rules, abstract)}
+  first_parts = {k.split(".")[0] for k in keymap.expected_keys(architecture.rules, abstract)}
   prefix = first_parts.pop() if len(first_parts) == 1 else ""
   if prefix and not any(k.startswith(f"{prefix}.") for k in used):
     used = {f"{prefix}.{k}": v for k, v in used.items()}
-  # Every parameter of these families is floating point (integer buffers such as position_ids are in
-  # the family's `ignored` keys, never expected).
+  # Every parameter of these architectures is floating point (integer buffers such as position_ids are in
+  # the architecture's `ignored` keys, never expected).
   return keymap.tree_from_state_dict(
-    family.rules,
+    architecture.rules,
     abstract,
     used,
     source=source,
@@ -174,10 +174,10 @@ def state_dict_from_tree(
   config: ModelConfig, tree: Mapping[str, Any], *, source: str = "tree"
 ) -> dict[str, np.ndarray]:
   """Inverse of `tree_from_state_dict` (prefixed HF keys); validates `tree` first."""
-  family = _family(config)
+  architecture = _architecture(config)
   flat = {k: np.asarray(v) for k, v in tree_util.flatten(tree).items()}
-  keymap.check_tree(family.abstract(config), flat, source=source)
-  return keymap.state_dict_from_tree(family.rules, tree, source=source)
+  keymap.check_tree(architecture.abstract(config), flat, source=source)
+  return keymap.state_dict_from_tree(architecture.rules, tree, source=source)
 
 
 def _name(config: ModelConfig) -> str:
@@ -221,7 +221,7 @@ def load_converted(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str,
     )
   config = config_lib.model_config(found.config, source=str(Path(directory) / found.config_file))
   keymap.check_tree(
-    _family(config).abstract(config), tree_util.flatten(found.tree), source=os.fspath(directory)
+    _architecture(config).abstract(config), tree_util.flatten(found.tree), source=os.fspath(directory)
   )
   return config, found.tree, found.config
 
@@ -243,7 +243,7 @@ def check_compatible(
       f"{source}: a {type(config).__name__} model, but {reference_source} is a "
       f"{type(reference).__name__} model"
     )
-  head = _family(config).head_fields
+  head = _architecture(config).head_fields
   diffs = [
     f"{f.name}={getattr(config, f.name)!r} (reference: {getattr(reference, f.name)!r})"
     for f in dataclasses.fields(config)

@@ -1,4 +1,4 @@
-"""The activation functions of every model family, by the names their configs use (HF and OpenCLIP)."""
+"""The activation functions of every model architecture, by the names their configs use (HF and OpenCLIP)."""
 
 from collections.abc import Callable
 

@@ -4,7 +4,7 @@ Attribute names mirror the Hugging Face modules, so param paths read like the
 PyTorch state dict: `roberta/encoder/layer/3/attention/self/query/kernel` is
 `roberta.encoder.layer.3.attention.self.query.weight` (transposed to (in, out)).
 
-One encoder body (`RobertaModel`) serves both families; they differ only in
+One encoder body (`RobertaModel`) serves both architectures; they differ only in
 how position ids are made (`RobertaConfig.position_ids`): RoBERTa counts from
 `pad_token_id + 1` and gives padding the pad position (fairseq's
 `make_positions`), BERT uses 0..L-1. The architectures, and their param trees:

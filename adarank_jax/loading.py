@@ -1,6 +1,6 @@
-"""What a run needs of each model family, loaded from checkpoints: one small record per family.
+"""Checkpoints -> a `Setup`: what a run needs of the models, one small record per run.
 
-  setup = families.load_clip(model=..., pretrained=..., finetuned=[...], tasks=[...], ...)
+  setup = loading.load_clip(model=..., pretrained=..., finetuned=[...], tasks=[...], ...)
   setup.merged            # the tree AdaRank merges (the CLIP image tower; the LM minus its heads)
   setup.finetuned         # T trees of the same structure
   setup.logits(params, t, batch) -> (B, classes)   # pure, jittable; t (static) picks task t's head:
@@ -10,7 +10,8 @@
   setup.predict(params, t, batch)                  # the same, jitted, for evaluation
   setup.export(params, path)                       # a merged tree -> PyTorch-loadable checkpoint(s)
 
-The variant is data: run.py never branches on the family beyond picking the loader.
+The variant is data: run.py never branches on the architecture beyond picking the loader (load_clip for
+CLIP, load_lm for the language models).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from adarank_jax.models import heads as heads_lib
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """A loaded family: the trees to merge, the heads and the pure functions over them."""
+  """The loaded models: the trees to merge, the heads and the pure functions over them."""
 
-  kind: str  # 'vision' | 'text': which input pipeline feeds it
+  modality: str  # 'vision' | 'text': which input pipeline feeds it
   merged: Any  # pretrained tree of the merged part
   finetuned: tuple[Any, ...]  # T fine-tuned trees of the same structure
   logits: Callable[[Any, int, Any], jax.Array]
@@ -123,7 +124,7 @@ def load_clip(
     openclip.export_openclip({**full, "visual": jax.device_get(params)}, path)
 
   return Setup(
-    kind="vision",
+    modality="vision",
     merged=full["visual"],
     finetuned=tuned,
     logits=logits,
@@ -268,7 +269,7 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
           shutil.copyfile(Path(pretrained) / name, Path(path) / task / name)
 
   return Setup(
-    kind="text",
+    modality="text",
     merged={body_key: tree_util.unflatten(pre_body)},
     finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
     logits=logits,
