@@ -449,6 +449,8 @@ def _adapt(
       state = point.state
   except train.NonFiniteLossError as error:
     raise train.NonFiniteLossError(f"{name}: {error}") from error
+  finally:
+    batches.close()  # its worker threads or processes
   manager.close()
   trainable = jax.device_get((state.mask_logits, state.coefficients))
   if selection != "final":
