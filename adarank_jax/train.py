@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -308,18 +309,42 @@ def make_mesh(*, task: int = 1, devices: Sequence[jax.Device] | None = None) -> 
   )
 
 
+def check_same_on_every_process(tree: Any, what: str) -> None:
+  """Raises ValueError, naming the leaves, where the processes of a run hold different values of
+  `tree` (host arrays that every process computed itself and that are about to be placed on a mesh
+  spanning them all: each process would give its own values for its shards, a silent mix).
+  Compares sha256 digests of the leaves, not the leaves; nothing to do for one process."""
+  if jax.process_count() == 1:
+    return
+  sums = checkpoint_lib.checksums(tree)
+  if sums is None:  # already global arrays: one value by construction
+    return
+  names = sorted(sums)
+  digests = np.stack([np.frombuffer(bytes.fromhex(sums[n]["sha256"]), np.uint8) for n in names])
+  every = multihost_utils.process_allgather(digests)  # (processes, leaves, 32)
+  differ = [n for i, n in enumerate(names) if (every[:, i] != every[0, i]).any()]
+  if differ:
+    raise ValueError(
+      f"{what}: {len(differ)} of {len(names)} arrays differ between the {jax.process_count()} processes "
+      f"(e.g. {', '.join(differ[:3])}). Every host must compute the same values: the same checkpoints, "
+      "the same library versions; hosts with different CPUs may round the SVD differently."
+    )
+
+
 def place_frozen(
   frozen: tuple[Any, Any], mesh: Mesh, *, factor_placement: str = "replicated"
 ) -> tuple[Any, Any]:
   """Puts (origin, factors) on `mesh`: origin replicated; factors replicated or split on 'task'.
 
   With 'task', every factor array (u, s, vt and dense task vectors) is split along its leading
-  task axis, which must divide evenly by the mesh's 'task' size.
+  task axis, which must divide evenly by the mesh's 'task' size. In a run of several processes,
+  every process must hold the same (origin, factors) (`check_same_on_every_process`).
   """
   if factor_placement not in FACTOR_PLACEMENTS:
     raise ValueError(
       f"place_frozen: factor_placement={factor_placement!r}; expected one of {FACTOR_PLACEMENTS}"
     )
+  check_same_on_every_process(frozen, "place_frozen: (origin, factors)")
   origin, factors = frozen
   replicated = NamedSharding(mesh, P())
   if factor_placement == "replicated":

@@ -162,3 +162,40 @@ def test_each_process_reads_its_part_of_every_batch(tmp_path, cache):
   for i, log in enumerate(outputs):
     assert f"process {i} of 2 reads part {i + 1} of 2 of every batch" in log
   _assert_same_run(tmp_path / "single", workdir)
+
+
+_PLACE = """
+import sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from adarank_jax import train
+factors = {"a": np.ones((2, 3), np.float32), "b": np.full((2, 3), float(sys.argv[3]), np.float32)}
+placed = train.place_frozen(({"w": np.zeros(3, np.float32)}, factors), train.make_mesh(task=2), factor_placement="task")
+print("placed", float(jax.jit(lambda f: f["b"].sum())(placed[1])))
+"""
+
+
+def test_factors_that_differ_between_processes_are_refused(tmp_path):
+  """Each host decomposes on its own: placing values that differ between hosts is an error naming them,
+  not a silent mix of each host's shards."""
+  for values, ok in (((0.5, 0.5), True), ((0.5, 0.25), False)):
+    port = _free_port()
+    runs = [
+      subprocess.Popen(
+        [sys.executable, "-c", _PLACE, f"localhost:{port}", str(i), str(values[i])],
+        cwd=ROOT,
+        env=_env(tmp_path, 1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for i in (0, 1)
+    ]
+    outputs = [(run.communicate(timeout=300)[0], run.returncode) for run in runs]
+    for log, code in outputs:
+      if ok:
+        assert code == 0 and "placed 3.0" in log, log[-3000:]
+      else:
+        assert code != 0 and "1 of 3 arrays differ between the 2 processes (e.g. 1/b)" in log, log[-3000:]
