@@ -162,6 +162,11 @@ def test_each_process_reads_its_part_of_every_batch(tmp_path, cache):
   for i, log in enumerate(outputs):
     assert f"process {i} of 2 reads part {i + 1} of 2 of every batch" in log
   _assert_same_run(tmp_path / "single", workdir)
+  # Starting over in the same workdir: process 0 clears it while process 1 waits, then both run again.
+  (workdir / "processes" / "1" / "stale.txt").write_text("from the first run")
+  _wait(_launch_two(workdir, cache, "--overwrite", placement="replicated"))
+  assert not (workdir / "processes" / "1" / "stale.txt").exists()
+  _assert_same_run(tmp_path / "single", workdir)
 
 
 _PLACE = """
