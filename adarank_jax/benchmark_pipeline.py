@@ -33,6 +33,7 @@ from absl import app, flags
 from PIL import Image
 
 from adarank_jax.data import image_folder, pipeline, registry
+from adarank_jax.data.task import Source
 
 _BASELINE = flags.DEFINE_string(
   "baseline", "", "A pipeline module file to measure as well (see the docstring)."
@@ -46,7 +47,7 @@ _BATCH = flags.DEFINE_integer("batch", 16, "Adaptation batch size (per task).")
 _BATCHES = flags.DEFINE_integer("batches", 64, "Adaptation batches per timed run.")
 
 
-def _jpeg_source(root: Path, count: int) -> registry.Source:
+def _jpeg_source(root: Path, count: int) -> Source:
   """`count` generated 320x256 JPEGs (smooth gradients plus noise, so they compress like photos) in the
   RenderedSST2 image-folder layout, prepared and opened as a tfds data source."""
   rng = np.random.default_rng(0)

@@ -107,11 +107,9 @@ def out_of_vocabulary(tmp: Path) -> str:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from adarank_jax import loading  # pylint: disable=g-import-not-at-top
-  from adarank_jax.digits import tasks as digit_tasks  # pylint: disable=g-import-not-at-top
   from adarank_jax.interop import openclip_config  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import clip, functional  # pylint: disable=g-import-not-at-top
 
-  digit_tasks.register_tasks()
   raw = json.loads(TINY_CLIP.read_text())
   raw["text_cfg"]["vocab_size"] = 128
   path = tmp / "tiny_clip_vocab128.json"

@@ -34,6 +34,7 @@ from adarank_jax import (
   validate,
 )
 from adarank_jax.data import pipeline, registry
+from adarank_jax.data.task import DatasetMismatchError, DatasetNotFoundError
 
 
 def run(
@@ -83,7 +84,7 @@ def run(
   # ------------------------------------------------------------------------------------------ Data sets
   # Every task's data set is opened before any checkpoint is loaded: all missing ones in one error.
   # The evaluation (and adaptation) split of each task, and its validation split for
-  # selection=validation (registry.Task.validation_split).
+  # selection=validation (Task.validation_split in adarank_jax/data/task.py).
   sources, validation_sources, missing = [], [], []
   for t in tasks:
     task = registry.get(t)
@@ -96,7 +97,7 @@ def run(
     for out, split in splits:
       try:
         out.append(task.open_source(split, data_dir=config.data.data_dir or None))
-      except (registry.DatasetNotFoundError, registry.DatasetMismatchError) as error:
+      except (DatasetNotFoundError, DatasetMismatchError) as error:
         missing.append(str(error))
   if missing:
     raise validate.ConfigError(

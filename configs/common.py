@@ -11,7 +11,7 @@ TASKS_8 = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SV
 TASKS_14 = TASKS_8 + ("CIFAR100", "STL10", "Flowers102", "OxfordIIITPet", "PCAM", "FER2013")
 TASKS_20 = TASKS_14 + ("EMNIST", "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "KMNIST")
 GLUE_7 = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
-# The embedded demo's tasks (adarank_jax/digits/tasks.py, built in memory from scikit-learn's digits).
+# The embedded demo's tasks (adarank_jax/data/digits.py, built in memory from scikit-learn's digits).
 DIGITS_8 = (
   "Digits",
   "DigitsRotated",

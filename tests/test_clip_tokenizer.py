@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from adarank_jax.data import clip_tokenizer, registry
-from adarank_jax.digits import tasks as digits_tasks
+from adarank_jax.data import digits as digits_tasks
 from configs import common
 
 LONG = "a photo of a " * 40 + "cat."
@@ -45,7 +45,7 @@ TRICKY = (
 
 
 def _prompts() -> list[str]:
-  names = common.TASKS_20 + digits_tasks.register_tasks()
+  names = common.TASKS_20 + digits_tasks.TASKS
   return [
     template.format(c)
     for name in names

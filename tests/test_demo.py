@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adarank_jax.digits import tasks as digit_tasks
+from adarank_jax.data import digits as digit_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = (

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from adarank_jax import checkpoint, methods, tree_util
-from adarank_jax.digits import tasks as digit_tasks
+from adarank_jax.data import digits as digit_tasks
 from adarank_jax.models import clip, functional
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from absl import flags
 from PIL import Image
 
 from adarank_jax.data import image_folder, pipeline, preprocess, registry
+from adarank_jax.data.task import DatasetMismatchError, DatasetNotFoundError, Task
 
 
 class _ListSource:
@@ -226,7 +227,7 @@ def test_vision_adaptation_under_mock_tfds():
 
 
 def _custom_task(records, num_classes=2):
-  return registry.Task(
+  return Task(
     name="custom",
     modality="vision",
     num_classes=num_classes,
@@ -248,7 +249,7 @@ def _custom_task(records, num_classes=2):
   ],
 )
 def test_mismatched_data_is_reported(records, problem):
-  with pytest.raises(registry.DatasetMismatchError, match="Task custom: .*" + problem):
+  with pytest.raises(DatasetMismatchError, match="Task custom: .*" + problem):
     _custom_task(records).open_source()
 
 
@@ -262,5 +263,5 @@ def test_eval_max_examples_and_model_inputs():
 
 
 def test_missing_dataset_error(tmp_path):
-  with pytest.raises(registry.DatasetNotFoundError, match=r"Task DTD: tfds data set 'dtd' is not prepared"):
+  with pytest.raises(DatasetNotFoundError, match=r"Task DTD: tfds data set 'dtd' is not prepared"):
     registry.get("DTD").open_source(data_dir=tmp_path)

@@ -14,6 +14,7 @@ from adarank_jax.data import (
   tfds_reader,  # noqa: F401  (registers the glue/* builders with tfds)
   vision_tasks,
 )
+from adarank_jax.data.task import IMAGE_FOLDER_BUILDER, DatasetMismatchError, DatasetNotFoundError, Task
 from configs import common
 
 _NUM_CLASSES = {
@@ -144,7 +145,7 @@ def test_classnames_follow_tfds_label_order():
   [
     n
     for n in common.TASKS_20 + common.GLUE_7
-    if not registry.get(n).tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER)
+    if not registry.get(n).tfds_name.startswith(IMAGE_FOLDER_BUILDER)
   ],
 )
 def test_tfds_builders_exist_with_matching_classes(name):
@@ -164,7 +165,7 @@ def test_register_duplicate_and_validation():
   with pytest.raises(ValueError, match="already registered"):
     registry.register(registry.get("MNIST"))
   with pytest.raises(ValueError, match="3 classnames for num_classes=2"):
-    registry.Task(
+    Task(
       name="x",
       modality="vision",
       num_classes=2,
@@ -174,7 +175,7 @@ def test_register_duplicate_and_validation():
       templates=("{}",),
     )
   with pytest.raises(ValueError, match="exactly one"):
-    registry.Task(
+    Task(
       name="x",
       modality="vision",
       num_classes=1,
@@ -184,14 +185,14 @@ def test_register_duplicate_and_validation():
       templates=("no slot",),
     )
   with pytest.raises(ValueError, match="modality"):
-    registry.Task(name="x", modality="audio", num_classes=1, split="test", reader=registry.read_tfds)
+    Task(name="x", modality="audio", num_classes=1, split="test", reader=registry.read_tfds)
 
 
 def test_missing_dataset_names_task_dir_and_recipe(tmp_path):
   where = re.escape(str(tmp_path))
-  with pytest.raises(registry.DatasetNotFoundError, match=rf"Task SVHN.*svhn_cropped.*{where}.*tfds build"):
+  with pytest.raises(DatasetNotFoundError, match=rf"Task SVHN.*svhn_cropped.*{where}.*tfds build"):
     registry.get("SVHN").open_source(data_dir=tmp_path)
-  with pytest.raises(registry.DatasetNotFoundError, match=r"Task GTSRB.*class folders 00000\.\.00042"):
+  with pytest.raises(DatasetNotFoundError, match=r"Task GTSRB.*class folders 00000\.\.00042"):
     registry.get("GTSRB").open_source(data_dir=tmp_path)
 
 
@@ -209,7 +210,7 @@ def test_mock_tfds_sources_without_tensorflow():
 
 
 def test_num_classes_mismatch_is_reported():
-  wrong = registry.Task(
+  wrong = Task(
     name="MNIST7",
     modality="vision",
     num_classes=7,
@@ -220,7 +221,7 @@ def test_num_classes_mismatch_is_reported():
     templates=("{}",),
   )
   with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
-    with pytest.raises(registry.DatasetMismatchError, match="has 10 classes, the registry expects 7"):
+    with pytest.raises(DatasetMismatchError, match="has 10 classes, the registry expects 7"):
       wrong.open_source()
 
 
@@ -251,7 +252,7 @@ def test_prepare_image_folder_round_trip(tmp_path):
     assert image.dtype == np.uint8 and image.shape[:2] == (6, 9)
     seen[int(image[0, 0, 0])] = (record["label"], image.shape[2])
   assert seen == expected
-  with pytest.raises(registry.DatasetNotFoundError, match="split 'train'.*prepared splits: \\['test'\\]"):
+  with pytest.raises(DatasetNotFoundError, match="split 'train'.*prepared splits: \\['test'\\]"):
     registry.get("RenderedSST2").open_source("train", data_dir=tmp_path / "data")
 
 
@@ -259,7 +260,7 @@ def test_validation_splits_are_registered_and_sliced_by_tfds(tmp_path):
   for name in common.TASKS_20 + common.GLUE_7:
     task = registry.get(name)
     assert task.validation_split == (
-      "val" if task.tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER) else registry.TFDS_VALIDATION
+      "val" if task.tfds_name.startswith(IMAGE_FOLDER_BUILDER) else registry.TFDS_VALIDATION
     ), name
   manual = tmp_path / "manual"
   _write_folder(manual, "test", images_per_class=4)
@@ -274,7 +275,7 @@ def test_validation_splits_are_registered_and_sliced_by_tfds(tmp_path):
 def test_prepare_image_folder_rejects_wrong_class_count(tmp_path):
   os.makedirs(tmp_path / "manual" / "fer2013" / "test" / "0")
   Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "manual" / "fer2013" / "test" / "0" / "a.png")
-  with pytest.raises(registry.DatasetMismatchError, match="1 class folders, expected 7"):
+  with pytest.raises(DatasetMismatchError, match="1 class folders, expected 7"):
     image_folder.prepare_image_folder("FER2013", tmp_path / "data", manual_dir=tmp_path / "manual")
   with pytest.raises(ValueError, match="not an image-folder task"):
     image_folder.prepare_image_folder("MNIST", tmp_path / "data")

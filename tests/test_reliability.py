@@ -209,12 +209,12 @@ def _main(capsys, *args, env=None, monkeypatch=None):
 
 def _garbage_checkpoints(tmp_path):
   """Files that pass validation (they exist) and fail loading (they are not checkpoints)."""
-  from adarank_jax.digits import tasks as digit_tasks
+  from adarank_jax.data import digits as digit_tasks
 
   ckpts = tmp_path / "ckpts"
   ckpts.mkdir()
   (ckpts / "pretrained.pt").write_bytes(b"a text file")
-  for task in digit_tasks.register_tasks():
+  for task in digit_tasks.TASKS:
     (ckpts / f"{task}.pt").write_bytes(b"a text file")
   return [
     f"--config.model.pretrained={ckpts / 'pretrained.pt'}",

@@ -148,11 +148,9 @@ def test_token_ids_beyond_the_vocabulary_are_an_error_not_nan_heads(tmp_path):
   from flax import nnx
 
   from adarank_jax import loading
-  from adarank_jax.digits import tasks as digit_tasks
   from adarank_jax.interop import openclip_config
   from adarank_jax.models import clip, functional
 
-  digit_tasks.register_tasks()
   config_path = _tiny_clip_config(tmp_path, 128)
   config = openclip_config.load_config(config_path)
   _, full = functional.split(clip.build(config, rngs=nnx.Rngs(0)))

@@ -1,7 +1,7 @@
 """Image-folder data sets -> array_record tfds data sets, without TensorFlow (the data-set preparation tool).
 
 For the tasks without a usable tfds builder (EuroSAT, GTSRB, RESISC45, FER2013, RenderedSST2; see
-`registry.IMAGE_FOLDER_LAYOUT`): the encoded image files and their labels are stored as they are and
+`task.IMAGE_FOLDER_LAYOUT`): the encoded image files and their labels are stored as they are and
 decoded with PIL on read (`tfds_reader`).
 
   python -m adarank_jax.data.image_folder --task=GTSRB --data_dir=DIR [--manual_dir=DIR]
@@ -15,16 +15,14 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from adarank_jax.data import registry
-
-# builder config -> task
-_FOLDER_TASKS = {
-  "eurosat": "EuroSAT",
-  "gtsrb": "GTSRB",
-  "resisc45": "RESISC45",
-  "fer2013": "FER2013",
-  "rendered_sst2": "RenderedSST2",
-}
+from adarank_jax.data import vision_tasks
+from adarank_jax.data.task import (
+  IMAGE_FOLDER_BUILDER,
+  IMAGE_FOLDER_LAYOUT,
+  IMAGE_FOLDER_TASKS,
+  DatasetMismatchError,
+  DatasetNotFoundError,
+)
 
 
 class AdarankImageFolder(tfds.core.GeneratorBasedBuilder):
@@ -33,12 +31,12 @@ class AdarankImageFolder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [
     tfds.core.BuilderConfig(name=name, description=f"{task} from an image folder")
-    for name, task in _FOLDER_TASKS.items()
+    for name, task in IMAGE_FOLDER_TASKS.items()
   ]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Layout: {registry.IMAGE_FOLDER_LAYOUT}"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Layout: {IMAGE_FOLDER_LAYOUT}"
 
   def _num_classes(self) -> int:
-    return registry.get(_FOLDER_TASKS[self.builder_config.name]).num_classes
+    return len(vision_tasks.CLASSNAMES[IMAGE_FOLDER_TASKS[self.builder_config.name]])
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -56,8 +54,8 @@ class AdarankImageFolder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     root = os.path.join(dl_manager.manual_dir, self.builder_config.name)
     if not os.path.isdir(root):
-      raise registry.DatasetNotFoundError(
-        f"{self.builder_config.name}: no folder {root}; layout: {registry.IMAGE_FOLDER_LAYOUT}"
+      raise DatasetNotFoundError(
+        f"{self.builder_config.name}: no folder {root}; layout: {IMAGE_FOLDER_LAYOUT}"
       )
     splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     return {split: self._generate_examples(os.path.join(root, split)) for split in splits}
@@ -65,9 +63,7 @@ class AdarankImageFolder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split_dir: str):
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if len(classes) != self._num_classes():
-      raise registry.DatasetMismatchError(
-        f"{split_dir}: {len(classes)} class folders, expected {self._num_classes()}"
-      )
+      raise DatasetMismatchError(f"{split_dir}: {len(classes)} class folders, expected {self._num_classes()}")
     for label, class_dir in enumerate(classes):
       for file_name in sorted(os.listdir(os.path.join(split_dir, class_dir))):
         path = os.path.join(split_dir, class_dir, file_name)
@@ -87,12 +83,11 @@ def prepare_image_folder(
     data_dir: the tfds data_dir the run reads from.
     manual_dir: folder holding <config>/<split>/<class>/<files>; default <data_dir>/downloads/manual.
   """
-  task = registry.get(task_name)
-  config = task.tfds_name.partition("/")[2]
-  if not task.tfds_name.startswith(registry.IMAGE_FOLDER_BUILDER + "/"):
+  config = next((c for c, task in IMAGE_FOLDER_TASKS.items() if task == task_name), None)
+  if config is None:
     raise ValueError(
-      f"Task {task_name} is not an image-folder task (tfds name {task.tfds_name!r}); "
-      f"image-folder tasks: {sorted(_FOLDER_TASKS.values())}"
+      f"Task {task_name} is not an image-folder task ({IMAGE_FOLDER_BUILDER}/<config>); "
+      f"image-folder tasks: {sorted(IMAGE_FOLDER_TASKS.values())}"
     )
   builder = AdarankImageFolder(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
   manual_dir = None if manual_dir is None else os.fspath(manual_dir)

@@ -37,7 +37,8 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
-from adarank_jax.data import glue, preprocess, registry
+from adarank_jax.data import glue, preprocess
+from adarank_jax.data.task import Source
 
 Batch = dict[str, np.ndarray]
 Prepare = Callable[[Mapping[str, Any]], dict[str, np.ndarray]]
@@ -113,7 +114,7 @@ def _iterate(
 
 
 def eval_batches(
-  source: registry.Source,
+  source: Source,
   *,
   prepare: Prepare,
   batch_size: int,
@@ -144,7 +145,7 @@ def eval_batches(
 
 
 def adaptation_batches(
-  source: registry.Source,
+  source: Source,
   *,
   prepare: Prepare,
   batch_size: int,
@@ -201,7 +202,7 @@ class TaskBatches:
 class Subset:
   """The examples of `source` at `indices`, as a source of its own."""
 
-  def __init__(self, source: registry.Source, indices: np.ndarray):
+  def __init__(self, source: Source, indices: np.ndarray):
     self._source, self.indices = source, indices
 
   def __len__(self) -> int:
@@ -211,7 +212,7 @@ class Subset:
     return self._source[int(self.indices[index])]
 
 
-def subset(source: registry.Source, fraction: float, *, seed: int) -> registry.Source:
+def subset(source: Source, fraction: float, *, seed: int) -> Source:
   """`source` itself for fraction 1; else a seeded random max(1, round(fraction * N)) of its examples
   (in their original order): the data-fraction ablation's adaptation data."""
   if not 0 < fraction <= 1:

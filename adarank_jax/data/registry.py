@@ -1,13 +1,9 @@
-"""The one registry of tasks: what each task is, where its data lives and how a split is opened.
+"""The one registry of tasks: the built-in tasks by name, and `register` for a user's own.
 
-A `Task` names a data set by its tensorflow-datasets builder and the split the Task Arithmetic /
-TALL-Masks papers evaluate on. `task.open_source(split, data_dir)` returns a random-access source
-(`len(src)`, `src[i]`), for the built-in tasks read through tfds data sources by `tfds_reader` (array_record;
-no TensorFlow at read time; tensorflow_datasets is imported on the first read); its first record is
-checked against the task (fields, image dtype/shape, label range):
-
-  vision: src[i] = {"image": uint8 (H, W, C) with C in (1, 3), "label": int}
-  text:   src[i] = {"text_a": str, "text_b": str (sentence-pair tasks only), "label": int}
+Each entry is a `Task` (`data/task.py`): it names a data set by its tensorflow-datasets builder and the
+split the Task Arithmetic / TALL-Masks papers evaluate on. `task.open_source(split, data_dir)` returns a
+random-access source, for the built-in tasks read through tfds data sources by `tfds_reader`
+(array_record; no TensorFlow at read time; tensorflow_datasets is imported on the first read).
 
 Data sets without a usable tfds builder (GTSRB, FER2013, RenderedSST2, and EuroSAT / RESISC45,
 whose papers' test splits tfds does not have) are read from an array_record data set that
@@ -15,126 +11,15 @@ whose papers' test splits tfds does not have) are read from an array_record data
 Nothing is ever downloaded: a missing data set raises `DatasetNotFoundError` saying how to prepare it.
 
 Registered at import: the paper's 20 vision tasks, the 7 GLUE tasks and the 8 digits tasks of the
-embedded demo (`adarank_jax.digits.tasks`, built in memory). Which tasks an experiment runs is
+embedded demo (`data/digits.py`, built in memory). Which tasks an experiment runs is
 config data (`configs/common.py`: TASKS_8 / TASKS_14 / TASKS_20, GLUE_7).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Callable
-from typing import Any, Protocol
-
-import numpy as np
-
+from adarank_jax.data import digits as digits_tasks
 from adarank_jax.data import vision_tasks
-
-IMAGE_FOLDER_BUILDER = "adarank_image_folder"
-IMAGE_FOLDER_LAYOUT = (
-  "<manual_dir>/<config>/<split>/<class folder>/<image file>; class folders sort (as strings) into "
-  "label order, as torchvision.datasets.ImageFolder does; <manual_dir> defaults to "
-  "<data_dir>/downloads/manual"
-)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """A task's data set (or split) is not prepared under the data_dir searched."""
-
-
-class DatasetMismatchError(ValueError):
-  """A prepared data set disagrees with its registry entry (classes, image shape, fields)."""
-
-
-class Source(Protocol):
-  """A random-access view of one split."""
-
-  def __len__(self) -> int: ...
-
-  def __getitem__(self, index: int) -> dict[str, Any]: ...
-
-
-Reader = Callable[["Task", str, "str | None"], Source]
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """One evaluation task.
-
-  Attributes:
-    name: registry key ("SUN397", "cola", ...).
-    modality: "vision" or "text".
-    num_classes: number of labels.
-    split: the split the papers evaluate (and adapt) on, a tfds split string.
-    validation_split: the labelled split that selection=validation scores, held out of the task's
-      training data; "" if the task has none. Built-in tfds tasks: the last 10% of "train" (tfds
-      slicing, "train[90%:]"); image-folder tasks: an optional "val" folder (EuroSAT's Task
-      Arithmetic split has one). Caveat: the public fine-tuned checkpoints were trained on their own
-      random 90% of "train", so most of these examples were seen in fine-tuning; the selection
-      still never reads a test label, but its validation scores run high.
-    reader: `reader(task, split, data_dir) -> Source`; `read_tfds` for every built-in task.
-    tfds_name: "builder/config" that `read_tfds` opens ("" for other readers).
-    classnames: vision: class names in label order, as the reference code writes them.
-    templates: vision: prompt patterns with one "{}" for the class name.
-    metric: "accuracy" or "matthews".
-    text_fields: text: the tfds feature names of (text_a[, text_b]).
-    prepare: how to prepare the data set; quoted by DatasetNotFoundError.
-  """
-
-  name: str
-  modality: str
-  num_classes: int
-  split: str
-  reader: Reader
-  validation_split: str = ""
-  tfds_name: str = ""
-  classnames: tuple[str, ...] = ()
-  templates: tuple[str, ...] = ()
-  metric: str = "accuracy"
-  text_fields: tuple[str, ...] = ()
-  prepare: str = ""
-
-  def __post_init__(self):
-    if self.modality not in ("vision", "text"):
-      raise ValueError(f"Task {self.name}: modality must be 'vision' or 'text', got {self.modality!r}")
-    if self.metric not in ("accuracy", "matthews"):
-      raise ValueError(f"Task {self.name}: metric must be 'accuracy' or 'matthews', got {self.metric!r}")
-    if self.modality == "vision":
-      if len(self.classnames) != self.num_classes:
-        raise ValueError(
-          f"Task {self.name}: {len(self.classnames)} classnames for num_classes={self.num_classes}"
-        )
-      if not self.templates or any(t.count("{}") != 1 for t in self.templates):
-        raise ValueError(f"Task {self.name}: templates must be non-empty, each with exactly one '{{}}'")
-    elif len(self.text_fields) not in (1, 2):
-      raise ValueError(f"Task {self.name}: text tasks need 1 or 2 text_fields, got {self.text_fields}")
-
-  def open_source(self, split: str | None = None, data_dir: str | os.PathLike[str] | None = None) -> Source:
-    """Opens `split` (default: the task's evaluation split) as a random-access source."""
-    split = self.split if split is None else split
-    source = self.reader(self, split, None if data_dir is None else os.fspath(data_dir))
-    _check_first_record(self, split, source)
-    return source
-
-
-def _check_first_record(task: Task, split: str, source: Source) -> None:
-  """An empty split, missing fields, a bad image or an out-of-range label is a DatasetMismatchError."""
-  if len(source) == 0:
-    raise DatasetMismatchError(f"Task {task.name}: split {split!r} is empty")
-  first = source[0]
-  wanted = ("image", "label") if task.modality == "vision" else ("text_a", "label")
-  missing = [k for k in wanted if k not in first]
-  if missing:
-    raise DatasetMismatchError(f"Task {task.name}: records lack {missing}; got keys {sorted(first)}")
-  if task.modality == "vision":
-    image = np.asarray(first["image"])
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-      raise DatasetMismatchError(
-        f"Task {task.name}: images must be uint8 (H, W, 1 or 3), got dtype {image.dtype} shape {image.shape}"
-      )
-  if not 0 <= int(first["label"]) < task.num_classes:
-    raise DatasetMismatchError(f"Task {task.name}: label {first['label']} outside [0, {task.num_classes})")
-
+from adarank_jax.data.task import IMAGE_FOLDER_BUILDER, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_TASKS, Source, Task
 
 _REGISTRY: dict[str, Task] = {}
 
@@ -179,7 +64,8 @@ _FOLDER_HINT = (
 )
 
 
-def _folder(config: str, task: str, source: str) -> tuple[str, str, str, str]:
+def _folder(config: str, source: str) -> tuple[str, str, str, str]:
+  task = IMAGE_FOLDER_TASKS[config]
   hint = _FOLDER_HINT.format(layout=IMAGE_FOLDER_LAYOUT, config=config, task=task, source=source)
   return f"{IMAGE_FOLDER_BUILDER}/{config}", "test", "val", hint
 
@@ -195,7 +81,6 @@ _VISION = {
   "DTD": _tfds("dtd"),
   "EuroSAT": _folder(
     "eurosat",
-    "EuroSAT",
     (
       "test/: the 2,700 test images of the Task Arithmetic split EuroSAT_splits/{train,val,test} "
       "(21,600/2,700/2,700 images of the EuroSAT RGB zip) in the class folders AnnualCrop..SeaLake."
@@ -203,7 +88,6 @@ _VISION = {
   ),
   "GTSRB": _folder(
     "gtsrb",
-    "GTSRB",
     (
       "test/: the 12,630 GTSRB_Final_Test_Images moved into class folders 00000..00042 by the ClassId "
       "column of GT-final_test.csv."
@@ -212,7 +96,6 @@ _VISION = {
   "MNIST": _tfds("mnist"),
   "RESISC45": _folder(
     "resisc45",
-    "RESISC45",
     (
       "test/: the 6,300 NWPU-RESISC45 images listed in resisc45-test.txt (the google-research "
       "remote_sensing_representations split Task Arithmetic uses) in class folders airplane..wetland."
@@ -227,7 +110,6 @@ _VISION = {
   "PCAM": _tfds("patch_camelyon"),
   "FER2013": _folder(
     "fer2013",
-    "FER2013",
     (
       "test/: the 7,178 FER2013 test images (TALL-Masks reads HF Jeneral/fer-2013, split test) in class "
       "folders 0..6 = angry, disgust, fear, happy, sad, surprise, neutral."
@@ -239,7 +121,6 @@ _VISION = {
   "FashionMNIST": _tfds("fashion_mnist"),
   "RenderedSST2": _folder(
     "rendered_sst2",
-    "RenderedSST2",
     ("test/: the 1,821 images of rendered-sst2.tgz test/ (class folders negative, positive)."),
   ),
   "KMNIST": _tfds("kmnist"),
@@ -289,10 +170,8 @@ def _register_builtin() -> None:
         prepare=_TFDS_HINT.format(name=f"glue/{config}"),
       )
     )
+  for task in digits_tasks.entries():  # the embedded demo's tasks, built in memory
+    register(task)
 
 
 _register_builtin()
-# The digits tasks (their module imports this one: by now every name above is defined).
-from adarank_jax.digits import tasks as _digits_tasks  # noqa: E402  pylint: disable=g-import-not-at-top
-
-_digits_tasks.register_tasks()

@@ -19,7 +19,7 @@ from PIL import Image
 from tensorflow_datasets.text import glue as _tfds_glue  # noqa: F401  (registers the glue/* builders)
 
 from adarank_jax.data import image_folder  # noqa: F401  (registers the image-folder builder with tfds)
-from adarank_jax.data.registry import DatasetMismatchError, DatasetNotFoundError, Source, Task
+from adarank_jax.data.task import DatasetMismatchError, DatasetNotFoundError, Source, Task
 
 
 def _open_builder(task: Task, data_dir: str | None):

@@ -2,8 +2,9 @@
 pretrained on them and one fine-tuned model per task, written as OpenCLIP checkpoints.
 
   from adarank_jax.digits import testbed
-  bed = testbed.build(cache_dir)     # registers the tasks; trains once (~100 s on 2 cores), then cached
+  bed = testbed.build(cache_dir)     # trains once (~50 s on 2 cores), then cached
   bed.model_config, bed.pretrained, bed.finetuned_paths, bed.tasks
 
-`tasks` defines and registers the tasks; `testbed` trains and caches the checkpoints.
+The tasks are data sets like any other (`adarank_jax/data/digits.py`, built-in registry entries);
+`testbed` trains and caches the checkpoints.
 """

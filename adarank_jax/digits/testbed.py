@@ -42,7 +42,7 @@ import optax
 from flax import nnx
 
 from adarank_jax.data import clip_tokenizer, preprocess, registry
-from adarank_jax.digits import tasks as digit_tasks
+from adarank_jax.data import digits as digit_tasks
 from adarank_jax.models import clip, functional
 from adarank_jax.models import heads as heads_lib
 
@@ -127,8 +127,8 @@ def default_cache_dir() -> Path:
 
 
 def locate(cache_dir: str | os.PathLike, *, quick: bool = False, seed: int = 0) -> Testbed:
-  """Where `build` puts (or finds) this testbed, without building it; registers the digits tasks."""
-  names = digit_tasks.register_tasks()
+  """Where `build` puts (or finds) this testbed, without building it."""
+  names = digit_tasks.TASKS
   kind = "quick" if quick else "full"
   fingerprint = _fingerprint(QUICK if quick else FULL, seed)
   return _testbed(Path(cache_dir).expanduser() / f"digits-{kind}-{fingerprint}", names)
@@ -280,6 +280,7 @@ def _fingerprint(schedule: Schedule, seed: int) -> str:
   code = [
     Path(m.__file__)
     for m in (
+      digit_tasks,
       clip_tokenizer,
       preprocess,
       clip,

@@ -23,7 +23,7 @@ nine"), the words the pretrained model's captions use, so their zero-shot heads 
 
 Images are uint8 (H, W, 1 or 3) in 0..255 (the 0..16 grey levels scaled by 255/16); resizing to
 the model's resolution, grey -> RGB and normalisation happen in the shared CLIP preprocessing.
-They are built-in tasks of `adarank_jax.data.registry` (which calls `register_tasks()` on import),
+They are built-in tasks of `adarank_jax.data.registry` (which registers `entries()` on import),
 with in-memory random-access sources, so `registry.get("DigitsParity").open_source("test")` works like any real data set.
 """
 
@@ -32,13 +32,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # the registry imports this module at run time
-  from adarank_jax.data import registry
-
+from adarank_jax.data.task import Task
 
 DATA_SEED = 0
 TEST_FRACTION = 0.4
@@ -247,34 +244,25 @@ class ArraySource:
     return {"image": self.images[index], "label": int(self.labels[index])}
 
 
-def _read(task: registry.Task, split: str, data_dir: str | None) -> ArraySource:
-  """`registry.Reader` of the digits tasks; `data_dir` is ignored (the data are built in memory)."""
+def _read(task: Task, split: str, data_dir: str | None) -> ArraySource:
+  """The reader of the digits tasks; `data_dir` is ignored (the data are built in memory)."""
   del data_dir
   return ArraySource(*arrays(task.name, split))
 
 
-def register_tasks() -> tuple[str, ...]:
-  """Adds the digits tasks to `adarank_jax.data.registry` (idempotent); returns their names.
-
-  The registry calls this when it is imported; the import is here, not at the top, because the
-  registry imports this module.
-  """
-  from adarank_jax.data import registry  # pylint: disable=g-import-not-at-top
-
-  known = set(registry.names())
-  for name, spec in _SPECS.items():
-    if name not in known:
-      registry.register(
-        registry.Task(
-          name=name,
-          modality="vision",
-          num_classes=len(spec.classnames),
-          split="test",
-          validation_split="validation",
-          reader=_read,
-          classnames=spec.classnames,
-          templates=spec.templates,
-          prepare="nothing to prepare: built in memory from sklearn.datasets.load_digits",
-        )
-      )
-  return TASKS
+def entries() -> tuple[Task, ...]:
+  """The digits tasks as `Task` records, in TASKS order (`adarank_jax.data.registry` registers them)."""
+  return tuple(
+    Task(
+      name=name,
+      modality="vision",
+      num_classes=len(spec.classnames),
+      split="test",
+      validation_split="validation",
+      reader=_read,
+      classnames=spec.classnames,
+      templates=spec.templates,
+      prepare="nothing to prepare: built in memory from sklearn.datasets.load_digits",
+    )
+    for name, spec in _SPECS.items()
+  )
