@@ -45,6 +45,21 @@ UNMERGED = {"clip": (), "roberta": (r"(roberta|bert)/embeddings/.*",), "gpt2": (
 
 
 BASES = ("ta", "cart", "tsv_m", "iso_cts")  # the base merges AdaRank runs on (methods adarank_<base>)
+# What baselines=true runs before AdaRank, in report order: the references, the static merges and
+# AdaMerging (names of adarank_jax/methods.py).
+BASELINES = (
+  "zero_shot",
+  "individual",
+  "weight_averaging",
+  "task_arithmetic",
+  "ties",
+  "cart",
+  "tsv_m",
+  "iso_c",
+  "iso_cts",
+  "adamerging_task",
+  "adamerging_layer",
+)
 
 
 def parse_arg(arg, **defaults):
@@ -232,20 +247,7 @@ def experiment(
     config.merge.cart.update(cart_static)
   config.methods = ("individual", f"adarank_{arg.base}")
   if arg.baselines:
-    config.methods = (
-      "zero_shot",
-      "individual",
-      "weight_averaging",
-      "task_arithmetic",
-      "ties",
-      "cart",
-      "tsv_m",
-      "iso_c",
-      "iso_cts",
-      "adamerging_task",
-      "adamerging_layer",
-      f"adarank_{arg.base}",
-    )
+    config.methods = BASELINES + (f"adarank_{arg.base}",)
   config.name = f"{model}_{len(tasks)}tasks_adarank_{arg.base}"
   if arg.quick:
     quick(config)

@@ -25,23 +25,7 @@ def get_config(arg=None):
   config.testbed.update(name="digits", quick=arg.quick, seed=arg.seed)
   config.model.name = ""  # the testbed's own (adarank_jax/digits/tiny_clip*.json)
   config.tasks = common.DIGITS_8
-  config.methods = (
-    "zero_shot",
-    "individual",
-    "weight_averaging",
-    "task_arithmetic",
-    "ties",
-    "cart",
-    "tsv_m",
-    "iso_c",
-    "iso_cts",
-    "adamerging_task",
-    "adamerging_layer",
-    "adarank_ta",
-    "adarank_cart",
-    "adarank_tsv_m",
-    "adarank_iso_cts",
-  )
+  config.methods = common.BASELINES + tuple(f"adarank_{base}" for base in common.BASES)  # all 15
   # The ViT-B/32 8-task values of docs/algorithm.md, section 3 (TA: prior 0.3, all components on;
   # CART: prior 2.3, top 16%), and the CART repo's static CART for 8 tasks (lambda 2.0, rank 12%). Nothing tuned here.
   config.adarank.ta.update(prior=0.3, initial_rank_ratio=1.0, learning_rate=1e-3)
