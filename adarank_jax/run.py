@@ -151,12 +151,21 @@ def run(
     logits = setup.predict(params, t, train.place_batches(inputs_of(batch), mesh))
     return multihost_utils.global_array_to_host_local_array(logits, mesh, P("data"))
 
+  replicated = NamedSharding(mesh, P())
+
+  def on_mesh(x):
+    """A leaf replicated on the mesh: a hard merge's output already is; host arrays and arrays on one
+    local device (static merges) go there through the host."""
+    if isinstance(x, jax.Array) and x.sharding == replicated:
+      return x
+    return jax.device_put(np.asarray(x), replicated)
+
   def all_processes(confusion):
     return np.sum(multihost_utils.process_allgather(confusion), axis=0)
 
   def evaluate_params(params, only=None, on=sources) -> dict[str, float]:
     """Scores on every task (or the tasks in `only`) of the splits `on` (default: the test splits)."""
-    params = jax.device_put(jax.device_get(params), NamedSharding(mesh, P()))
+    params = jax.tree.map(on_mesh, params)
     scores = {}
     for t, name in enumerate(tasks):
       if only is None or t in only:
@@ -227,7 +236,7 @@ def run(
             mask_mode="hard",
             coefficient_range=training.coefficient_range,
           ),
-          out_shardings=NamedSharding(mesh, P()),
+          out_shardings=replicated,
         ),
       )
     return compiled[key]
