@@ -42,6 +42,10 @@ class CorruptCheckpointError(ValueError):
   checkpoint directory and the leaves."""
 
 
+class IncompatibleCheckpointError(ValueError):
+  """A `Manager` step in a layout this version cannot resume from (written by an earlier adarank_jax)."""
+
+
 def _restored(tree: Any) -> Any:
   """Orbax restores dict keys as strings and leaves as jax arrays; give back ints and numpy."""
   return tree_util.unflatten({k: np.asarray(v) for k, v in tree_util.flatten(tree).items()})
@@ -238,7 +242,9 @@ class Manager:
 
     Raises:
       CorruptCheckpointError: it cannot be read.
+      IncompatibleCheckpointError: the step was written by an earlier adarank_jax.
     """
+    self._check_layout(step)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{_DATA: ocp.args.JsonRestore()}))
     except (ValueError, OSError, KeyError) as error:
@@ -248,6 +254,17 @@ class Manager:
       ) from error
     return dict(restored[_DATA])
 
+  def _check_layout(self, step: int) -> None:
+    """Refuses a step written before the pipeline state was saved beside the tree (one 'default' item)."""
+    directory = self.step_directory(step)
+    if (directory / "default").is_dir() and not (directory / _STATE).exists():
+      raise IncompatibleCheckpointError(
+        f"{directory}: written by an earlier adarank_jax, which saved the training state alone (in "
+        f"'default/'); this version saves the input pipeline's position beside it ('{_STATE}/', "
+        f"'{_DATA}/') and cannot resume that run exactly. Delete {self.directory} to start the run "
+        "over, or finish it with the version that wrote it."
+      )
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
@@ -255,6 +272,7 @@ class Manager:
     return list(self._manager.all_steps())
 
   def _restore_verified(self, step: int, target: Any) -> Any:
+    self._check_layout(step)
     abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       tree = self._manager.restore(
@@ -296,6 +314,7 @@ class Manager:
     Raises:
       CorruptCheckpointError: `step` is corrupt and there is no good checkpoint to fall back to (or
         `fallback` is off); names the checkpoint directory and the leaf.
+      IncompatibleCheckpointError: a step was written by an earlier adarank_jax (nothing is deleted).
     """
     try:
       return self._restore_verified(step, target)

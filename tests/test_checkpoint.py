@@ -1,5 +1,6 @@
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from adarank_jax import checkpoint
@@ -37,4 +38,21 @@ def test_manager_keeps_newest(tmp_path):
     manager.save(step, tree)
   assert manager.all_steps() == [1, 2] and manager.latest_step() == 2
   assert int(manager.restore(2, _tree())["step"]) == 2
+  manager.close()
+
+
+def test_a_step_of_the_earlier_one_item_layout_is_refused_not_deleted(tmp_path):
+  # What adarank_jax wrote before the input pipeline's state was saved beside the tree: Orbax's
+  # single unnamed item.
+  old = ocp.CheckpointManager(tmp_path / "ckpts", options=ocp.CheckpointManagerOptions(create=True))
+  for step in (3, 6):
+    old.save(step, args=ocp.args.StandardSave(_tree()))
+  old.wait_until_finished()
+  old.close()
+  manager = checkpoint.Manager(tmp_path / "ckpts")
+  assert manager.latest_step() == 6
+  for read in (lambda: manager.restore(6, _tree()), lambda: manager.data(6), manager.latest_valid_step):
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"ckpts/6: written by an earlier"):
+      read()
+  assert manager.all_steps() == [3, 6]  # no fallback deleted anything
   manager.close()
