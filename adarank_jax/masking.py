@@ -84,8 +84,25 @@ MASK_FNS: dict[str, Callable[[jax.Array, float], jax.Array]] = {
 }
 
 
-def kept_fraction(mask_logits: Mapping[Any, Any]) -> jax.Array:
-  """Fraction of all (task, component) pairs whose hard mask is 1, a float32 scalar."""
-  leaves = jax.tree.leaves(mask_logits)
-  kept = sum(jnp.sum(hard_mask(x)) for x in leaves)
-  return kept / max(sum(x.size for x in leaves), 1)
+def kept_counts(mask_logits: Mapping[Any, Any], factors: Mapping[Any, Any]) -> dict[Any, Any]:
+  """How many components each row keeps, per SVD leaf: an int32 (T,) array for every path of `mask_logits`.
+
+  A component counts when its hard mask is 1 and its singular value (in `factors`) is not zero. One with
+  s = 0 cannot change the model whatever its mask (Iso-CTS's zero padding, `baselines.iso_cts_components`,
+  or a task vector that is zero in that tensor), so it is neither kept nor dropped.
+  """
+  flat = tree_util.flatten(factors)
+  return tree_util.unflatten(
+    {
+      path: jnp.sum(hard_mask(logits) * (flat[path].s != 0), axis=-1, dtype=jnp.int32)
+      for path, logits in tree_util.flatten(mask_logits).items()
+    }
+  )
+
+
+def kept_fraction(mask_logits: Mapping[Any, Any], factors: Mapping[Any, Any]) -> jax.Array:
+  """Fraction of all (task, component) pairs with a nonzero singular value whose hard mask is 1 (float32)."""
+  flat = tree_util.flatten(factors)
+  kept = sum(jnp.sum(c) for c in jax.tree.leaves(kept_counts(mask_logits, factors)))
+  existing = sum(jnp.sum(flat[path].s != 0) for path in tree_util.flatten(mask_logits))
+  return kept / jnp.maximum(existing, 1)

@@ -217,24 +217,6 @@ def write_markdown(path: str | os.PathLike[str], results: Results) -> None:
   files.write_atomic(path, header + markdown_table(results))
 
 
-def _check_mask_logits(mask_logits: Mapping[str, Any], num_tasks: int | None = None) -> dict[str, np.ndarray]:
-  """numpy (T, r) arrays; T is `num_tasks`, or else the first layer's, and must be the same in every layer."""
-  arrays = {layer: np.asarray(value) for layer, value in mask_logits.items()}
-  if not arrays:
-    raise ValueError("mask_logits is empty; expected {layer_path: (T, r) logits}")
-  for layer, logits in arrays.items():
-    if logits.ndim != 2:
-      raise ValueError(f"mask_logits[{layer!r}] has shape {logits.shape}, expected (T, r)")
-    if num_tasks is None:
-      num_tasks = logits.shape[0]
-    if logits.shape[0] != num_tasks:
-      raise ValueError(
-        f"mask_logits[{layer!r}] has {logits.shape[0]} task rows, expected {num_tasks} "
-        "(one per task, the same in every layer)"
-      )
-  return arrays
-
-
 def _short_labels(paths: Sequence[str]) -> list[str]:
   """Drops the "/"-components shared by all paths at the start (e.g. "transformer/resblocks/")."""
   parts = [p.split("/") for p in paths]
@@ -254,7 +236,7 @@ def layer_order(paths: Iterable[str]) -> list[str]:
 
 
 def rank_heatmap(
-  mask_logits: Mapping[str, Any],
+  kept: Mapping[str, Any],
   task_names: Sequence[str],
   path: str | os.PathLike[str],
   *,
@@ -267,24 +249,28 @@ def rank_heatmap(
   MAX_ANNOTATED_CELLS of them. This is the paper's rank analysis.
 
   Args:
-    mask_logits: flat {layer_path: (T, r) logits}; the hard mask is logits > 0.
+    kept: flat {layer_path: (T,) counts} (`masking.kept_counts`).
     task_names: T names, left to right.
     path: the PNG file (written atomically).
-    layer_names: the layers to plot, top to bottom (keys of mask_logits); by default all of them in
+    layer_names: the layers to plot, top to bottom (keys of `kept`); by default all of them in
       `layer_order` (block by block).
     title: figure title.
 
   Returns:
     (L, T) int64 count matrix, rows in layer_names order, columns in task order.
   """
-  layer_names = layer_order(mask_logits) if layer_names is None else list(layer_names)
-  missing = [name for name in layer_names if name not in mask_logits]
+  layer_names = layer_order(kept) if layer_names is None else list(layer_names)
+  missing = [name for name in layer_names if name not in kept]
   if missing:
-    raise ValueError(f"layers {missing} are not in mask_logits; it has {sorted(mask_logits)}")
+    raise ValueError(f"layers {missing} are not in the counts; they have {sorted(kept)}")
   if not layer_names:
-    raise ValueError("no layers to plot: mask_logits or layer_names is empty")
-  arrays = _check_mask_logits({name: mask_logits[name] for name in layer_names}, len(task_names))
-  counts = np.stack([(arrays[name] > 0).sum(axis=1) for name in layer_names]).astype(np.int64)
+    raise ValueError("no layers to plot: the counts or layer_names are empty")
+  counts = np.stack([np.asarray(kept[name], np.int64) for name in layer_names])
+  if counts.ndim != 2 or counts.shape[1] != len(task_names):
+    raise ValueError(
+      f"kept counts of shape {counts.shape[1:]} per layer; expected ({len(task_names)},), one per task "
+      "row, the same in every layer"
+    )
 
   num_layers, num_tasks = counts.shape
   fig = Figure(figsize=(max(6.0, 2.0 + 0.8 * num_tasks), 1.5 + 0.3 * num_layers), layout="constrained")

@@ -25,6 +25,7 @@ from adarank_jax import (
   evaluate,
   files,
   loading,
+  masking,
   merging,
   methods,
   report,
@@ -480,7 +481,11 @@ def _adapt(
     checkpoint.replace_tree(shared / "masks", {"mask_logits": mask_logits, "coefficients": coefficients})
   if training.masks:
     labels = list(config.tasks) + ["common"] * (rows - len(config.tasks))
-    report.rank_heatmap(tree_util.flatten(mask_logits), labels, outdir / "rank_heatmap.png")
+    report.rank_heatmap(
+      tree_util.flatten(jax.device_get(masking.kept_counts(mask_logits, factors))),
+      labels,
+      outdir / "rank_heatmap.png",
+    )
   return (
     jax.device_get(hard_merge(origin, factors, mask_logits, coefficients)),
     num_steps if selection == "final" else best["step"],

@@ -271,7 +271,11 @@ def make_train_step(
       opt_state=opt_state,
       deltas=deltas,
     )
-    metrics = {"loss": loss, "entropy": entropies, "kept_fraction": masking.kept_fraction(mask_logits)}
+    metrics = {
+      "loss": loss,
+      "entropy": entropies,
+      "kept_fraction": masking.kept_fraction(mask_logits, frozen[1]),
+    }
     return new_state, metrics
 
   if mesh is None:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adarank_jax import baselines, merging, methods, train, tree_util
+from adarank_jax import baselines, masking, merging, methods, train, tree_util
 from adarank_jax.decomposition import decompose, is_svd
 from adarank_jax.task_vectors import task_vectors
 
@@ -117,6 +117,10 @@ def test_adarank_on_iso_cts_with_all_on_masks_is_static_iso_cts(side, common_fra
     prior=1.5,
     coefficients_per=training.coefficients,
   )
+  # The zero padding is neither kept nor counted: each row keeps its real components, all on here.
+  for counts in tree_util.flatten(masking.kept_counts(state.mask_logits, components)).values():
+    assert np.asarray(counts).tolist() == [per_task] * T + [common]
+  assert float(masking.kept_fraction(state.mask_logits, components)) == 1.0
   merged = merging.merge(
     origin,
     components,

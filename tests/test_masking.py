@@ -65,8 +65,18 @@ def test_straight_through_forward_is_hard_and_gradient_is_sigmoids():
   np.testing.assert_allclose(ste_grad, soft_grad, rtol=1e-6)
 
 
-def test_mask_modes_and_kept_fraction():
-  logits = {"a": jnp.array([[0.1, -0.1, 0.2]]), "b": {"c": jnp.array([[-1.0]])}}
+def test_mask_modes_and_kept_counts():
+  logits = {"a": jnp.array([[0.1, -0.1, 0.2], [0.3, 0.4, -0.5]]), "b": {"c": jnp.array([[-1.0], [1.0]])}}
+  svd = lambda s: SVD(jnp.ones((2, 4, len(s[0]))), jnp.array(s), jnp.ones((2, len(s[0]), 5)))
+  # Row 1 of "a" has a zero singular value (padding): its kept logit there does not count.
+  factors = {
+    "a": svd([[3.0, 2.0, 1.0], [2.0, 0.0, 0.0]]),
+    "b": {"c": svd([[1.0], [1.0]])},
+    "d": jnp.ones((2, 3)),
+  }
+  counts = masking.kept_counts(logits, factors)
+  np.testing.assert_array_equal(counts["a"], [2, 1])
+  np.testing.assert_array_equal(counts["b"]["c"], [0, 1])
+  np.testing.assert_allclose(masking.kept_fraction(logits, factors), 4 / 6)  # 6 components exist
   assert set(masking.MASK_FNS) == {"ste", "soft", "hard"}
-  np.testing.assert_allclose(masking.kept_fraction(logits), 0.5)
   np.testing.assert_allclose(masking.MASK_FNS["soft"](logits["a"], 1.0), jax.nn.sigmoid(logits["a"]))

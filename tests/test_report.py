@@ -129,36 +129,33 @@ def test_new_results_validates():
     report.new_results(name="c", tasks=["a", "average"], model="m", selection=report.SELECTION_FINAL)
 
 
-def _mask_logits():
+def _kept():
   rng = np.random.default_rng(0)
-  logits = {
-    f"transformer/resblocks/{i}/{name}/kernel": rng.normal(size=(3, 16))
+  kept = {
+    f"transformer/resblocks/{i}/{name}/kernel": rng.integers(1, 17, size=3)
     for i in range(2)
     for name in ("attn/in_proj", "mlp/c_fc")
   }
-  logits["transformer/resblocks/0/attn/in_proj/kernel"][1] = -1.0  # task 1 drops every component here
-  return logits
+  kept["transformer/resblocks/0/attn/in_proj/kernel"][1] = 0  # task 1 drops every component here
+  return kept
 
 
 def test_rank_heatmap_writes_png_and_counts(tmp_path):
-  logits = _mask_logits()
-  layers = list(logits)[::-1]  # rows follow layer_names, not the dict order
+  kept = _kept()
+  layers = list(kept)[::-1]  # rows follow layer_names, not the dict order
   path = tmp_path / "rank.png"
-  counts = report.rank_heatmap(logits, ["a", "b", "c"], path, layer_names=layers)
-  expected = np.array([[np.sum(logits[layer][t] > 0) for t in range(3)] for layer in layers])
-  np.testing.assert_array_equal(counts, expected)
+  counts = report.rank_heatmap(kept, ["a", "b", "c"], path, layer_names=layers)
+  np.testing.assert_array_equal(counts, [kept[layer] for layer in layers])
   assert counts.shape == (4, 3) and counts[-1, 1] == 0
   data = path.read_bytes()
   assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rank_heatmap_default_rows_are_in_block_order(tmp_path):
-  logits = {
-    f"blocks/{i}/{name}": np.full((2, 4), 1.0 if i < 10 else -1.0)
-    for i in (10, 2, 0)
-    for name in ("mlp", "attn")
+  kept = {
+    f"blocks/{i}/{name}": np.full(2, 4 if i < 10 else 0) for i in (10, 2, 0) for name in ("mlp", "attn")
   }
-  assert report.layer_order(logits) == [
+  assert report.layer_order(kept) == [
     "blocks/0/attn",
     "blocks/0/mlp",
     "blocks/2/attn",
@@ -166,16 +163,16 @@ def test_rank_heatmap_default_rows_are_in_block_order(tmp_path):
     "blocks/10/attn",
     "blocks/10/mlp",
   ]
-  counts = report.rank_heatmap(logits, ["a", "b"], tmp_path / "rank.png")
+  counts = report.rank_heatmap(kept, ["a", "b"], tmp_path / "rank.png")
   np.testing.assert_array_equal(counts, [[4, 4]] * 4 + [[0, 0]] * 2)
 
 
 def test_rank_heatmap_rejects_bad_input(tmp_path):
-  logits = _mask_logits()
-  with pytest.raises(ValueError, match=r"has 3 task rows, expected 2"):
-    report.rank_heatmap(logits, ["a", "b"], tmp_path / "r.png")
-  with pytest.raises(ValueError, match=r"layers \['nope'\] are not in mask_logits"):
-    report.rank_heatmap(logits, ["a", "b", "c"], tmp_path / "r.png", layer_names=["nope"])
+  kept = _kept()
+  with pytest.raises(ValueError, match=r"counts of shape \(3,\) per layer; expected \(2,\)"):
+    report.rank_heatmap(kept, ["a", "b"], tmp_path / "r.png")
+  with pytest.raises(ValueError, match=r"layers \['nope'\] are not in the counts"):
+    report.rank_heatmap(kept, ["a", "b", "c"], tmp_path / "r.png", layer_names=["nope"])
   assert not (tmp_path / "r.png").exists()
 
 
