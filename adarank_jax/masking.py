@@ -36,8 +36,10 @@ def init_logits(factors: Mapping[Any, Any], *, initial_rank_ratio: float, num_ta
 
   Args:
     factors: tree from `decomposition.decompose`; only its `SVD` leaves get logits.
-    initial_rank_ratio: rho in [0, 1]; the first floor(rho * r) components start ON (+0.1) and
-      the rest OFF (-0.1). rho == 1 is full rank (TA configs); rho == 0 means 1 / num_tasks.
+    initial_rank_ratio: rho in [0, 1]; the first floor(rho * r) components of each row start ON
+      (+0.1) and the rest OFF (-0.1), r being the row's components with a nonzero singular value:
+      all of them, but for Iso-CTS's zero padding (or a task vector that is zero in that tensor).
+      rho == 1 is full rank (TA configs); rho == 0 means 1 / num_tasks.
     num_tasks: T.
 
   Returns:
@@ -50,12 +52,17 @@ def init_logits(factors: Mapping[Any, Any], *, initial_rank_ratio: float, num_ta
   for path, leaf in tree_util.flatten(factors).items():
     if not is_svd(leaf):
       continue
-    tasks, rank = leaf.s.shape
+    tasks, width = leaf.s.shape
     if tasks != num_tasks:
       raise ValueError(f"init_logits: {path!r} has {tasks} tasks; expected num_tasks={num_tasks}")
-    keep = initial_rank(rank, initial_rank_ratio=initial_rank_ratio, num_tasks=num_tasks)
-    row = jnp.where(jnp.arange(rank) < keep, INIT_LOGIT, -INIT_LOGIT).astype(jnp.float32)
-    logits[path] = jnp.broadcast_to(row, (tasks, rank))
+    # keep[n]: how many of a row's n components start ON (Python's int(rho * n), as the official
+    # code computes it), looked up with each row's count so that this also runs traced.
+    keep = jnp.asarray(
+      [initial_rank(n, initial_rank_ratio=initial_rank_ratio, num_tasks=num_tasks) for n in range(width + 1)]
+    )
+    rank = jnp.sum(leaf.s != 0, axis=-1)  # (T,)
+    on = jnp.arange(width) < keep[rank][:, None]
+    logits[path] = jnp.where(on, INIT_LOGIT, -INIT_LOGIT).astype(jnp.float32)
   return tree_util.unflatten(logits)
 
 

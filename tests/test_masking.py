@@ -39,6 +39,18 @@ def test_init_keeps_floor_ratio_times_rank(ratio, rank, tasks, kept):
   assert int(masking.hard_mask(leaf).sum()) == tasks * kept
 
 
+def test_init_counts_only_the_nonzero_singular_values_of_each_row():
+  # Iso-CTS-like rows zero-padded to width 10: 2, 2 and 10 real components.
+  s = jnp.asarray([[1.0] * 2 + [0.0] * 8, [1.0] * 2 + [0.0] * 8, [1.0] * 10])
+  factors = {"w": SVD(jnp.ones((3, 12, 10)), s, jnp.ones((3, 10, 10)))}
+  init = lambda f: masking.init_logits(f, initial_rank_ratio=0.5, num_tasks=3)
+  on = np.asarray(init(factors)["w"]) > 0
+  np.testing.assert_array_equal(on.sum(1), [1, 1, 5])  # int(0.5 * real count) of each row, not int(0.5 * 10)
+  assert on[0, 0] and not on[0, 1:].any() and on[2, :5].all()
+  traced = jax.eval_shape(init, factors)["w"]  # also runs traced (jax.eval_shape / jit)
+  assert traced.shape == (3, 10) and traced.dtype == jnp.float32
+
+
 @pytest.mark.parametrize("ratio", [-0.1, 1.5])
 def test_init_rejects_ratios_outside_unit_interval(ratio):
   with pytest.raises(ValueError, match="initial_rank_ratio"):
