@@ -5,6 +5,7 @@ Reads the ConfigDict (only this module and main.py do) and calls the library wit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import shutil
@@ -188,28 +189,64 @@ def run(
     return scores
 
   # ------------------------------------------------------------------------------------------ Methods
+  # What the methods are made from (`_input_chain`): the fine-tuned trees -> task vectors -> factors
+  # -> a static merge's components, each derived from the one before and held only while a later
+  # method still reads it (`_last_reads`), so a long training run does not keep the fine-tuned trees
+  # and the task vectors (2 x T models) beside its factors. The origins (theta_0, theta_avg) stay.
   include = jax.tree.map(lambda x: not x, tree_util.select(setup.merged, config.merge.unmerged))
-  memo: dict[Any, Any] = {}
+  chains = [_input_chain(config, methods.get(m)) for m in config.methods]
+  last_reads = _last_reads(chains)
+  held: dict[Any, Any] = {"finetuned": setup.finetuned}
+  setup = dataclasses.replace(setup, finetuned=())  # `held` is their only holder from here on
+  origins: dict[str, Any] = {}
 
-  def vectors(origin: str):
-    if origin not in memo:
-      memo[origin] = task_vectors.task_vectors(setup.merged, setup.finetuned, origin=origin, include=include)
-    return memo[origin]
-
-  def factors_of(origin: str, *, rank: int | None, dtype: Any):
-    key = (origin, rank, dtype)
-    if key not in memo:
+  def make(key: tuple[Any, ...], source: Any) -> Any:
+    """Input `key` of a chain from the one before it (`source`)."""
+    kind, origin = key[0], key[1]
+    if kind == "vectors":
+      origins[origin], tau = task_vectors.task_vectors(setup.merged, source, origin=origin, include=include)
+      return tau
+    if kind == "factors":
       begin = time.perf_counter()
-      _, tau = vectors(origin)
-      select = tree_util.select(tau, config.merge.decompose)
+      select = tree_util.select(source, config.merge.decompose)
       if not any(tree_util.flatten(select).values()):
         raise ValueError(
           f"merge.decompose={tuple(config.merge.decompose)} selects no matrix of the merged "
-          f"tree; its paths look like {sorted(tree_util.flatten(tau))[:3]}"
+          f"tree; its paths look like {sorted(tree_util.flatten(source))[:3]}"
         )
-      memo[key] = jax.block_until_ready(decomposition.decompose(tau, select, rank=rank, dtype=dtype))
+      factors = decomposition.decompose(source, select, rank=key[2], dtype=loading.DTYPES[key[3]])
+      factors = jax.block_until_ready(factors)
       timings[f"decompose_{origin}_s"] = time.perf_counter() - begin
-    return memo[key]
+      return factors
+    needs = key[2]  # "components": a static merge's components, with its keywords but `scaling`
+    keywords = {k: v for k, v in config.merge[needs].items() if k != "scaling"}
+    return jax.jit(functools.partial(methods.COMPONENTS[needs], **keywords))(source)
+
+  def derive(index: int) -> Any:
+    """The last input of method `index`'s chain, made from the newest one held; an input no later
+    method reads is released as soon as the next one is made from it."""
+    chain = chains[index]
+    start = max(i for i, key in enumerate(chain) if key in held)
+    for source, key in zip(chain[start:], chain[start + 1 :]):
+      held[key] = make(key, held[source])
+      if last_reads[source] <= index:
+        del held[source]
+    return held[chain[-1]]
+
+  def release(index: int) -> None:
+    """Drops every input that no method after `index` reads."""
+    for key in [key for key in held if last_reads.get(key, -1) <= index]:
+      del held[key]
+
+  def method_inputs(index: int) -> tuple[Any, ...]:
+    """What method `index` is made from (methods.NEEDS): trees, task vectors or factors."""
+    method = methods.get(config.methods[index])
+    if method.needs == "pretrained":
+      return (setup.merged,)
+    made = derive(index)
+    if method.needs == "finetuned":
+      return (made,)
+    return origins[methods.ORIGIN_OF[method.needs]], made
 
   # One compiled training step and one compiled hard merge per kind of training: the learning rate is
   # optimizer state (train.make_optimizer), so AdaRank on TA and on CART share them.
@@ -242,28 +279,6 @@ def run(
       )
     return compiled[key]
 
-  def method_inputs(method: methods.Method) -> tuple[Any, ...]:
-    """What `method` is made from (methods.NEEDS): trees, task vectors or factors, memoised."""
-    if method.needs == "pretrained":
-      return (setup.merged,)
-    if method.needs == "finetuned":
-      return (setup.finetuned,)
-    origin = methods.ORIGIN_OF[method.needs]
-    if method.needs == "tau":
-      return vectors(origin)
-    rank, dtype = None, loading.DTYPES["float32"]  # static methods and their components: full rank
-    if method.trains and method.needs not in methods.COMPONENTS:
-      rank, dtype = config.adarank.rank or None, loading.DTYPES[config.adarank.factor_dtype]
-    factors = factors_of(origin, rank=rank, dtype=dtype)
-    if method.needs in methods.COMPONENTS:  # a static merge's components, with its keywords
-      if ("components", method.needs) not in memo:
-        keywords = {k: v for k, v in config.merge[method.needs].items() if k != "scaling"}
-        memo["components", method.needs] = jax.jit(
-          functools.partial(methods.COMPONENTS[method.needs], **keywords)
-        )(factors)
-      factors = memo["components", method.needs]
-    return vectors(origin)[0], factors
-
   results = report.new_results(
     name=config.name,
     tasks=tasks,
@@ -273,7 +288,7 @@ def run(
     steps={m: _num_steps(config, methods.get(m).training) for m in config.methods if methods.get(m).trains},
     selection=report.SELECTION_OF[config.adarank.selection],
   )
-  for method in config.methods:
+  for index, method in enumerate(config.methods):
     begin = time.perf_counter()
     print(f"[{method}]")
     spec = methods.get(method)
@@ -281,12 +296,15 @@ def run(
       _drop_metrics(writer.jsonl_path, method, tasks, after_step=-1)
     if method == "individual":
       scores = {}
+      finetuned = derive(index)
       for t in range(len(tasks)):
-        scores.update(evaluate_params(setup.finetuned[t], only={t}))
+        scores.update(evaluate_params(finetuned[t], only={t}))
+      del finetuned
       results["individual"] = scores
     else:
       if spec.trains:
-        origin, factors = method_inputs(spec)
+        origin, factors = method_inputs(index)
+        release(index)
         train_step, hard_merge = step_and_merge(spec.training)
         params, results["selected_steps"][method] = _adapt(
           config,
@@ -307,10 +325,11 @@ def run(
         )
       else:  # a static method: its hyperparameters are its function's keywords (config.merge.<name>)
         hyperparameters = dict(config.merge[method]) if method in config.merge else {}
-        params = jax.jit(functools.partial(spec.merge, **hyperparameters))(*method_inputs(spec))
+        params = jax.jit(functools.partial(spec.merge, **hyperparameters))(*method_inputs(index))
       results["methods"][method] = evaluate_params(params)
       if export and primary:
         setup.export(params, workdir / "export" / (method if export == "hf" else f"{method}.{export}"))
+    release(index)
     timings[f"{method}_s"] = time.perf_counter() - begin
     writer.scalars(
       0, {f"{method}/{k}": v for k, v in (results["methods"].get(method) or results["individual"]).items()}
@@ -490,6 +509,41 @@ def _adapt(
     jax.device_get(hard_merge(origin, factors, mask_logits, coefficients)),
     num_steps if selection == "final" else best["step"],
   )
+
+
+def _input_chain(config: ml_collections.ConfigDict, method: methods.Method) -> tuple[Any, ...]:
+  """What `method` is made from, as a chain of inputs each derived from the one before: "finetuned"
+  (the T trees), ("vectors", origin) (the task vectors), ("factors", origin, rank, dtype) and
+  ("components", origin, needs) (a static merge's components, `methods.COMPONENTS`)."""
+  if method.name == "individual" or method.needs == "finetuned":
+    return ("finetuned",)
+  if method.needs == "pretrained":
+    return ()
+  origin = methods.ORIGIN_OF[method.needs]
+  chain = ("finetuned", ("vectors", origin))
+  if method.needs == "tau":
+    return chain
+  rank, dtype = None, "float32"  # static methods and their components: full rank
+  if method.trains and method.needs not in methods.COMPONENTS:
+    rank, dtype = config.adarank.rank or None, config.adarank.factor_dtype
+  chain += (("factors", origin, rank, dtype),)
+  if method.needs in methods.COMPONENTS:
+    chain += (("components", origin, method.needs),)
+  return chain
+
+
+def _last_reads(chains: list[tuple[Any, ...]]) -> dict[Any, int]:
+  """For every input of the chains (`_input_chain`, one per method in run order), the index of the last
+  method that reads it: the last input of its chain, and the inputs before it back to the first one
+  that an earlier method made (each is made once and held until its last read)."""
+  last, made = {}, set()
+  for index, chain in enumerate(chains):
+    for key in reversed(chain):
+      last[key] = index
+      if key in made:
+        break
+    made.update(chain)
+  return last
 
 
 def _barrier(name: str) -> None:
