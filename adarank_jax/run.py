@@ -294,17 +294,14 @@ def run(
     spec = methods.get(method)
     if not spec.trains:  # recomputed from scratch: its earlier records go
       _drop_metrics(writer.jsonl_path, method, tasks, after_step=-1)
+    inputs = method_inputs(index)
+    release(index)  # what no later method reads goes now; `inputs` holds this method's own
     if method == "individual":
-      scores = {}
-      finetuned = derive(index)
-      for t in range(len(tasks)):
-        scores.update(evaluate_params(finetuned[t], only={t}))
-      del finetuned
-      results["individual"] = scores
+      results["individual"] = {}
+      for t in range(len(tasks)):  # inputs: (the fine-tuned trees,)
+        results["individual"].update(evaluate_params(inputs[0][t], only={t}))
     else:
       if spec.trains:
-        origin, factors = method_inputs(index)
-        release(index)
         train_step, hard_merge = step_and_merge(spec.training)
         params, results["selected_steps"][method] = _adapt(
           config,
@@ -312,8 +309,8 @@ def run(
           spec,
           shared=workdir / method,
           writer=writer,
-          origin=origin,
-          factors=factors,
+          origin=inputs[0],
+          factors=inputs[1],
           evaluate_params=evaluate_params,
           sources=sources,
           validation_sources=validation_sources,
@@ -325,11 +322,11 @@ def run(
         )
       else:  # a static method: its hyperparameters are its function's keywords (config.merge.<name>)
         hyperparameters = dict(config.merge[method]) if method in config.merge else {}
-        params = jax.jit(functools.partial(spec.merge, **hyperparameters))(*method_inputs(index))
+        params = jax.jit(functools.partial(spec.merge, **hyperparameters))(*inputs)
       results["methods"][method] = evaluate_params(params)
       if export and primary:
         setup.export(params, workdir / "export" / (method if export == "hf" else f"{method}.{export}"))
-    release(index)
+    del inputs  # this method's inputs too, before the next one's are made
     timings[f"{method}_s"] = time.perf_counter() - begin
     writer.scalars(
       0, {f"{method}/{k}": v for k, v in (results["methods"].get(method) or results["individual"]).items()}
@@ -515,7 +512,7 @@ def _input_chain(config: ml_collections.ConfigDict, method: methods.Method) -> t
   """What `method` is made from, as a chain of inputs each derived from the one before: "finetuned"
   (the T trees), ("vectors", origin) (the task vectors), ("factors", origin, rank, dtype) and
   ("components", origin, needs) (a static merge's components, `methods.COMPONENTS`)."""
-  if method.name == "individual" or method.needs == "finetuned":
+  if method.needs == "finetuned":
     return ("finetuned",)
   if method.needs == "pretrained":
     return ()
