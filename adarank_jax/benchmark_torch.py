@@ -52,7 +52,7 @@ import jax
 import numpy as np
 import torch
 
-from adarank_jax import tree_util
+from adarank_jax import layout, tree_util
 from adarank_jax.benchmark import Inputs, make_inputs
 from adarank_jax.interop import openclip as openclip_interop
 
@@ -356,9 +356,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
   args = _parse_args(argv)
   torch.set_num_threads(args.threads or os.cpu_count() or 1)
   device = torch.device(args.device)
+  host = layout.machine()
   result: dict[str, object] = {
     "args": vars(args),
     "machine": {
+      "cpu": host["cpu"],
+      "isa": host["isa"],
       "cpu_count": os.cpu_count(),
       "host": platform.machine(),
       "torch": torch.__version__,

@@ -5,8 +5,9 @@
   setup.finetuned         # T trees of the same structure
   setup.logits(params, t, batch) -> (B, classes)   # pure, jittable; t (static) picks task t's head:
                           # a zero-shot CLIP head, or fine-tuned LM t's own classifier and config
-  setup.train_logits(params, batches) -> T logits  # the same for every task at once (train.LogitsFn):
-                          # CLIP runs its image tower once over all tasks' images
+  setup.train_logits(layout)(params, batches) -> T logits  # the same for every task at once
+                          # (a train.LogitsFn per layout.Layout): CLIP runs its image tower, traced
+                          # once, over all tasks' images, `layout.tasks_per_forward` tasks per call
   setup.predict(params, t, batch)                  # the same, jitted, for evaluation
   setup.export(params, path)                       # a merged tree -> PyTorch-loadable checkpoint(s)
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adarank_jax import layout as layout_lib
 from adarank_jax import train, tree_util
 from adarank_jax.data import clip_tokenizer, registry
 from adarank_jax.models import clip, functional
@@ -44,7 +46,9 @@ class Setup:
   merged: Any  # pretrained tree of the merged part
   finetuned: tuple[Any, ...]  # T fine-tuned trees of the same structure
   logits: Callable[[Any, int, Any], jax.Array]
-  train_logits: train.LogitsFn  # `logits` of every task at once, for the training step
+  train_logits: Callable[[layout_lib.Layout], train.LogitsFn]  # `logits` of every task at once, for
+  # the training step laid out as the layout says
+  tower_layouts: bool  # whether the layout's tasks_per_forward and remat change train_logits' program
   predict: Callable[[Any, int, Any], jax.Array]  # jitted `logits` for evaluation, compiled sparingly
   export: Callable[[Any, str | os.PathLike], None]
   image_size: int = 0  # vision: the model's input resolution
@@ -63,8 +67,6 @@ def load_clip(
   dtype: str,
   run_pickled_code: bool,
   cache_dir: str | os.PathLike,
-  tasks_per_forward: int | None = 1,
-  remat: bool = False,
 ) -> Setup:
   """OpenCLIP checkpoints -> image towers + zero-shot heads built with the Flax text tower.
 
@@ -76,8 +78,6 @@ def load_clip(
     dtype: compute dtype name.
     run_pickled_code: allow checkpoints that pickle whole modules.
     cache_dir: where zero-shot heads are cached.
-    tasks_per_forward, remat: how training runs the tower over the tasks' batches (traced once):
-      `train.one_forward`'s tasks_per_call (None: all tasks in one call) and remat.
   """
   # pylint: disable-next=g-import-not-at-top (needs torch for .pt)
   from adarank_jax.interop import openclip, openclip_config
@@ -108,14 +108,16 @@ def load_clip(
 
   # The head is an argument, not a constant: one compile per head shape serves every task.
   jitted = jax.jit(apply)
-  # Training: the tower traced once, called on `tasks_per_forward` tasks' images at a time, then each
-  # task's head on its own rows.
-  train_logits = train.one_forward(
-    lambda params, batch: functional.call(graphdef, params, batch["image"]),
-    lambda t, features: heads_lib.classify(features, heads[t]),
-    tasks_per_call=tasks_per_forward,
-    remat=remat,
-  )
+
+  def train_logits(layout: layout_lib.Layout) -> train.LogitsFn:
+    # The tower traced once, called on `tasks_per_forward` tasks' images at a time, then each task's
+    # head on its own rows.
+    return train.one_forward(
+      lambda params, batch: functional.call(graphdef, params, batch["image"]),
+      lambda t, features: heads_lib.classify(features, heads[t]),
+      tasks_per_call=layout.tasks_per_forward or None,
+      remat=layout.remat,
+    )
 
   def predict(params, t, batch):
     return jitted(params, heads[t], batch["image"])
@@ -129,6 +131,7 @@ def load_clip(
     finetuned=tuned,
     logits=logits,
     train_logits=train_logits,
+    tower_layouts=True,
     predict=predict,
     export=export,
     image_size=config.vision.image_size,
@@ -273,7 +276,8 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
     merged={body_key: tree_util.unflatten(pre_body)},
     finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
     logits=logits,
-    train_logits=train.per_task(logits),
+    train_logits=lambda layout: train.per_task(logits),
+    tower_layouts=False,
     predict=jax.jit(logits, static_argnums=1),
     export=export,
     tokenizer=str(pretrained),

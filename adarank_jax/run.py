@@ -10,6 +10,7 @@ import functools
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from adarank_jax import (
   tree_util,
   validate,
 )
+from adarank_jax import layout as layout_lib
 from adarank_jax.data import pipeline, registry
 from adarank_jax.data.task import DatasetMismatchError, DatasetNotFoundError
 
@@ -125,8 +127,6 @@ def run(
       dtype=config.model.dtype,
       run_pickled_code=config.model.run_pickled_code,
       cache_dir=cache_dir,
-      tasks_per_forward=config.adarank.tasks_per_forward or None,
-      remat=config.adarank.remat,
     )
   else:
     setup = loading.load_lm(pretrained=pretrained, finetuned=paths, tasks=tasks, dtype=config.model.dtype)
@@ -253,13 +253,13 @@ def run(
   temperature = config.adarank.mask_temperature
   compiled: dict[Any, Any] = {}
 
-  def step_and_merge(training: methods.Training):
+  def step_and_merge(training: methods.Training, step_layout: layout_lib.Layout):
     learn = config.adarank.learn if training.masks else "coefficients"
-    key = (learn, training.coefficient_range)
+    key = (learn, training.coefficient_range, step_layout)
     if key not in compiled:
       compiled[key] = (
         train.make_train_step(
-          logits_fn=setup.train_logits,
+          logits_fn=setup.train_logits(step_layout),
           optimizer=train.make_optimizer(1e-3),
           temperature=temperature,
           num_tasks=len(tasks),
@@ -302,7 +302,6 @@ def run(
         results["individual"].update(evaluate_params(inputs[0][t], only={t}))
     else:
       if spec.trains:
-        train_step, hard_merge = step_and_merge(spec.training)
         params, results["selected_steps"][method] = _adapt(
           config,
           outputs / method,
@@ -317,8 +316,8 @@ def run(
           prepare=prepare,
           inputs_of=inputs_of,
           mesh=mesh,
-          train_step=train_step,
-          hard_merge=hard_merge,
+          step_and_merge=functools.partial(step_and_merge, spec.training),
+          tower_layouts=setup.tower_layouts,
         )
       else:  # a static method: its hyperparameters are its function's keywords (config.merge.<name>)
         hyperparameters = dict(config.merge[method]) if method in config.merge else {}
@@ -351,6 +350,60 @@ def run(
   return results
 
 
+LAYOUT_FILE = "layout.json"  # in a trained method's workdir folder: the step layout it runs with
+
+
+def _step_layout(
+  config,
+  path: Path,
+  *,
+  mesh,
+  batches: pipeline.TaskBatches,
+  candidates: Callable[[], tuple[layout_lib.Layout, ...]],
+  timed: Callable[[layout_lib.Layout, Any], float],
+) -> layout_lib.Layout:
+  """The step's layout for one trained method (`adarank_jax.layout`).
+
+  adarank.layout='config': the config's cache_deltas, tasks_per_forward and remat. 'auto': the
+  layout an earlier run of this workdir chose (stored at `path`), or one chosen now among
+  `candidates()` (the cache by its cost rule) by timing each on the stream's first batches, which
+  the stream then gives again. Process 0 decides for every process; the choice is logged and stored
+  at `path` with the timings and the machine, so a resumed run uses the same layout.
+  """
+  adarank = config.adarank
+  if adarank.layout == "config":
+    return layout_lib.Layout(adarank.tasks_per_forward, adarank.remat, adarank.cache_deltas)
+  if path.exists():
+    chosen = layout_lib.from_json(files.read_json(path).get("layout"), f"{path}: 'layout'")
+    print(f"  step layout: {chosen} (chosen by an earlier run: {path})")
+    return chosen
+  options = candidates()
+  timings = []
+  if len(options) > 1:
+    start = batches.get_state()
+    step_batches = train.place_batches(next(batches), mesh)
+    batches.set_state(start)
+    for candidate in options:
+      timings.append((candidate, timed(candidate, step_batches)))
+      print(f"  step layout {candidate}: {timings[-1][1]:.3f} s a step")
+    index = options.index(layout_lib.fastest(timings))
+    options = (options[int(multihost_utils.broadcast_one_to_all(np.int32(index)))],)
+  chosen = options[0]
+  print(f"  step layout: {chosen}")
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(
+      path,
+      {
+        "layout": layout_lib.to_json(chosen),
+        "timed": [{**layout_lib.to_json(c), "step_s": seconds} for c, seconds in timings],
+        "machine": layout_lib.machine(),
+      },
+      indent=2,
+    )
+  return chosen
+
+
 def _adapt(
   config,
   outdir: Path,
@@ -366,8 +419,8 @@ def _adapt(
   prepare,
   inputs_of,
   mesh,
-  train_step,
-  hard_merge,
+  step_and_merge,
+  tower_layouts: bool,
 ):
   """Learns a trained method's state on the unlabeled test streams; returns the hard-merged tree of
   the reported model (config.adarank.selection) and its step.
@@ -382,16 +435,19 @@ def _adapt(
   placement = "task" if "task" in mesh.axis_names else "replicated"
   frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
   rows = jax.tree.leaves(factors)[0].shape[0]  # T, or T + 1 with Iso-CTS's common row
-  state = train.init_state(
-    frozen[1],
-    optimizer=train.make_optimizer(hp.learning_rate),
-    num_tasks=rows,
-    initial_rank_ratio=hp.initial_rank_ratio if training.masks else 1.0,
-    prior=hp.prior,
-    coefficients_per=training.coefficients,
-    cache_deltas=config.adarank.cache_deltas,
-  )
-  state = train.place_state(state, mesh)
+
+  def init_state(step_layout: layout_lib.Layout) -> train.TrainState:
+    state = train.init_state(
+      frozen[1],
+      optimizer=train.make_optimizer(hp.learning_rate),
+      num_tasks=rows,
+      initial_rank_ratio=hp.initial_rank_ratio if training.masks else 1.0,
+      prior=hp.prior,
+      coefficients_per=training.coefficients,
+      cache_deltas=step_layout.cache_deltas,
+    )
+    return train.place_state(state, mesh)
+
   # The adaptation data: each task's whole test split, or a seeded subset of it (data_fraction).
   adaptation = [
     pipeline.subset(src, config.adarank.data_fraction, seed=config.seed + t) for t, src in enumerate(sources)
@@ -412,6 +468,27 @@ def _adapt(
     ],
     inputs_of,
   )
+  step_layout = _step_layout(
+    config,
+    shared / LAYOUT_FILE,
+    mesh=mesh,
+    batches=batches,
+    candidates=lambda: layout_lib.candidates(
+      num_tasks=len(config.tasks),
+      # decided on process 0: every process must build the same programs
+      cache_deltas=bool(
+        multihost_utils.broadcast_one_to_all(
+          np.int32(layout_lib.cache_fits(frozen[1], jax.local_devices()[0], shards=mesh.shape.get("task", 1)))
+        )
+      ),
+      tower=tower_layouts,
+    ),
+    timed=lambda candidate, step_batches: layout_lib.time_step(
+      step_and_merge(candidate)[0], frozen, init_state(candidate), step_batches
+    ),
+  )
+  train_step, hard_merge = step_and_merge(step_layout)
+  state = init_state(step_layout)
 
   # Evaluation points: every eval_every steps (and step 0 when a step is selected), each scored on
   # the test splits and, for selection=validation, on the labelled validation splits. A resumed run

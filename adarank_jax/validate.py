@@ -9,6 +9,7 @@ from pathlib import Path
 import ml_collections
 
 from adarank_jax import baselines, files, methods, report
+from adarank_jax import layout as layout_lib
 from adarank_jax import train as train_lib
 from adarank_jax.data import registry
 
@@ -21,6 +22,7 @@ RESUMABLE = (
   "adarank.log_every",
   "adarank.checkpoint_every",
   "adarank.eval_every",
+  "adarank.layout",
   "adarank.cache_deltas",
   "adarank.tasks_per_forward",
   "adarank.remat",
@@ -101,6 +103,10 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
   need(
     config.adarank.learn in train_lib.LEARN,
     f"adarank.learn={config.adarank.learn!r}: expected one of {train_lib.LEARN}",
+  )
+  need(
+    config.adarank.layout in layout_lib.MODES,
+    f"adarank.layout={config.adarank.layout!r}: expected one of {layout_lib.MODES}",
   )
   tasks_per_forward = config.adarank.tasks_per_forward
   need(

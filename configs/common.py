@@ -160,14 +160,16 @@ def base():
   # labelled so)
   config.adarank.factor_dtype = "float32"  # 'float32' | 'bfloat16' storage of U, s, V
   config.adarank.rank = 0  # keep the top-k components only (0 = full rank, as the paper)
-  # The step's layout (same math; README "Performance" has the measured trade-offs):
+  # The step's layout (same math; adarank_jax/layout.py, README "Performance"): 'auto' chooses it
+  # for the machine at the start of each trained method (cached deltas when they fit in half the free
+  # memory; the tower's call size and remat by timing a few steps of each), logs it and stores it in
+  # <workdir>/<method>/layout.json, which a resumed run reuses; 'config' takes the three fields below.
+  config.adarank.layout = "auto"
   config.adarank.cache_deltas = False  # keep each task's masked delta between steps: less rebuild
-  # work (~20% faster steps on CPU), one more float32 matrix per
-  # task and decomposed matrix (+2.5 GB at ViT-B/32 x 8)
+  # work, one more float32 matrix per task and decomposed matrix (+2.5 GB at ViT-B/32 x 8)
   config.adarank.tasks_per_forward = 1  # CLIP: the tower (traced once) runs on this many tasks' batches
-  # at a time (0 = all at once); 1 is fastest on CPU at batch 16
+  # at a time (0 = all at once)
   config.adarank.remat = True  # CLIP: recompute the tower's activations in the backward pass
-  # (on CPU no slower, and 2.5 GB less at ViT-B/32 x 8, batch 4)
   config.adarank.log_every = 50
   config.adarank.checkpoint_every = 500
   # Ablations (AdaRank paper, Tables 5-7): what is learned ('both' | 'masks': coefficients frozen at

@@ -82,7 +82,10 @@ def _masks(workdir, method="adarank_ta"):
 
 
 def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_path):
-  straight = _cli(checkpoints, tmp_path / "straight", "--export=safetensors")
+  # Two independent runs compared bit for bit: the same step layout in both (the config's), not
+  # one timed per run (tested below).
+  fixed = "--config.adarank.layout=config"
+  straight = _cli(checkpoints, tmp_path / "straight", "--export=safetensors", fixed)
   assert straight.returncode == 0, straight.stdout + straight.stderr
   results = json.loads((tmp_path / "straight/results.json").read_text())
   assert set(results["methods"]) == set(methods.METHODS) - {"individual"}  # every row of the table
@@ -104,7 +107,7 @@ def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_p
   assert torch.isfinite(model.visual.proj).all()
 
   # Kill a second run (SIGKILL) once its step-2 checkpoint is on disk, then resume it.
-  proc = _cli(checkpoints, tmp_path / "killed", wait=False)
+  proc = _cli(checkpoints, tmp_path / "killed", fixed, wait=False)
   step_dir = tmp_path / "killed/adarank_ta/checkpoints/2"
   deadline = time.time() + 500
   while not step_dir.exists() and proc.poll() is None and time.time() < deadline:
@@ -113,13 +116,47 @@ def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_p
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (tmp_path / "killed/results.json").exists()
-  resumed = _cli(checkpoints, tmp_path / "killed", "--resume")
+  resumed = _cli(checkpoints, tmp_path / "killed", "--resume", fixed)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   for method in ("adarank_ta", "adarank_cart"):
     a, b = _masks(tmp_path / "straight", method), _masks(tmp_path / "killed", method)
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=f"{method} {key}")
+
+
+def test_cli_chooses_the_step_layout_stores_it_and_a_resumed_run_keeps_it(checkpoints, tmp_path):
+  # adarank.layout='auto' (the default): the layout is timed at the method's start, logged and
+  # stored; a run killed after its first checkpoint resumes with the stored layout (no timing), and
+  # ends with the masks of an uninterrupted run that uses that layout.
+  only = "--config.methods=('adarank_ta',)"
+  proc = _cli(checkpoints, tmp_path / "auto", only, wait=False)
+  stored, step_dir = tmp_path / "auto/adarank_ta/layout.json", tmp_path / "auto/adarank_ta/checkpoints/2"
+  deadline = time.time() + 500
+  while not step_dir.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  assert step_dir.exists(), proc.communicate()[0].decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  log = proc.communicate()[0].decode()
+  record = json.loads(stored.read_text())
+  chosen = record["layout"]
+  assert len(record["timed"]) == 3 and all(t["step_s"] > 0 for t in record["timed"])
+  fastest = min(record["timed"], key=lambda t: t["step_s"])
+  assert chosen == {k: fastest[k] for k in chosen}
+  assert chosen["cache_deltas"] is True  # the tiny cache fits
+  assert record["machine"]["cpu"] and log.count("s a step") == 3
+  resumed = _cli(checkpoints, tmp_path / "auto", only, "--resume")
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert "chosen by an earlier run" in resumed.stdout and "s a step" not in resumed.stdout
+  assert json.loads(stored.read_text())["layout"] == chosen
+  fixed = [f"--config.adarank.{k}={v}" for k, v in chosen.items()]
+  straight = _cli(checkpoints, tmp_path / "fixed", only, "--config.adarank.layout=config", *fixed)
+  assert straight.returncode == 0, straight.stdout + straight.stderr
+  assert not (tmp_path / "fixed/adarank_ta/layout.json").exists()
+  a, b = _masks(tmp_path / "fixed"), _masks(tmp_path / "auto")
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_cli_validation_selection_survives_a_kill_between_evaluation_points(checkpoints, tmp_path):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adarank_jax import checkpoint, merging, objectives, train, tree_util
+from adarank_jax import checkpoint, layout, merging, objectives, train, tree_util
 from adarank_jax.decomposition import decompose
 from adarank_jax.task_vectors import task_vectors
 
@@ -416,3 +416,56 @@ def test_a_non_finite_loss_stops_fit_before_it_is_checkpointed(tmp_path):
     )
   assert manager.all_steps() == []
   manager.close()
+
+
+@pytest.mark.parametrize(
+  "candidate",
+  [c for cache in (False, True) for c in layout.candidates(num_tasks=T, cache_deltas=cache, tower=True)],
+  ids=str,
+)
+def test_every_layout_the_autotune_can_pick_follows_the_plain_adam_trajectory(candidate):
+  # The plain step (one traced forward per task, every delta rebuilt) against the candidate layout,
+  # through 50 Adam steps large enough that masks flip.
+  frozen, _ = _problem()
+  rng = np.random.default_rng(6)
+  heads = [rng.normal(size=(6, c)).astype(np.float32) for c in CLASSES]
+
+  def body(params, x):
+    enc = params["enc"]
+    return jnp.tanh(x @ enc["a"]["kernel"] + enc["a"]["bias"]) @ enc["b"]["kernel"]
+
+  plain_logits = train.per_task(lambda params, t, x: body(params, x) @ heads[t])
+  laid_out = train.one_forward(
+    body,
+    lambda t, features: features @ heads[t],
+    tasks_per_call=candidate.tasks_per_forward or None,
+    remat=candidate.remat,
+  )
+  optimizer = train.make_optimizer(0.05)
+  steps, states = {}, {}
+  for name, logits_fn, cache in (
+    ("plain", plain_logits, False),
+    ("laid_out", laid_out, candidate.cache_deltas),
+  ):
+    steps[name] = train.make_train_step(
+      logits_fn=logits_fn, optimizer=optimizer, temperature=TEMP, num_tasks=T
+    )
+    states[name] = train.init_state(
+      frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=0.3, cache_deltas=cache
+    )
+  batch_iter = _make_batches(0)
+  flips = 0
+  for _ in range(50):
+    batches = next(batch_iter)
+    before = jax.device_get(states["plain"].mask_logits)
+    metrics = {}
+    for name in steps:
+      states[name], metrics[name] = steps[name](frozen, states[name], batches)
+    np.testing.assert_allclose(metrics["laid_out"]["loss"], metrics["plain"]["loss"], rtol=1e-5)
+    for c, p in zip(
+      jax.tree.leaves((states["laid_out"].mask_logits, states["laid_out"].coefficients)),
+      jax.tree.leaves((states["plain"].mask_logits, states["plain"].coefficients)),
+    ):
+      np.testing.assert_allclose(c, p, rtol=1e-5, atol=1e-5)
+    flips += _flips(before, states["plain"].mask_logits)
+  assert flips >= 10
