@@ -190,6 +190,23 @@ def state_dict_from_tree(
   return keymap.state_dict_from_tree(architecture.rules, tree, source=source)
 
 
+def linear_kernels(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """HF Linear weight key -> (tree path, kernel shape (n_in, n_out)) of every layer the architecture keeps
+  as one transposed torch Linear (a one-key `keymap.LINEAR` rule): the layers a LoRA adapter can target.
+
+  Keys carry the prefix `tree_from_state_dict` expects, e.g. 'model.layers.0.self_attn.q_proj.weight' for a
+  LlamaForCausalLM. GPT-2's Conv1D layers and CLIP's packed q|k|v are not Linear layers here.
+  """
+  architecture = _architecture(config)
+  abstract = architecture.abstract(config)
+  plan = keymap.resolve(architecture.rules, abstract, source=_name(config))
+  return {
+    keys[0]: (path, tuple(abstract[path].shape))
+    for path, (hook, keys) in plan.items()
+    if hook is keymap.LINEAR and len(keys) == 1
+  }
+
+
 def _name(config: ModelConfig) -> str:
   return "CLIP vision" if isinstance(config, clip.VisionConfig) else config.architecture
 
