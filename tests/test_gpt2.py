@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 
 from adarank_jax.interop import hf, state_dict
-from adarank_jax.models import functional, gpt2
+from adarank_jax.models import functional, gpt2, pooling
 
 
 def _apply(config, tree, *args, method="__call__"):
@@ -52,10 +52,10 @@ def test_gpt2_sized_classifier_matches_transformers(tmp_path):
 
 def test_last_non_pad_index_follows_transformers():
   ids = jnp.array([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0], [0, 0, 4, 5, 0]])
-  np.testing.assert_array_equal(np.asarray(gpt2.last_non_pad_index(ids, 0)), [2, 4, 0, 3])
-  np.testing.assert_array_equal(np.asarray(gpt2.last_non_pad_index(ids[:1], None)), [4])
+  np.testing.assert_array_equal(np.asarray(pooling.last_non_pad_index(ids, 0)), [2, 4, 0, 3])
+  np.testing.assert_array_equal(np.asarray(pooling.last_non_pad_index(ids[:1], None)), [4])
   with pytest.raises(ValueError, match="batch sizes > 1"):
-    gpt2.last_non_pad_index(ids, None)
+    pooling.last_non_pad_index(ids, None)
 
 
 def _tiny(**kwargs):

@@ -6,7 +6,7 @@ import pytest
 
 from adarank_jax import tree_util
 from adarank_jax.interop import hf, keymap, openclip
-from adarank_jax.models import clip, gpt2, roberta
+from adarank_jax.models import clip, decoder, gpt2, roberta
 
 VISION = clip.VisionConfig(
   image_size=16, patch_size=8, width=16, layers=2, heads=2, mlp_width=32, output_dim=8, act="gelu"
@@ -46,6 +46,28 @@ GPT2 = gpt2.GPT2Config(
   scale_attn_by_inverse_layer_idx=False,
   pad_token_id=0,
   num_labels=2,
+)
+
+QWEN2 = decoder.DecoderConfig(  # q/k/v biases, an untied lm_head
+  architecture="Qwen2ForCausalLM",
+  model_type="qwen2",
+  vocab_size=40,
+  hidden_size=16,
+  intermediate_size=24,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=4,
+  hidden_act="silu",
+  rms_norm_eps=1e-6,
+  rope_parameters=decoder.RopeParameters("default", 10000.0),
+  attention_bias=False,
+  mlp_bias=False,
+  tie_word_embeddings=False,
+  sliding_window=None,
+  layer_types=("full_attention",) * 2,
+  pad_token_id=0,
+  num_labels=None,
 )
 
 
@@ -93,7 +115,7 @@ def test_openclip_clip_round_trip():
 
 
 @pytest.mark.parametrize(
-  "config", [ROBERTA, BERT, GPT2, VISION], ids=["roberta", "bert", "gpt2", "clip_vision"]
+  "config", [ROBERTA, BERT, GPT2, QWEN2, VISION], ids=["roberta", "bert", "gpt2", "qwen2", "clip_vision"]
 )
 def test_hf_round_trip(config):
   architecture = hf._architecture(config)
@@ -113,6 +135,11 @@ def test_hf_keys_of_packed_and_conv1d_layers():
   gpt = keymap.expected_keys(architecture.rules, architecture.abstract(GPT2))
   assert gpt["transformer.h.0.attn.c_attn.weight"][0] == (16, 48)  # Conv1D: (in, out), not transposed
   assert gpt["score.weight"][0] == (2, 16)  # a Linear: transposed
+  architecture = hf._architecture(QWEN2)
+  qwen = keymap.expected_keys(architecture.rules, architecture.abstract(QWEN2))
+  assert qwen["model.layers.1.self_attn.k_proj.weight"][0] == (8, 16)  # 2 kv heads x head_dim 4
+  assert qwen["model.layers.1.self_attn.k_proj.bias"][0] == (8,)
+  assert "model.layers.1.self_attn.o_proj.bias" not in qwen and qwen["lm_head.weight"][0] == (40, 16)
 
 
 def test_engine_lists_every_problem_at_once():

@@ -1,9 +1,9 @@
-"""Hugging Face model directories and converted directories <-> param trees: RoBERTa, BERT, GPT-2 and the
-CLIP image tower.
+"""Hugging Face model directories and converted directories <-> param trees: RoBERTa, BERT, GPT-2, the
+Llama/Mistral/Qwen2 decoders and the CLIP image tower.
 
-Each architecture is a key map (`keymap.Rule`s: tree path -> HF keys, hook). RoBERTa/BERT/GPT-2 trees mirror the
-HF module names, so their rules only rename leaves (kernel -> weight, transposed unless the HF layer is
-GPT-2's Conv1D). The CLIP rules map a `CLIPVisionModel` onto OpenCLIP's `VisionTransformer` layout and pack
+Each architecture is a key map (`keymap.Rule`s: tree path -> HF keys, hook). RoBERTa/BERT/GPT-2/decoder trees
+mirror the HF module names, so their rules only rename leaves (kernel -> weight, transposed unless the HF layer
+is GPT-2's Conv1D). The CLIP rules map a `CLIPVisionModel` onto OpenCLIP's `VisionTransformer` layout and pack
 q_proj|k_proj|v_proj into one (width, 3 * width) `in_proj` kernel:
 
   vision_model.embeddings.patch_embedding.weight (w, 3, p, p) <-> conv1/kernel (p, p, 3, w)
@@ -13,8 +13,10 @@ q_proj|k_proj|v_proj into one (width, 3 * width) `in_proj` kernel:
 
 Every state dict is checked against the expected keys and shapes (all missing, unexpected and mis-shaped
 keys are reported at once) and for NaN/Inf before a tree is built; errors name the file or directory.
-Buffers that hold no parameters (position_ids, GPT-2's causal-mask `attn.bias`) are skipped, as is the
-text tower of a CLIPModel. Values keep the checkpoint's dtype, so state dict -> tree -> state dict is
+Buffers that hold no parameters (position_ids, GPT-2's causal-mask `attn.bias`, the rotary `inv_freq` of
+older Llama checkpoints) are skipped, as is the text tower of a CLIPModel. A decoder with tied embeddings has
+no lm_head in its tree; transformers does not save one for it (a stored `lm_head.weight` is reported as an
+unexpected key). Values keep the checkpoint's dtype, so state dict -> tree -> state dict is
 bit-exact. config.json dicts are parsed by `hf_config`. Converted models are `interop.converted`
 directories (config.json + params/).
 """
@@ -37,7 +39,7 @@ from adarank_jax.interop import hf_config as config_lib
 from adarank_jax.interop import state_dict as state_dict_lib
 from adarank_jax.interop.hf_config import ModelConfig
 from adarank_jax.interop.keymap import Rule
-from adarank_jax.models import clip, gpt2, roberta
+from adarank_jax.models import clip, decoder, gpt2, roberta
 
 # Trees that mirror HF's module names: only the leaf names differ.
 _MIRRORED = (
@@ -46,6 +48,7 @@ _MIRRORED = (
   Rule(r"(.*)/bias", (r"\1.bias",)),
 )
 ROBERTA = _MIRRORED
+DECODER = _MIRRORED  # model/layers/{i}/self_attn/q_proj/kernel <-> model.layers.{i}.self_attn.q_proj.weight
 GPT2 = (  # GPT-2's Conv1D layers store (in, out) already
   Rule(r"((?:.*/)?h/\d+/(?:attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj))/kernel", (r"\1.weight",)),
 ) + _MIRRORED
@@ -114,6 +117,13 @@ _ARCHITECTURES = (
     ("architecture", "num_labels", "pad_token_id", "dtype"),
   ),
   _Architecture(
+    decoder.DecoderConfig,
+    lambda c: _nnx_abstract(lambda: decoder.build(c, rngs=nnx.Rngs(0))),
+    DECODER,
+    r"(.*\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+    ("architecture", "num_labels", "pad_token_id", "tie_word_embeddings", "dtype"),
+  ),
+  _Architecture(
     clip.VisionConfig,
     lambda c: tree_util.flatten(clip.abstract_params(c)),
     CLIP_VISION,
@@ -180,6 +190,23 @@ def state_dict_from_tree(
   return keymap.state_dict_from_tree(architecture.rules, tree, source=source)
 
 
+def linear_kernels(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """HF Linear weight key -> (tree path, kernel shape (n_in, n_out)) of every layer the architecture keeps
+  as one transposed torch Linear (a one-key `keymap.LINEAR` rule): the layers a LoRA adapter can target.
+
+  Keys carry the prefix `tree_from_state_dict` expects, e.g. 'model.layers.0.self_attn.q_proj.weight' for a
+  LlamaForCausalLM. GPT-2's Conv1D layers and CLIP's packed q|k|v are not Linear layers here.
+  """
+  architecture = _architecture(config)
+  abstract = architecture.abstract(config)
+  plan = keymap.resolve(architecture.rules, abstract, source=_name(config))
+  return {
+    keys[0]: (path, tuple(abstract[path].shape))
+    for path, (hook, keys) in plan.items()
+    if hook is keymap.LINEAR and len(keys) == 1
+  }
+
+
 def _name(config: ModelConfig) -> str:
   return "CLIP vision" if isinstance(config, clip.VisionConfig) else config.architecture
 
@@ -201,7 +228,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
 def load_hf(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
   """(model config, param tree) of a local HF directory (config.json + model.safetensors or
   pytorch_model.bin, possibly sharded) or of a converted one (`load_converted`). model_type roberta, bert,
-  gpt2, clip_vision_model, clip."""
+  gpt2, llama, mistral, qwen2, clip_vision_model, clip."""
   directory = Path(directory)
   if converted.is_converted(directory):  # python -m convert.hf output
     config, tree, _ = load_converted(directory)

@@ -1,18 +1,19 @@
 """Hugging Face config.json dicts -> the model configs of `adarank_jax.models`.
 
-model_type roberta, bert -> roberta.RobertaConfig; gpt2 -> gpt2.GPT2Config; clip_vision_model, clip ->
-clip.VisionConfig (the image tower; act 'quick_gelu' as HF CLIP). transformers is imported lazily, only
-to fill HF's config defaults in (`complete`).
+model_type roberta, bert -> roberta.RobertaConfig; gpt2 -> gpt2.GPT2Config; llama, mistral, qwen2 ->
+decoder.DecoderConfig; clip_vision_model, clip -> clip.VisionConfig (the image tower; act 'quick_gelu' as HF
+CLIP). transformers is imported lazily, only to fill HF's config defaults in (`complete`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from adarank_jax.models import clip, gpt2, roberta
+from adarank_jax.models import clip, decoder, gpt2, roberta
 
-ModelConfig = roberta.RobertaConfig | gpt2.GPT2Config | clip.VisionConfig
+ModelConfig = roberta.RobertaConfig | gpt2.GPT2Config | decoder.DecoderConfig | clip.VisionConfig
 
 _POSITION_IDS = {"roberta": "padding_offset", "bert": "absolute"}
 
@@ -89,6 +90,57 @@ def gpt2_config(config: Mapping[str, Any], *, dtype: str = "float32") -> gpt2.GP
   )
 
 
+def decoder_config(config: Mapping[str, Any], *, dtype: str = "float32") -> decoder.DecoderConfig:
+  """The DecoderConfig of a complete HF config.json dict (model_type llama, mistral or qwen2; see `complete`).
+
+  transformers 5 keeps rope_theta and rope_scaling in `rope_parameters` (`complete` moves them there).
+  head_dim is HF's: the field when set, else hidden_size // num_attention_heads. Which layers slide
+  follows the modeling code: Mistral, every layer when sliding_window is set (it ignores layer_types);
+  Qwen2, the layers of its layer_types (made from use_sliding_window and max_window_layers).
+  """
+  model_type = config["model_type"]
+  if model_type not in decoder.MODEL_TYPES:
+    raise ValueError(f"model_type {model_type!r} is not one of {list(decoder.MODEL_TYPES)}")
+  rope = dict(config["rope_parameters"])
+  rope.pop("type", None)  # transformers 4's name of rope_type, kept beside it by the conversion
+  known = {f.name for f in dataclasses.fields(decoder.RopeParameters)}
+  if set(rope) - known:
+    raise ValueError(
+      f"rope_parameters fields {sorted(set(rope) - known)} are not supported (only {sorted(known)})"
+    )
+  layers = config["num_hidden_layers"]
+  if model_type == "qwen2":
+    sliding_window, layer_types = config["sliding_window"], tuple(config["layer_types"])
+  else:
+    sliding_window = config["sliding_window"] if model_type == "mistral" else None
+    layer_types = ("full_attention" if sliding_window is None else "sliding_attention",) * layers
+  hidden, heads = config["hidden_size"], config["num_attention_heads"]
+  head_dim = config["head_dim"] if "head_dim" in config and config["head_dim"] else hidden // heads
+  architecture = single_architecture(config)
+  return decoder.DecoderConfig(
+    architecture=architecture,
+    model_type=model_type,
+    vocab_size=config["vocab_size"],
+    hidden_size=hidden,
+    intermediate_size=config["intermediate_size"],
+    num_hidden_layers=layers,
+    num_attention_heads=heads,
+    num_key_value_heads=config["num_key_value_heads"],
+    head_dim=head_dim,
+    hidden_act=config["hidden_act"],
+    rms_norm_eps=config["rms_norm_eps"],
+    rope_parameters=decoder.RopeParameters(**rope),
+    attention_bias=model_type == "llama" and config["attention_bias"],
+    mlp_bias=model_type == "llama" and config["mlp_bias"],
+    tie_word_embeddings=config["tie_word_embeddings"],
+    sliding_window=sliding_window,
+    layer_types=layer_types,
+    pad_token_id=config["pad_token_id"],
+    num_labels=(len(config["id2label"]) if architecture.endswith("ForSequenceClassification") else None),
+    dtype=dtype,
+  )
+
+
 def clip_vision_config(config: Mapping[str, Any]) -> clip.VisionConfig:
   """The image tower's VisionConfig of a complete CLIPVisionModel(WithProjection) or CLIPModel config."""
   if config["model_type"] == "clip":
@@ -117,6 +169,9 @@ _PARSERS = {
   "roberta": roberta_config,
   "bert": roberta_config,
   "gpt2": gpt2_config,
+  "llama": decoder_config,
+  "mistral": decoder_config,
+  "qwen2": decoder_config,
   "clip_vision_model": clip_vision_config,
   "clip": clip_vision_config,
 }
@@ -132,7 +187,7 @@ def complete(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_config(hf_config: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
-  """The model config (RobertaConfig, GPT2Config or clip.VisionConfig) of an HF config.json dict.
+  """The model config (RobertaConfig, GPT2Config, DecoderConfig or clip.VisionConfig) of an HF config.json dict.
 
   Raises:
     ValueError naming `source`: an unsupported model type or architecture, or an invalid config.

@@ -10,4 +10,5 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
   "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
   "relu": jax.nn.relu,
+  "silu": jax.nn.silu,  # x * sigmoid(x) (Llama, Mistral, Qwen2)
 }

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adarank_jax.models.activations import ACTIVATIONS
+from adarank_jax.models.pooling import last_non_pad_index
 
 ARCHITECTURES = ("GPT2ForSequenceClassification", "GPT2LMHeadModel", "GPT2Model")
 
@@ -74,24 +75,6 @@ class GPT2Config:
   @property
   def mlp_width(self) -> int:
     return 4 * self.n_embd if self.n_inner is None else self.n_inner
-
-
-def last_non_pad_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
-  """(B,) index of the rightmost token whose id != pad_token_id, as HF 5.x pools.
-
-  A row made only of padding gives 0 (HF's argmax of an all-zero row). With no
-  pad token HF pools the last position and accepts only batch size 1.
-  """
-  b, length = input_ids.shape
-  if pad_token_id is None:
-    if b != 1:
-      raise ValueError(
-        "Cannot handle batch sizes > 1 if no padding token is defined "
-        f"(pad_token_id is None, batch size {b})."
-      )
-    return jnp.full((b,), length - 1)
-  indices = jnp.arange(length, dtype=jnp.int32)
-  return jnp.argmax(indices * (input_ids != pad_token_id).astype(jnp.int32), axis=-1)
 
 
 class GPT2Attention(nnx.Module):
