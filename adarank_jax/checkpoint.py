@@ -307,8 +307,8 @@ class Manager:
       step: the step to restore.
       target: arrays or ShapeDtypeStructs.
       fallback: when checkpoint `step` is corrupt, restore the newest older step that verifies instead
-        (with a warning naming both) and delete the corrupt one, so training resumes from there and can
-        write that step again. None (default): fall back only when `step` is the latest step (what
+        (with a warning naming both) and move the corrupt one aside (`set_aside_directory`), so
+        training resumes from there and can write that step again; nothing is deleted. None (default): fall back only when `step` is the latest step (what
         `train.fit` restores); the restored tree's own step field says which step it holds.
 
     Raises:
@@ -330,10 +330,10 @@ class Manager:
       except CorruptCheckpointError as error:
         warnings.warn(str(error), stacklevel=2)
         continue
-      self._manager.delete(step)
+      kept = self._set_aside(step)
       warnings.warn(
         f"{first_error}\n  Restored the previous good checkpoint {self.step_directory(older)} "
-        f"instead of {self.step_directory(step)}, which was deleted; training continues "
+        f"instead of {self.step_directory(step)}, which was moved to {kept}; training continues "
         f"from step {older}.",
         stacklevel=2,
       )
@@ -342,6 +342,17 @@ class Manager:
       f"{first_error}\n  No older checkpoint in {self.directory} verifies "
       f"either; delete {self.directory} to start over."
     ) from None
+
+  def set_aside_directory(self) -> Path:
+    """Where corrupt steps are moved: `<checkpoints>.corrupt/` beside the checkpoint directory, out of
+    the manager's sight, each as `<step>` (or `<step>.1`, `<step>.2`, ... when that name is taken)."""
+    return self.directory.parent / f"{self.directory.name}.corrupt"
+
+  def _set_aside(self, step: int) -> Path:
+    """Moves checkpoint `step` into `set_aside_directory()` and returns its new path."""
+    target = files.move_aside(self.step_directory(step), self.set_aside_directory())
+    self._manager.reload()
+    return target
 
   def close(self) -> None:
     self._manager.close()

@@ -35,11 +35,27 @@ def _with_path(error: OSError, path: Path) -> OSError:
   return type(error)(error.errno, error.strerror or os.strerror(error.errno or 0), str(path))
 
 
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux reports it (/proc/self/status): the
+  os.umask(0)-and-back fallback would briefly let other threads create files without it."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def write_atomic(path: str | os.PathLike[str], data: str | bytes | Callable[[str], None]) -> None:
   """Writes `data` (text, bytes, or a function that writes the file whose path it is given) to `path`.
 
-  Temporary file in the same directory, flushed to disk, then renamed over `path`. An OSError (ENOSPC, a
-  read-only directory) names `path`; the temporary file is removed on any failure.
+  Temporary file in the same directory, flushed to disk, then renamed over `path`, with the mode that
+  `open(path, "w")` would give it (0o666 & ~umask; mkstemp's own is 0o600, private to its owner). An
+  OSError (ENOSPC, a read-only directory) names `path`; the temporary file is removed on any failure.
   """
   path = Path(path)
   try:
@@ -56,6 +72,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes | Callable[[str
     else:
       with os.fdopen(fd, "wb", closefd=False) as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.fsync(fd)
     os.close(fd)
     fd = -1
@@ -257,6 +274,30 @@ class WorkdirLock:
 
   def __exit__(self, *exc_info) -> None:
     self.release()
+
+
+def move_aside(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:
+  """Moves `path` into `directory` (made if needed) under its own name, or `<name>.1`, `<name>.2`, ...
+  when that is taken, and returns where it went. Never overwrites or deletes anything."""
+  path, directory = Path(path), Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  target, n = directory / path.name, 0
+  while target.exists():
+    n += 1
+    target = directory / f"{path.name}.{n}"
+  os.replace(path, target)
+  _fsync_dir(directory)
+  return target
+
+
+def remove_if_only_lock(directory: str | os.PathLike[str]) -> bool:
+  """Removes `directory` if it holds no file but the workdir lock (empty folders at most): what a run
+  refused before it wrote anything leaves. Returns whether it was removed; anything else stays."""
+  directory = Path(directory)
+  if any(p.name != LOCK_NAME for p in directory.rglob("*") if not p.is_dir()):
+    return False
+  shutil.rmtree(directory)
+  return True
 
 
 def clear_dir(directory: str | os.PathLike[str], *, keep: tuple[str, ...] = (LOCK_NAME,)) -> None:

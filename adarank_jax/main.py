@@ -84,6 +84,7 @@ def _main(argv):
   # One run per workdir: a second one stops here, naming the holder's pid. The OS drops the lock when
   # this process exits, however it exits.
   # (Multi-host runs share the workdir between their processes: no lock, no temp-file cleanup there.)
+  created = not workdir.exists()
   lock = None if config.mesh.multi_host else files.WorkdirLock(workdir).acquire()
   if lock is not None:
     removed = files.remove_stale_temps(workdir)  # what atomic writes of a killed run left behind
@@ -102,6 +103,10 @@ def _main(argv):
 
   try:
     run.run(config, workdir, continued=continued, overwrite=_OVERWRITE.value, export=export)
+  except BaseException:
+    if created and lock is not None:  # a run refused before it wrote anything leaves no workdir behind
+      files.remove_if_only_lock(workdir)
+    raise
   finally:
     if lock is not None:
       lock.release()

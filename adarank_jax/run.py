@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -131,6 +132,7 @@ def run(
   else:
     setup = loading.load_lm(pretrained=pretrained, finetuned=paths, tasks=tasks, dtype=config.model.dtype)
   timings = {"load_s": time.perf_counter() - start}
+  _warn_about_inputs(config, setup, paths, sources)
   if not continued:
     files.write_atomic(outputs / "config.json", config.to_json(indent=2) + "\n")
   writer = report.MetricWriter(outputs)
@@ -348,6 +350,30 @@ def run(
     )
   )
   return results
+
+
+def _warn_about_inputs(config, setup: loading.Setup, paths, sources) -> None:
+  """Warnings, before any long compute, for inputs that run but are likely mistakes: a fine-tuned
+  checkpoint equal to the pretrained one (a zero task vector), and a batch per task larger than the
+  task's split (every batch then repeats examples)."""
+  merged = jax.tree.leaves(setup.merged)
+  for task, path, tree in zip(config.tasks, paths, setup.finetuned):
+    if all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tree), merged)):
+      logging.warning(
+        "%s: the fine-tuned checkpoint of task %s equals the pretrained one (its task vector is zero)",
+        path,
+        task,
+      )
+  batch = config.adarank.batch_size_per_task
+  for task, source in zip(config.tasks, sources):
+    if batch > len(source):
+      logging.warning(
+        "task %s: adarank.batch_size_per_task=%d is larger than its split (%d examples): every "
+        "batch repeats examples",
+        task,
+        batch,
+        len(source),
+      )
 
 
 LAYOUT_FILE = "layout.json"  # in a trained method's workdir folder: the step layout it runs with

@@ -121,7 +121,15 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
     f"adarank.data_fraction={config.adarank.data_fraction}: expected a value in (0, 1]",
   )
   need(
-    config.adarank.eval_every % config.adarank.log_every == 0,
+    config.adarank.eval_every <= config.adarank.num_steps,
+    f"adarank.eval_every={config.adarank.eval_every} is larger than adarank.num_steps="
+    f"{config.adarank.num_steps}: no evaluation point would fall inside the training; set "
+    f"adarank.eval_every to at most {config.adarank.num_steps}, a multiple of adarank.log_every="
+    f"{config.adarank.log_every}",
+  )
+  need(
+    config.adarank.eval_every > config.adarank.num_steps
+    or config.adarank.eval_every % config.adarank.log_every == 0,
     f"adarank.eval_every={config.adarank.eval_every}: expected a multiple of adarank.log_every="
     f"{config.adarank.log_every} (evaluation runs at logging points)",
   )

@@ -100,6 +100,23 @@ def test_validate_lists_every_problem(tmp_path):
     assert needle in msg, needle
 
 
+def test_an_evaluation_interval_longer_than_the_training_says_so(tmp_path):
+  config = _get("vitb32_t8", "quick=true")
+  config.adarank.num_steps, config.adarank.log_every, config.adarank.eval_every = 4, 2, 10
+  with pytest.raises(validate.ConfigError) as e:
+    validate.validate(config, export="safetensors")
+  msg = str(e.value)
+  assert "adarank.eval_every=10 is larger than adarank.num_steps=4" in msg
+  assert "set adarank.eval_every to at most 4, a multiple of adarank.log_every=2" in msg
+  assert "expected a multiple" not in msg
+  config.adarank.eval_every = 3  # inside the training, off the logging points: the old message
+  with pytest.raises(validate.ConfigError, match="expected a multiple of adarank.log_every=2"):
+    validate.validate(config, export="safetensors")
+  config.adarank.layout = "fastest"
+  with pytest.raises(validate.ConfigError, match="adarank.layout='fastest': expected one of"):
+    validate.validate(config, export="safetensors")
+
+
 def test_validate_accepts_existing_paths(tmp_path):
   config = _get("vitb32_t8")
   (tmp_path / "pre.pt").write_bytes(b"")

@@ -95,6 +95,11 @@ def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_p
   for name in ("results.md", "metrics.jsonl", "adarank_ta/rank_heatmap.png", "adarank_cart/evals.jsonl"):
     assert (tmp_path / "straight" / name).stat().st_size > 0, name
   assert "| adarank_cart |" in (tmp_path / "straight/results.md").read_text()
+  # Outputs are readable as an ordinary open() would leave them (the run inherits this umask).
+  umask = os.umask(0o022)
+  os.umask(umask)
+  for name in ("results.json", "results.md", "config.json", "export/adarank_ta.safetensors"):
+    assert (tmp_path / "straight" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
   # The export is an OpenCLIP state dict that open_clip itself loads (strict) into the same architecture.
   import open_clip
@@ -165,6 +170,7 @@ def test_cli_validation_selection_survives_a_kill_between_evaluation_points(chec
     "--config.methods=('adamerging_task', 'adarank_ta')",
     "--config.adamerging.num_steps=6",
     "--config.adarank.learn=both",
+    "--config.adarank.layout=config",  # two independent runs compared: one layout in both
   )
   straight = _cli(checkpoints, tmp_path / "straight", *extra)
   assert straight.returncode == 0, straight.stdout + straight.stderr
@@ -210,3 +216,26 @@ def test_cli_bad_input_fails_before_compute(checkpoints, tmp_path):
   assert not (tmp_path / "w").exists()
   bad_ratio = _cli(checkpoints, tmp_path / "w", "--config.adarank.cart.initial_rank_ratio=0")
   assert bad_ratio.returncode != 0 and "adarank.cart.initial_rank_ratio=0" in bad_ratio.stderr
+
+
+def test_cli_warns_of_a_zero_task_vector_and_of_a_batch_larger_than_a_split(checkpoints, tmp_path):
+  import shutil
+
+  tuned = tmp_path / "tuned"
+  tuned.mkdir()
+  shutil.copy(checkpoints / "pretrained.safetensors", tuned / f"{TASKS[0]}.safetensors")  # unchanged
+  for task in TASKS[1:]:
+    shutil.copy(checkpoints / f"{task}.safetensors", tuned / f"{task}.safetensors")
+  run = _cli(
+    checkpoints,
+    tmp_path / "w",
+    f"--config.model.finetuned={tuned / '{task}.safetensors'}",
+    "--config.methods=('task_arithmetic',)",
+    "--config.adarank.batch_size_per_task=100000",
+  )
+  assert run.returncode == 0, run.stdout + run.stderr
+  out = run.stdout + run.stderr
+  assert f"the fine-tuned checkpoint of task {TASKS[0]} equals the pretrained one" in out
+  assert out.count("equals the pretrained one") == 1  # the other tasks' are fine-tuned
+  assert "adarank.batch_size_per_task=100000 is larger than its split" in out
+  assert all(f"task {task}: adarank.batch_size_per_task" in out for task in TASKS)

@@ -389,3 +389,37 @@ def test_every_bad_checkpoint_is_listed(tmp_path, capsys):
   status, err = _main(capsys, f"--workdir={tmp_path / 'w'}", *_garbage_checkpoints(tmp_path))
   assert status == 1 and "9 of 9 checkpoints cannot be used" in err, err
   assert "pretrained.pt" in err and "DigitsMod3.pt" in err
+  assert not (tmp_path / "w").exists()  # a refused run leaves no workdir behind
+
+
+def test_a_refused_run_keeps_a_workdir_that_holds_anything(tmp_path, capsys):
+  (tmp_path / "w").mkdir()
+  (tmp_path / "w" / "notes.txt").write_text("mine")
+  status, _ = _main(capsys, f"--workdir={tmp_path / 'w'}", *_garbage_checkpoints(tmp_path))
+  assert status == 1 and (tmp_path / "w" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_end_with_the_mode_an_ordinary_open_gives(tmp_path, umask):
+  previous = os.umask(umask)
+  try:
+    files.write_atomic(tmp_path / "text.json", "{}\n")
+    files.write_atomic(tmp_path / "written_by.bin", lambda p: Path(p).write_bytes(b"x"))
+    files.write_json(tmp_path / "deeper/new/value.json", [1])
+
+    def fill(directory):
+      directory.mkdir()
+      (directory / "inside.txt").write_text("x")
+
+    files.replace_dir(tmp_path / "tree", fill)
+    with open(tmp_path / "plain.txt", "w") as f:  # the reference
+      f.write("x")
+    (tmp_path / "plain_dir").mkdir()
+  finally:
+    os.umask(previous)
+  expected = (tmp_path / "plain.txt").stat().st_mode & 0o777
+  assert expected == 0o666 & ~umask
+  for name in ("text.json", "written_by.bin", "deeper/new/value.json", "tree/inside.txt"):
+    assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+  for name in ("deeper", "deeper/new", "tree"):
+    assert (tmp_path / name).stat().st_mode & 0o777 == (tmp_path / "plain_dir").stat().st_mode & 0o777, name

@@ -50,8 +50,14 @@ def test_flipped_bytes_in_a_training_checkpoint_are_detected(tmp_path):
   assert int(restored["step"]) == 3
   np.testing.assert_array_equal(restored["mask_logits"]["w"], _state(3)["mask_logits"]["w"])
   assert manager.all_steps() == [3]  # the corrupt one went, so step 6 can be written again
+  kept = tmp_path / "ckpts.corrupt" / "6"  # ... aside, not deleted: the evidence stays
+  assert kept.is_dir() and sum(p.stat().st_size for p in kept.rglob("*") if p.is_file()) > 0
   manager.save(6, _state(6))
   assert int(manager.restore(6, _state(0))["step"]) == 6
+  _flip_a_byte(tmp_path / "ckpts" / "6", 4000)  # corrupt again: kept beside the first, not over it
+  with pytest.warns(UserWarning, match=r"moved to .*ckpts\.corrupt/6\.1;"):
+    manager.restore(manager.latest_step(), _state(0))
+  assert kept.is_dir() and (tmp_path / "ckpts.corrupt" / "6.1").is_dir() and manager.all_steps() == [3]
   manager.close()
 
 
