@@ -94,10 +94,10 @@ def cache(tmp_path_factory):
   return tmp_path_factory.mktemp("testbed")
 
 
-def _single(workdir, cache, placement):
+def _single(workdir, cache, placement, *extra):
   """The reference: one process of 8 devices."""
   single = subprocess.run(
-    _args(workdir, placement=placement),
+    _args(workdir, *extra, placement=placement),
     cwd=ROOT,
     env=_env(cache, 8),
     capture_output=True,
@@ -126,12 +126,20 @@ def _assert_same_run(reference, workdir):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+# The step's layout is pinned here. With the deltas cached (what 'auto' picks for this small model)
+# the merged weights are sums of task-sharded deltas that gloo adds in an order that varies from run
+# to run; Adam turns that into coefficients up to 5e-6 apart after 12 steps (two CI runs gave
+# 0.2956352 and 0.2956381 against 0.2956367), beyond the float32 rounding this test holds the runs to.
+# The auto layout across processes is run by the replicated test below.
+PINNED = ("--config.adarank.layout=config",)
+
+
 def test_two_processes_killed_and_resumed_equal_one_process_of_eight_devices(tmp_path, cache):
-  single = _single(tmp_path / "single", cache, "task")
+  single = _single(tmp_path / "single", cache, "task", *PINNED)
   assert "mesh: {'data': 1, 'task': 8} over 8 cpu device(s)" in single
 
   workdir = tmp_path / "two"
-  first = _launch_two(workdir, cache)
+  first = _launch_two(workdir, cache, *PINNED)
   step_3 = workdir / "adarank_ta" / "checkpoints" / "3"
   deadline = time.time() + 900
   while not (step_3 / checkpoint.CHECKSUM_NAME).exists():
@@ -145,7 +153,7 @@ def test_two_processes_killed_and_resumed_equal_one_process_of_eight_devices(tmp
   saved = checkpoint.Manager(workdir / "adarank_ta" / "checkpoints").all_steps()
   assert saved and max(saved) < 12 and not (workdir / "results.json").exists(), saved
 
-  outputs = _wait(_launch_two(workdir, cache, "--resume"))
+  outputs = _wait(_launch_two(workdir, cache, "--resume", *PINNED))
   # The factors are split over all 8 devices; every process reads whole batches (the 'data' axis is 1).
   assert "mesh: {'data': 1, 'task': 8} over 8 cpu device(s)" in outputs[0]
   assert "process 1 of 2 reads part 1 of 1 of every batch" in outputs[1]
