@@ -1,7 +1,8 @@
 """adarank_jax: AdaRank and friends, model merging in JAX/Flax.
 
-The JAX core (task vectors, decomposition, masks, merging, training) imports without torch;
+`adarank_jax.core` (task vectors, decomposition, masks, merging, training) imports without torch;
 `adarank_jax.interop` reads and writes PyTorch / Hugging Face checkpoints and needs the `[torch]` extra.
+The layers and what may import what: README "Layout".
 """
 
 __version__ = "0.1.0"

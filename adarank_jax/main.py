@@ -13,7 +13,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adarank_jax import files, validate
+from adarank_jax.experiment import validate
+from adarank_jax.storage import files
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (configs/*.py[:args]).", lock_config=True
@@ -99,7 +100,7 @@ def _main(argv):
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
     )
-  from adarank_jax import run  # pylint: disable=g-import-not-at-top  (heavy imports after validation)
+  from adarank_jax.experiment import run
 
   try:
     run.run(config, workdir, continued=continued, overwrite=_OVERWRITE.value, export=export)

@@ -1,6 +1,6 @@
 """Every config field, its default and its meaning; experiment files only change values.
 
-Library code never reads a ConfigDict: only adarank_jax/main.py and adarank_jax/run.py do, and they pass
+Library code never reads a ConfigDict: only adarank_jax/main.py and adarank_jax/experiment/ do, and they pass
 explicit arguments on. Config files import no library module: they are plain values. Hyperparameters per experiment are the table of docs/algorithm.md, section 3.
 """
 
@@ -46,7 +46,7 @@ UNMERGED = {"clip": (), "roberta": (r"(roberta|bert)/embeddings/.*",), "gpt2": (
 
 BASES = ("ta", "cart", "tsv_m", "iso_cts")  # the base merges AdaRank runs on (methods adarank_<base>)
 # What baselines=true runs before AdaRank, in report order: the references, the static merges and
-# AdaMerging (names of adarank_jax/methods.py).
+# AdaMerging (names of adarank_jax/experiment/methods.py).
 BASELINES = (
   "zero_shot",
   "individual",
@@ -114,7 +114,7 @@ def base():
   config.testbed.quick = False  # the seconds-long schedule (CI)
   config.testbed.seed = 0
 
-  # Methods run in this order, each evaluated on every task: the names of adarank_jax/methods.py
+  # Methods run in this order, each evaluated on every task: the names of adarank_jax/experiment/methods.py
   # (zero_shot, individual, weight_averaging, task_arithmetic, ties, cart, tsv_m, iso_c, iso_cts,
   # adamerging_task, adamerging_layer, adarank_ta, adarank_cart).
   config.methods = ("individual", "adarank_ta")
@@ -122,7 +122,7 @@ def base():
   config.merge = ml_collections.ConfigDict()
   config.merge.decompose = DECOMPOSE["clip"]  # regexes of the SVD-decomposed, masked matrices
   config.merge.unmerged = UNMERGED["clip"]  # regexes of tensors kept at the origin
-  # Static methods' hyperparameters: config.merge.<method>.<keyword of its adarank_jax.baselines
+  # Static methods' hyperparameters: config.merge.<method>.<keyword of its adarank_jax.core.baselines
   # function>, with the published defaults.
   config.merge.task_arithmetic = ml_collections.ConfigDict(dict(scaling=0.3))
   # TIES paper: mean of the agreeing entries with lambda 1; FusionBench: merge='sum', scaling=0.3.
@@ -160,7 +160,7 @@ def base():
   # labelled so)
   config.adarank.factor_dtype = "float32"  # 'float32' | 'bfloat16' storage of U, s, V
   config.adarank.rank = 0  # keep the top-k components only (0 = full rank, as the paper)
-  # The step's layout (same math; adarank_jax/layout.py, README "Performance"): 'auto' chooses it
+  # The step's layout (same math; adarank_jax/core/layout.py, README "Performance"): 'auto' chooses it
   # for the machine at the start of each trained method (cached deltas when they fit in half the free
   # memory; the tower's call size and remat by timing a few steps of each), logs it and stores it in
   # <workdir>/<method>/layout.json, which a resumed run reuses; 'config' takes the three fields below.

@@ -33,7 +33,7 @@ def test_readme_config_files_exist():
 
 
 def test_readme_lists_every_method_of_the_table():
-  from adarank_jax import methods
+  from adarank_jax.experiment import methods
 
   readme = (ROOT / "README.md").read_text()
   for name in methods.METHODS:

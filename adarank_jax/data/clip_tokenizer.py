@@ -4,7 +4,7 @@ A port of open_clip 3.3.0's `SimpleTokenizer` (open_clip/tokenizer.py, itself co
 MIT License, Copyright (c) 2021 OpenAI) with its default 'lower' cleaning: ftfy.fix_text, HTML-unescape
 twice, strip, collapse whitespace, lower-case. It gives the same token ids as open_clip, checked string by
 string against it for every class name in every prompt template of the registered tasks
-(tests/test_clip_tokenizer.py). Importing open_clip imports torch and torchvision (seconds); this module
+(tests/data/test_clip_tokenizer.py). Importing open_clip imports torch and torchvision (seconds); this module
 needs only numpy, ftfy and regex, and reads the BPE vocabulary file open_clip ships, found without
 importing it.
 """

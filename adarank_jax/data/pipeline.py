@@ -15,7 +15,7 @@ counts only real examples (the `evaluate` module's convention).
 Global batch k is examples [k * batch_size, (k + 1) * batch_size) of the (shuffled) stream. With
 `shard=Shard(index, count)` a process reads only the contiguous `index`-th of `count` equal parts of
 every global batch, so the parts of all processes, in process order, are the global batch
-(`jax.make_array_from_process_local_data` assembles it; `train.batch_shard` says which part a process
+(`jax.make_array_from_process_local_data` assembles it; `batch_shard` says which part a process
 holds). Evaluation pads the pass to whole global batches, so every process gets as many batches.
 
 `prepare(record) -> dict[str, np.ndarray]` turns one source record into fixed-shape arrays
@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 
 import grain
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from adarank_jax.data import glue, preprocess
 from adarank_jax.data.task import Source
@@ -53,6 +55,21 @@ class Shard(NamedTuple):
 
 
 WHOLE = Shard(0, 1)  # one process reads every batch whole
+
+
+def batch_shard(mesh: Mesh, batch_size: int) -> Shard:
+  """Which contiguous part of every global batch of `batch_size` this process's devices hold when a
+  batch is split over the mesh's 'data' axis (`train.place_batches`): what this process's input pipeline
+  reads. One process: the whole batch, Shard(0, 1)."""
+  indices = NamedSharding(mesh, P("data")).addressable_devices_indices_map((batch_size,)).values()
+  rows = {index[0].indices(batch_size)[:2] for index in indices}
+  start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
+  size = stop - start
+  if batch_size % size or start % size or sum(b - a for a, b in rows) < size:
+    raise ValueError(
+      f"batch_shard: this process's devices hold rows {sorted(rows)} of {batch_size}: not one part"
+    )
+  return Shard(index=start // size, count=batch_size // size)
 
 
 def _clip_eval(record: Mapping[str, Any], *, image_size: int) -> dict[str, np.ndarray]:
@@ -168,8 +185,8 @@ def adaptation_batches(
 class TaskBatches:
   """Every step's batches: one of every task, as `inputs_of(batch)`, from one iterator per task.
 
-  `get_state()` is a JSON-able dict of every iterator's state, which `train.fit` saves with each
-  checkpoint; `set_state` (from `train.resume`) continues every stream exactly where it was saved.
+  `get_state()` is a JSON-able dict of every iterator's state, which `experiment.loop.fit` saves with each
+  checkpoint; `set_state` (from `experiment.loop.resume`) continues every stream exactly where it was saved.
   """
 
   def __init__(self, iterators: Sequence[grain.DatasetIterator], inputs_of: Callable[[Batch], Batch]):

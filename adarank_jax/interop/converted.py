@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from adarank_jax import checkpoint, files
 from adarank_jax.interop import state_dict as state_dict_lib
+from adarank_jax.storage import checkpoint, files
 
 PARAMS = "params"
 OPENCLIP_CONFIG = "open_clip_config.json"

@@ -33,13 +33,14 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from adarank_jax import files, tree_util
+from adarank_jax.core import tree_util
 from adarank_jax.interop import converted, keymap
 from adarank_jax.interop import hf_config as config_lib
 from adarank_jax.interop import state_dict as state_dict_lib
 from adarank_jax.interop.hf_config import ModelConfig
 from adarank_jax.interop.keymap import Rule
 from adarank_jax.models import clip, decoder, gpt2, roberta
+from adarank_jax.storage import files
 
 # Trees that mirror HF's module names: only the leaf names differ.
 _MIRRORED = (

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from adarank_jax import tree_util
+from adarank_jax.core import tree_util
 from adarank_jax.interop import state_dict as state_dict_lib
 
 Shape = tuple[int, ...]

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from adarank_jax import tree_util
+from adarank_jax.core import tree_util
 from adarank_jax.interop import keymap, openclip_config
 from adarank_jax.interop import state_dict as state_dict_lib
 from adarank_jax.interop.keymap import Rule

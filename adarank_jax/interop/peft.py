@@ -1,4 +1,4 @@
-"""PEFT LoRA adapter directories -> LoRA factors under our tree paths (`adarank_jax.lora` makes them task vectors).
+"""PEFT LoRA adapter directories -> LoRA factors under our tree paths (`adarank_jax.core.lora` makes them task vectors).
 
 A directory written by PEFT's `save_pretrained` holds adapter_config.json and adapter_model.safetensors, whose
 keys are `base_model.model.<module>.lora_A.weight` (r, n_in) and `base_model.model.<module>.lora_B.weight`

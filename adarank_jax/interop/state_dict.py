@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from adarank_jax import files
+from adarank_jax.storage import files
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WRAPPER_KEYS = ("state_dict", "model", "module")
@@ -180,7 +180,7 @@ def check_dtypes(expected: Mapping[str, object], actual: Mapping[str, object], *
     actual: key -> array.
     source: the file or directory, named in the error.
   """
-  from adarank_jax import tree_util  # pylint: disable=g-import-not-at-top
+  from adarank_jax.core import tree_util
 
   bad = []
   for key in sorted(set(expected) & set(actual)):

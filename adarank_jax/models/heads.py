@@ -21,7 +21,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from adarank_jax import files, tree_util
+from adarank_jax.core import tree_util
+from adarank_jax.storage import files
 
 EncodeTextFn = Callable[[np.ndarray], Any]  # tokens (N, context) int -> embeddings (N, dim)
 TokenizeFn = Callable[[Sequence[str]], np.ndarray]  # texts -> tokens (N, context) int

@@ -1,0 +1,376 @@
+"""Test-time training of AdaRank's masks and coefficients (docs/algorithm.md, section 4).
+
+The loss is sum_t H_t, the batch-mean prediction entropy of each task's head on weights rebuilt by
+`merging.merge` (straight-through masks). Adam (0.9, 0.999), no schedule, no clipping, no weight
+decay, on the mask logits and the coefficients only; the origin and the factors are frozen.
+
+  frozen = (origin, factors)                 # never donated, never differentiated
+  state = init_state(factors, optimizer=..., num_tasks=T, initial_rank_ratio=rho, prior=lam0)
+  step = make_train_step(logits_fn=per_task(f), optimizer=make_optimizer(1e-3), temperature=10.,
+                         num_tasks=T)
+  state, metrics = step(frozen, state, batches)   # the loop with checkpoints: experiment.loop.fit
+
+`logits_fn(params, batches) -> T logits (B_t, C_t)` is the model-specific part, made by one of:
+  per_task(task_logits_fn)        # task_logits_fn(params, t, inputs): T traced forwards
+  one_forward(body_fn, head_fn)   # the shared body on the concatenated batches (or, with
+                                  # tasks_per_call=k, on k tasks at a time in a lax.map), then
+                                  # head_fn(t, features of task t): one traced body for any T
+
+Sharding: one mesh from `make_mesh`, axes ('data',) or ('data', 'task'). Every task's batch is split
+along 'data'; the factors are replicated or split along 'task' (`place_frozen`); the trainable state
+is replicated. The step's outputs are pinned to replicated so its inputs never change layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from adarank_jax.core import masking, merging, objectives, tree_util
+
+FACTOR_PLACEMENTS = ("replicated", "task")
+
+TaskLogitsFn = Callable[[Any, int, Any], jax.Array]
+LogitsFn = Callable[[Any, Sequence[Any]], Sequence[jax.Array]]
+
+
+class TrainState(NamedTuple):
+  """Everything a run needs to resume.
+
+  Attributes:
+    step: int32 scalar, steps taken.
+    mask_logits: {path: (T, r)} float32 per SVD leaf.
+    coefficients: {path: (T,)} float32 per merged leaf.
+    opt_state: Adam state over (mask_logits, coefficients).
+    deltas: None, or the cache of per-task deltas U_t diag(b_t s_t) V_t^T, (T, m, n) per SVD leaf
+      (`merging.init_deltas`): derived from the factors and the logits, so never checkpointed.
+  """
+
+  step: jax.Array
+  mask_logits: Any
+  coefficients: Any
+  opt_state: Any
+  deltas: Any = None
+
+
+def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
+  """Adam(lr, b1=0.9, b2=0.999): the official optimiser (no schedule, clipping or weight decay).
+
+  The learning rate lives in the optimizer state (`optax.inject_hyperparams`), not in the compiled
+  program: a step built with one learning rate runs states made with another without recompiling,
+  so AdaRank on TA and on CART (different learning rates) share one compiled step.
+  """
+  return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, b1=0.9, b2=0.999)
+
+
+def init_state(
+  factors: Mapping[Any, Any],
+  *,
+  optimizer: optax.GradientTransformation,
+  num_tasks: int,
+  initial_rank_ratio: float,
+  prior: float,
+  coefficients_per: str = "tensor",
+  cache_deltas: bool = False,
+) -> TrainState:
+  """Step 0: logits +-0.1 from `initial_rank_ratio`, every coefficient = `prior`, fresh Adam.
+
+  `coefficients_per`: 'tensor' (one lambda per task per tensor) or 'task' (one per task, shared by
+  every tensor: task-wise AdaMerging); see `merging.init_coefficients`. Factors without SVD leaves
+  (AdaMerging's dense task vectors) give no mask logits.
+
+  With `cache_deltas` the state also holds every task's masked delta of every SVD leaf (one more
+  float32 matrix per task and decomposed matrix, e.g. 2.7 GB for ViT-B/32 x 8 tasks), computed
+  where the factors live (place the factors first); the step then does about half the rebuild
+  work (see `merging`). The math is the same either way.
+  """
+  mask_logits = masking.init_logits(factors, initial_rank_ratio=initial_rank_ratio, num_tasks=num_tasks)
+  coefficients = merging.init_coefficients(factors, num_tasks=num_tasks, prior=prior, per=coefficients_per)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    mask_logits=mask_logits,
+    coefficients=coefficients,
+    opt_state=optimizer.init((mask_logits, coefficients)),
+    deltas=_init_deltas(factors, mask_logits) if cache_deltas else None,
+  )
+
+
+_init_deltas = jax.jit(merging.init_deltas)
+
+
+def per_task(task_logits_fn: TaskLogitsFn) -> LogitsFn:
+  """logits_fn running `task_logits_fn(params, t, batches[t])` for every task t (traced T times)."""
+
+  def logits_fn(params, batches):
+    return [task_logits_fn(params, t, batch) for t, batch in enumerate(batches)]
+
+  return logits_fn
+
+
+def one_forward(
+  body_fn: Callable[[Any, Any], jax.Array],
+  head_fn: Callable[[int, jax.Array], jax.Array],
+  *,
+  tasks_per_call: int | None = None,
+  remat: bool = False,
+) -> LogitsFn:
+  """logits_fn running the shared body, traced once, over all tasks' inputs, then each task's head.
+
+  Args:
+    body_fn: (params, inputs) -> (N, ...) features, row i from input row i (rows independent).
+    head_fn: (t, features of task t's rows) -> (B_t, C_t) logits.
+    tasks_per_call: None: one call of the body on the concatenated inputs of all T tasks. k: the
+      body runs T / k times in a `lax.map`, each call on k tasks' rows (k must divide T, and every
+      task's inputs must have the same shapes). Smaller calls keep the activations in cache (on
+      CPU, k = 1 at 16 images per task is faster than one call on all of them); the program holds
+      one copy of the body either way.
+    remat: rematerialise the body (`jax.checkpoint`): the backward pass recomputes its activations
+      instead of keeping them, about one more forward of compute for a fraction of the memory (with
+      `tasks_per_call`, only one call's activations are alive at a time).
+
+  The tasks' inputs (arrays or trees of arrays with a leading batch axis) are concatenated along
+  that axis. The result is the same for every `tasks_per_call` up to float rounding.
+  """
+  body = jax.checkpoint(body_fn) if remat else body_fn
+
+  def logits_fn(params, batches):
+    sizes = [jax.tree.leaves(batch)[0].shape[0] for batch in batches]
+    if tasks_per_call is None:
+      features = body(params, jax.tree.map(lambda *xs: jnp.concatenate(xs), *batches))
+    else:
+      groups, rest = divmod(len(batches), tasks_per_call)
+      if tasks_per_call < 1 or rest or len(set(sizes)) > 1:
+        raise ValueError(
+          f"one_forward: tasks_per_call={tasks_per_call} must divide the "
+          f"{len(batches)} tasks, whose batches must be equal (sizes {sizes})"
+        )
+      rows = tasks_per_call * sizes[0]
+      grouped = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(groups, rows, *xs[0].shape[1:]), *batches)
+      features = jax.lax.map(lambda inputs: body(params, inputs), grouped)
+      features = features.reshape(groups * rows, *features.shape[2:])
+    ends = np.cumsum(sizes)
+    return [head_fn(t, features[end - size : end]) for t, (size, end) in enumerate(zip(sizes, ends))]
+
+  return logits_fn
+
+
+LEARN = ("both", "masks", "coefficients")
+
+
+def make_loss_fn(
+  *,
+  logits_fn: LogitsFn,
+  temperature: float,
+  num_tasks: int,
+  mask_mode: str = "ste",
+  precision: Any = None,
+  learn: str = "both",
+  coefficient_range: tuple[float, float] | None = None,
+) -> Callable[..., Any]:
+  """loss_fn((mask_logits, coefficients), (origin, factors), batches, deltas=None) -> (loss, (T,) H).
+
+  `batches` is a length-T sequence of the tasks' inputs, as `logits_fn(params, batches)` takes them.
+  `deltas`: the state's cache of per-task deltas, if it keeps one (`init_state(cache_deltas=True)`).
+  `mask_mode` is passed to `merging.merge` ('ste' to train, 'soft' for the smooth surrogate).
+  `learn`: 'both' (AdaRank), or 'masks' / 'coefficients' alone (the ablations: the other part gets
+  no gradient, so Adam leaves it at its initial value). `coefficient_range`: see `merging.merge`.
+  """
+  if learn not in LEARN:
+    raise ValueError(f"make_loss_fn: learn={learn!r}; expected one of {LEARN}")
+
+  def loss_fn(trainable, frozen, batches, deltas=None):
+    if len(batches) != num_tasks:
+      raise ValueError(f"loss: got {len(batches)} task batches; expected num_tasks={num_tasks}")
+    mask_logits, coefficients = trainable
+    if learn == "coefficients":
+      mask_logits = jax.lax.stop_gradient(mask_logits)
+    elif learn == "masks":
+      coefficients = jax.lax.stop_gradient(coefficients)
+    origin, factors = frozen
+    params = merging.merge(
+      origin,
+      factors,
+      mask_logits,
+      coefficients,
+      temperature=temperature,
+      mask_mode=mask_mode,
+      precision=precision,
+      deltas=deltas,
+      coefficient_range=coefficient_range,
+    )
+    entropies = jnp.stack([objectives.entropy(logits) for logits in logits_fn(params, batches)])
+    return jnp.sum(entropies), entropies
+
+  return loss_fn
+
+
+def make_train_step(
+  *,
+  logits_fn: LogitsFn,
+  optimizer: optax.GradientTransformation,
+  temperature: float,
+  num_tasks: int,
+  mesh: Mesh | None = None,
+  mask_mode: str = "ste",
+  precision: Any = None,
+  learn: str = "both",
+  coefficient_range: tuple[float, float] | None = None,
+) -> Callable[..., Any]:
+  """One jitted `step(frozen, state, batches) -> (state, metrics)`; `state` is donated.
+
+  Args:
+    logits_fn: (params, batches) -> T logits; `per_task(...)` or `one_forward(...)`.
+    optimizer: e.g. `make_optimizer(1e-3)`.
+    temperature: mask temperature (10 in the AdaRank configs).
+    num_tasks: T.
+    mesh: optional mesh from `make_mesh`; the new state and the metrics come out replicated on it.
+    mask_mode: 'ste' (AdaRank) or 'soft'; see `merging.merge`.
+    precision: matmul precision of the weight rebuild; see `merging.svd_delta`.
+    learn, coefficient_range: see `make_loss_fn`.
+
+  Returns:
+    The jitted step. metrics: loss (scalar), entropy (T,), kept_fraction (scalar, after the update).
+  """
+  loss_fn = make_loss_fn(
+    logits_fn=logits_fn,
+    temperature=temperature,
+    num_tasks=num_tasks,
+    mask_mode=mask_mode,
+    precision=precision,
+    learn=learn,
+    coefficient_range=coefficient_range,
+  )
+
+  def step(frozen, state: TrainState, batches):
+    trainable = (state.mask_logits, state.coefficients)
+    (loss, entropies), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      trainable, frozen, batches, state.deltas
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    mask_logits, coefficients = optax.apply_updates(trainable, updates)
+    deltas = state.deltas
+    if deltas is not None:  # rebuild the deltas of the (task, matrix) pairs whose hard mask flipped
+      deltas = merging.refresh_deltas(frozen[1], deltas, state.mask_logits, mask_logits, precision=precision)
+    new_state = TrainState(
+      step=state.step + 1,
+      mask_logits=mask_logits,
+      coefficients=coefficients,
+      opt_state=opt_state,
+      deltas=deltas,
+    )
+    metrics = {
+      "loss": loss,
+      "entropy": entropies,
+      "kept_fraction": masking.kept_fraction(mask_logits, frozen[1]),
+    }
+    return new_state, metrics
+
+  if mesh is None:
+    return jax.jit(step, donate_argnums=1)
+
+  def sharded_step(frozen, state, batches):
+    # The trainable state and the metrics come out replicated; cached deltas stay where the
+    # factors are (replicated or split over 'task'), as `init_state` placed them.
+    replicated = NamedSharding(mesh, P())
+    new_state, metrics = step(frozen, state, batches)
+    new_state = jax.lax.with_sharding_constraint(new_state._replace(deltas=None), replicated)._replace(
+      deltas=new_state.deltas
+    )
+    return new_state, jax.lax.with_sharding_constraint(metrics, replicated)
+
+  return jax.jit(sharded_step, donate_argnums=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding
+
+
+def make_mesh(*, task: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over all (or the given) devices: ('data',) if task == 1, else ('data', 'task').
+
+  The 'data' axis gets len(devices) // task devices. Axes are Auto (XLA picks the collectives).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if task < 1 or len(devices) % task:
+    raise ValueError(f"make_mesh: task={task} must be a positive divisor of the {len(devices)} devices")
+  if task == 1:
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+  return jax.make_mesh(
+    (len(devices) // task, task), ("data", "task"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+  )
+
+
+def check_same_on_every_process(tree: Any, what: str) -> None:
+  """Raises ValueError, naming the leaves, where the processes of a run hold different values of
+  `tree` (host arrays that every process computed itself and that are about to be placed on a mesh
+  spanning them all: each process would give its own values for its shards, a silent mix).
+  Compares sha256 digests of the leaves, not the leaves; nothing to do for one process."""
+  if jax.process_count() == 1:
+    return
+  sums = tree_util.checksums(tree)
+  if sums is None:  # already global arrays: one value by construction
+    return
+  names = sorted(sums)
+  digests = np.stack([np.frombuffer(bytes.fromhex(sums[n]["sha256"]), np.uint8) for n in names])
+  every = multihost_utils.process_allgather(digests)  # (processes, leaves, 32)
+  differ = [n for i, n in enumerate(names) if (every[:, i] != every[0, i]).any()]
+  if differ:
+    raise ValueError(
+      f"{what}: {len(differ)} of {len(names)} arrays differ between the {jax.process_count()} processes "
+      f"(e.g. {', '.join(differ[:3])}). Every host must compute the same values: the same checkpoints, "
+      "the same library versions; hosts with different CPUs may round the SVD differently."
+    )
+
+
+def place_frozen(
+  frozen: tuple[Any, Any], mesh: Mesh, *, factor_placement: str = "replicated"
+) -> tuple[Any, Any]:
+  """Puts (origin, factors) on `mesh`: origin replicated; factors replicated or split on 'task'.
+
+  With 'task', every factor array (u, s, vt and dense task vectors) is split along its leading
+  task axis, which must divide evenly by the mesh's 'task' size. In a run of several processes,
+  every process must hold the same (origin, factors) (`check_same_on_every_process`).
+  """
+  if factor_placement not in FACTOR_PLACEMENTS:
+    raise ValueError(
+      f"place_frozen: factor_placement={factor_placement!r}; expected one of {FACTOR_PLACEMENTS}"
+    )
+  check_same_on_every_process(frozen, "place_frozen: (origin, factors)")
+  origin, factors = frozen
+  replicated = NamedSharding(mesh, P())
+  if factor_placement == "replicated":
+    factor_sharding = replicated
+  else:
+    if "task" not in mesh.axis_names:
+      raise ValueError(
+        f"place_frozen: factor_placement='task' needs a mesh with a 'task' axis; got axes {mesh.axis_names}"
+      )
+    shards = mesh.shape["task"]
+    bad = sorted({np.shape(x)[0] for x in jax.tree.leaves(factors) if np.shape(x)[0] % shards})
+    if bad:
+      raise ValueError(
+        f"place_frozen: task counts {bad} do not divide over the mesh's 'task' axis of size {shards}"
+      )
+    factor_sharding = NamedSharding(mesh, P("task"))
+  return jax.device_put(origin, replicated), jax.device_put(factors, factor_sharding)
+
+
+def place_state(state: TrainState, mesh: Mesh) -> TrainState:
+  """Replicates the trainable state on `mesh`; cached deltas keep the placement of the factors."""
+  placed = jax.device_put(state._replace(deltas=None), NamedSharding(mesh, P()))
+  return placed._replace(deltas=state.deltas)
+
+
+def place_batches(batches: Any, mesh: Mesh) -> Any:
+  """Splits every leaf of every task's batch along its leading (batch) axis over 'data'. Each process
+  gives its part (`batch_shard`); the global batch is the parts of all processes in order."""
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batches)

@@ -1,0 +1,284 @@
+"""Checkpoints -> a `Setup`: what a run needs of the models, one small record per run.
+
+  setup = loading.load_clip(model=..., pretrained=..., finetuned=[...], tasks=[...], ...)
+  setup.merged            # the tree AdaRank merges (the CLIP image tower; the LM minus its heads)
+  setup.finetuned         # T trees of the same structure
+  setup.logits(params, t, batch) -> (B, classes)   # pure, jittable; t (static) picks task t's head:
+                          # a zero-shot CLIP head, or fine-tuned LM t's own classifier and config
+  setup.train_logits(layout)(params, batches) -> T logits  # the same for every task at once
+                          # (a train.LogitsFn per layout.Layout): CLIP runs its image tower, traced
+                          # once, over all tasks' images, `layout.tasks_per_forward` tasks per call
+  setup.predict(params, t, batch)                  # the same, jitted, for evaluation
+  setup.export(params, path)                       # a merged tree -> PyTorch-loadable checkpoint(s)
+
+The variant is data: experiment/run.py never branches on the architecture beyond picking the loader (load_clip for
+CLIP, load_lm for the language models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adarank_jax.core import layout as layout_lib
+from adarank_jax.core import train, tree_util
+from adarank_jax.data import clip_tokenizer, registry
+from adarank_jax.models import clip, functional
+from adarank_jax.models import heads as heads_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The loaded models: the trees to merge, the heads and the pure functions over them."""
+
+  modality: str  # 'vision' | 'text': which input pipeline feeds it
+  merged: Any  # pretrained tree of the merged part
+  finetuned: tuple[Any, ...]  # T fine-tuned trees of the same structure
+  logits: Callable[[Any, int, Any], jax.Array]
+  train_logits: Callable[[layout_lib.Layout], train.LogitsFn]  # `logits` of every task at once, for
+  # the training step laid out as the layout says
+  tower_layouts: bool  # whether the layout's tasks_per_forward and remat change train_logits' program
+  predict: Callable[[Any, int, Any], jax.Array]  # jitted `logits` for evaluation, compiled sparingly
+  export: Callable[[Any, str | os.PathLike], None]
+  image_size: int = 0  # vision: the model's input resolution
+  tokenizer: str = ""  # text: local tokenizer directory
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_clip(
+  *,
+  model: str,
+  pretrained: str,
+  finetuned: Sequence[str],
+  tasks: Sequence[str],
+  dtype: str,
+  run_pickled_code: bool,
+  cache_dir: str | os.PathLike,
+) -> Setup:
+  """OpenCLIP checkpoints -> image towers + zero-shot heads built with the Flax text tower.
+
+  Args:
+    model: OpenCLIP model-config name ('ViT-B-32') or JSON path.
+    pretrained: a full CLIP checkpoint (its text tower builds the heads).
+    finetuned: one checkpoint per task (full CLIP or image tower alone; only the tower is used).
+    tasks: registry task names, in the order of `finetuned`.
+    dtype: compute dtype name.
+    run_pickled_code: allow checkpoints that pickle whole modules.
+    cache_dir: where zero-shot heads are cached.
+  """
+  # pylint: disable-next=g-import-not-at-top (needs torch for .pt)
+  from adarank_jax.interop import openclip, openclip_config
+
+  config = openclip_config.load_config(model)  # parsed once, passed to every checkpoint's loader
+  loaded, problems = [], []
+  for path, text in ((pretrained, True), *((path, False) for path in finetuned)):
+    try:  # every bad checkpoint is listed, not only the first
+      loaded.append(openclip.load_openclip(path, config, text=text, run_pickled_code=run_pickled_code))
+    except (ValueError, OSError) as error:
+      problems.append(str(error))
+  if problems:
+    raise ValueError(
+      f"{len(problems)} of {1 + len(finetuned)} checkpoints cannot be used:\n  " + "\n  ".join(problems)
+    )
+  full, *tuned = loaded
+  tuned = tuple(tuned)
+  heads = zero_shot_heads(config, full, tasks, cache_dir=cache_dir, source=f"model config {model}")
+  graphdef, _ = functional.split(
+    nnx.eval_shape(lambda: clip.build(config.vision, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
+  )
+
+  def apply(params, head, images):
+    return heads_lib.classify(functional.call(graphdef, params, images), head)
+
+  def logits(params, t, batch):
+    return apply(params, heads[t], batch["image"])
+
+  # The head is an argument, not a constant: one compile per head shape serves every task.
+  jitted = jax.jit(apply)
+
+  def train_logits(layout: layout_lib.Layout) -> train.LogitsFn:
+    # The tower traced once, called on `tasks_per_forward` tasks' images at a time, then each task's
+    # head on its own rows.
+    return train.one_forward(
+      lambda params, batch: functional.call(graphdef, params, batch["image"]),
+      lambda t, features: heads_lib.classify(features, heads[t]),
+      tasks_per_call=layout.tasks_per_forward or None,
+      remat=layout.remat,
+    )
+
+  def predict(params, t, batch):
+    return jitted(params, heads[t], batch["image"])
+
+  def export(params, path):
+    openclip.export_openclip({**full, "visual": jax.device_get(params)}, path)
+
+  return Setup(
+    modality="vision",
+    merged=full["visual"],
+    finetuned=tuned,
+    logits=logits,
+    train_logits=train_logits,
+    tower_layouts=True,
+    predict=predict,
+    export=export,
+    image_size=config.vision.image_size,
+  )
+
+
+def zero_shot_heads(
+  config: clip.CLIPConfig, full: Any, tasks: Sequence[str], *, cache_dir: str | os.PathLike, source: str = ""
+) -> tuple[np.ndarray, ...]:
+  """Each task's (classes, dim) head from its class names and templates, cached per model and task.
+
+  Every task's token ids are checked against the text tower's vocabulary before any head is built (an
+  error names `source`, the model config, and the max id vs vocab_size); a non-finite head is an error
+  and is never cached.
+  """
+  tokenize = clip_tokenizer.Tokenizer(context_length=config.text.context_length)
+  source = source or f"model config {config}"
+  for name in tasks:  # all at once, before any compute: ids beyond the vocabulary would give NaN heads
+    task = registry.get(name)
+    heads_lib.check_token_ids(
+      tokenize([template.format(c) for c in task.classnames for template in task.templates]),
+      config.text.vocab_size,
+      source=f"{source} (task {name})",
+    )
+  graphdef, _ = functional.split(nnx.eval_shape(lambda: clip.build(config, rngs=nnx.Rngs(0))))
+  encode_text = jax.jit(functools.partial(functional.call, graphdef, method="encode_text"))
+  fingerprint = heads_lib.fingerprint({"text": full["text"], "logit_scale": full["logit_scale"]})[:16]
+  out = []
+  for name in tasks:
+    task = registry.get(name)
+    out.append(
+      heads_lib.cached_zero_shot_head(
+        cache_dir=Path(cache_dir),
+        key=f"{fingerprint}_{name}",
+        encode_text_fn=lambda tokens: encode_text(full, jnp.asarray(tokens)),
+        tokenize_fn=tokenize,
+        classnames=task.classnames,
+        templates=task.templates,
+        logit_scale=float(np.asarray(full["logit_scale"])),
+        vocab_size=config.text.vocab_size,
+        source=f"{source} (task {name})",
+      )
+    )
+  return tuple(out)
+
+
+# The files of a Hugging Face tokenizer, copied from the pretrained directory into LM exports.
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "vocab.txt",
+  "vocab.json",
+  "merges.txt",
+  "added_tokens.json",
+)
+
+# The classification heads the official LM code swaps in per task: architecture -> (body key, head
+# key). The body is merged; each task keeps its own fine-tuned head.
+LM_HEADS = {
+  "RobertaForSequenceClassification": ("roberta", "classifier"),
+  "BertForSequenceClassification": ("bert", "classifier"),
+  "GPT2ForSequenceClassification": ("transformer", "score"),
+}
+
+
+def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], dtype: str) -> Setup:
+  """HF RoBERTa/BERT/GPT-2 directories -> merged body + each fine-tuned model's own head and config.
+
+  The fine-tuned models are sequence classifiers of one architecture (heads may differ in size);
+  the pretrained one is the same classifier architecture or its bare body (RobertaModel,
+  BertModel, GPT2Model, GPT2LMHeadModel). `logits(params, t, batch)` runs the body `params` with
+  fine-tuned model t's head and config (e.g. GPT-2's pad id, which picks the pooled token), as
+  the official code swaps heads in. So the 'zero_shot' method of an LM is the pretrained body
+  with each task's fine-tuned head. `export(params, path)` writes path/<task>/ per task: an HF
+  directory (config.json + model.safetensors) of the body with that task's head and config.
+
+  Args:
+    pretrained: HF directory of the pretrained model (also the default tokenizer directory).
+    finetuned: one HF directory per task.
+    tasks: registry task names, in the order of `finetuned` (names the export directories).
+    dtype: compute dtype name.
+  """
+  from adarank_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  from adarank_jax.models import gpt2, roberta  # pylint: disable=g-import-not-at-top
+
+  if len(tasks) != len(finetuned):
+    raise ValueError(f"load_lm: {len(tasks)} tasks but {len(finetuned)} fine-tuned directories")
+  pre_config, pre_tree = hf.load_hf(pretrained)
+  configs, tuned = [], []
+  for path in finetuned:
+    config, tree = hf.load_hf(path)
+    hf.check_compatible(pre_config, config, reference_source=pretrained, source=path)
+    if config.architecture not in LM_HEADS:
+      raise ValueError(
+        f"{path}: a {config.architecture}; fine-tuned models must be one of {', '.join(LM_HEADS)}"
+      )
+    if isinstance(config, gpt2.GPT2Config) and config.pad_token_id is None:
+      raise ValueError(
+        f"{Path(path) / 'config.json'}: pad_token_id is not set; GPT-2 sequence "
+        "classification pools the last token that is not padding, so it needs the id "
+        "the inputs are padded with (GPT-2's eos id, 50256, for its own tokenizer)"
+      )
+    configs.append(config)
+    tuned.append(tree)
+  body_key, head_key = LM_HEADS[configs[0].architecture]
+  body_shapes = tree_util.shapes(tree_util.flatten(tuned[0][body_key]))
+  pre_body = tree_util.flatten(pre_tree[body_key] if body_key in pre_tree else pre_tree)
+  pre_body = {k: v for k, v in pre_body.items() if k in body_shapes}  # e.g. a bare body's pooler
+  tree_util.check_structure(
+    body_shapes, pre_body, source=f"{pretrained} (the {body_key} body of {finetuned[0]})"
+  )
+  heads = [tree[head_key] for tree in tuned]
+  is_gpt2 = isinstance(pre_config, gpt2.GPT2Config)
+  builder = gpt2.build if is_gpt2 else roberta.build
+
+  def graphdef(config):
+    config = dataclasses.replace(config, dtype=dtype)
+    return functional.split(nnx.eval_shape(lambda: builder(config, rngs=nnx.Rngs(0))))[0]
+
+  graphdefs = [graphdef(c) for c in configs]
+
+  def logits(params, t, batch):
+    if is_gpt2 and "token_type_ids" in batch:
+      raise ValueError(
+        "the tokenizer gives token_type_ids, which GPT-2 classifiers here do not take; "
+        "use a GPT2TokenizerFast (inputs: input_ids, attention_mask)"
+      )
+    return functional.call(graphdefs[t], {**params, head_key: heads[t]}, **batch)
+
+  def export(params, path):
+    params = jax.device_get(params)
+    for t, (task, config_path) in enumerate(zip(tasks, finetuned)):
+      hf_config = json.loads((Path(config_path) / "config.json").read_text())
+      hf.save_hf({**params, head_key: heads[t]}, hf_config, Path(path) / task)
+      for name in TOKENIZER_FILES:  # so the export is usable as it is, tokenizer included
+        if (Path(pretrained) / name).is_file():
+          shutil.copyfile(Path(pretrained) / name, Path(path) / task / name)
+
+  return Setup(
+    modality="text",
+    merged={body_key: tree_util.unflatten(pre_body)},
+    finetuned=tuple({body_key: tree[body_key]} for tree in tuned),
+    logits=logits,
+    train_logits=lambda layout: train.per_task(logits),
+    tower_layouts=False,
+    predict=jax.jit(logits, static_argnums=1),
+    export=export,
+    tokenizer=str(pretrained),
+  )
