@@ -191,6 +191,13 @@ def state_dict_from_tree(
   return keymap.state_dict_from_tree(architecture.rules, tree, source=source)
 
 
+def key_layout(config: ModelConfig) -> tuple[dict[str, Any], keymap.KeyMap, str]:
+  """(flat tree path -> abstract leaf (shape, dtype), key map, regex of the HF keys that are no parameters of
+  the tree) of `config`'s architecture: what `tree_from_state_dict` checks a state dict against."""
+  architecture = _architecture(config)
+  return architecture.abstract(config), architecture.rules, architecture.ignored
+
+
 def linear_kernels(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
   """HF Linear weight key -> (tree path, kernel shape (n_in, n_out)) of every layer the architecture keeps
   as one transposed torch Linear (a one-key `keymap.LINEAR` rule): the layers a LoRA adapter can target.
