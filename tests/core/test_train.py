@@ -1,70 +1,13 @@
-"""Entropy objective, the jitted train step (no retrace, Adam wiring, gradients) and fit/resume."""
-
-import itertools
+"""Entropy objective, the jitted train step (no retrace, Adam wiring, gradients) and its layouts; the
+checkpointed loop over it is tested in tests/experiment/test_loop.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_encoder import CLASSES, TEMP, T, make_batches, problem
 
-from adarank_jax.core import layout, merging, objectives, train, tree_util
-from adarank_jax.core.decomposition import decompose
-from adarank_jax.core.task_vectors import task_vectors
-from adarank_jax.experiment import loop
-from adarank_jax.storage import checkpoint
-
-T = 3
-TEMP = 10.0
-BATCH = 4
-CLASSES = (3, 5, 2)
-
-
-def _problem(seed=0):
-  """Tiny 2-layer encoder merged from T fine-tuned copies, with one fixed linear head per task."""
-  rng = np.random.default_rng(seed)
-  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
-  base = {"enc": {"a": {"kernel": f32(6, 4), "bias": f32(4)}, "b": {"kernel": f32(4, 6)}}}
-  finetuned = [
-    jax.tree.map(lambda x: x + 0.3 * rng.normal(size=x.shape).astype(np.float32), base) for _ in range(T)
-  ]
-  origin, tau = task_vectors(base, finetuned, origin="pretrained")
-  factors = decompose(tau, tree_util.select(tau, [r".*/kernel"]))
-  heads = [f32(6, c) for c in CLASSES]
-
-  def task_logits_fn(params, t, x):
-    enc = params["enc"]
-    h = jnp.tanh(x @ enc["a"]["kernel"] + enc["a"]["bias"])
-    return (h @ enc["b"]["kernel"]) @ heads[t]
-
-  return (origin, factors), task_logits_fn
-
-
-def _make_batches(start, seed=7):
-  """Deterministic stream: batch p of task t is a function of (seed, t, p) only."""
-  for p in itertools.count(start):
-    yield tuple(
-      np.random.default_rng([seed, t, p]).normal(size=(BATCH, 6)).astype(np.float32) for t in range(T)
-    )
-
-
-class _Batches:
-  """What `fit` takes (pipeline.TaskBatches' interface) over `_make_batches`, or one fixed batch."""
-
-  def __init__(self, fixed=None):
-    self.position, self.fixed = 0, fixed
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    self.position += 1
-    return self.fixed if self.fixed is not None else next(_make_batches(self.position - 1))
-
-  def get_state(self):
-    return {"position": self.position}
-
-  def set_state(self, state):
-    self.position = state["position"]
+from adarank_jax.core import layout, merging, objectives, train
 
 
 def test_entropy_against_numpy():
@@ -80,7 +23,7 @@ def test_entropy_against_numpy():
 
 
 def test_step_compiles_once_and_applies_adam():
-  frozen, logits_fn = _problem()
+  frozen, logits_fn = problem()
   traces = []
 
   def counting_logits_fn(params, t, x):
@@ -91,7 +34,7 @@ def test_step_compiles_once_and_applies_adam():
   optimizer = train.make_optimizer(lr)
   state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=0.3)
   loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T)
-  batches = next(_make_batches(0))
+  batches = next(make_batches(0))
   grads = jax.grad(lambda tr: loss_fn(tr, frozen, batches)[0])((state.mask_logits, state.coefficients))
   before = jax.device_get((state.mask_logits, state.coefficients))
   step = train.make_train_step(
@@ -104,7 +47,7 @@ def test_step_compiles_once_and_applies_adam():
     g = np.asarray(g, np.float64)
     np.testing.assert_allclose(a, b - lr * g / (np.abs(g) + 1e-8), atol=1e-7)
     assert np.any(np.abs(g) > 1e-6)
-  batch_iter = _make_batches(1)
+  batch_iter = make_batches(1)
   for _ in range(3):
     state, metrics = step(frozen, state, next(batch_iter))
   assert traces == list(range(T))  # traced once, for every task, and never again
@@ -114,11 +57,11 @@ def test_step_compiles_once_and_applies_adam():
 
 
 def test_ste_loss_is_the_hard_mask_loss():
-  frozen, logits_fn = _problem()
+  frozen, logits_fn = problem()
   state = train.init_state(
     frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T, initial_rank_ratio=0.5, prior=0.3
   )
-  batches = next(_make_batches(0))
+  batches = next(make_batches(0))
   trainable = (state.mask_logits, state.coefficients)
   losses = {
     mode: train.make_loss_fn(
@@ -132,7 +75,7 @@ def test_ste_loss_is_the_hard_mask_loss():
 
 def test_gradients_match_finite_differences_of_the_soft_surrogate():
   with jax.enable_x64(True):
-    frozen, logits_fn = _problem()
+    frozen, logits_fn = problem()
     frozen = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), frozen)
     rng = np.random.default_rng(5)
     state = train.init_state(
@@ -142,7 +85,7 @@ def test_gradients_match_finite_differences_of_the_soft_surrogate():
       lambda x: jnp.asarray(x + rng.normal(size=x.shape), jnp.float64),
       (state.mask_logits, state.coefficients),
     )
-    batches = tuple(jnp.asarray(b, jnp.float64) for b in next(_make_batches(0)))
+    batches = tuple(jnp.asarray(b, jnp.float64) for b in next(make_batches(0)))
     loss_fn = train.make_loss_fn(
       logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T, mask_mode="soft"
     )
@@ -168,80 +111,6 @@ def test_gradients_match_finite_differences_of_the_soft_surrogate():
     assert checked >= 12 and any(np.abs(g).max() > 1e-4 for g in grad_leaves)
 
 
-def _fit(frozen, logits_fn, *, num_steps, directory=None, logged=None, cache_deltas=False):
-  optimizer = train.make_optimizer(1e-2)
-  state = train.init_state(
-    frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=0.3, cache_deltas=cache_deltas
-  )
-  step = train.make_train_step(
-    logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
-  )
-  manager = None if directory is None else checkpoint.Manager(directory)
-  batches = _Batches()
-  if manager is not None:
-    state = loop.resume(manager, state, frozen[1], batches)
-  for point in loop.fit(
-    frozen,
-    state,
-    train_step=step,
-    batches=batches,
-    num_steps=num_steps,
-    log_every=2,
-    checkpoint=manager,
-    checkpoint_every=3,
-    progress=False,
-  ):
-    if logged is not None:
-      logged.append((point.step, point.metrics))
-    state = point.state
-  if manager is not None:
-    manager.close()
-  return jax.device_get(state)
-
-
-def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
-  frozen, logits_fn = _problem()
-  logged = []
-  straight = _fit(frozen, logits_fn, num_steps=6, logged=logged)
-  assert [s for s, _ in logged] == [2, 4, 6]
-  assert set(logged[0][1]) == {"loss", "entropy", "kept_fraction", "steps_per_s"}
-  first = _fit(frozen, logits_fn, num_steps=3, directory=tmp_path / "ckpt")
-  assert int(first.step) == 3
-  # A fresh "process": new initial state, new jitted step; fit restores step 3 and continues.
-  frozen, logits_fn = _problem()
-  resumed = _fit(frozen, logits_fn, num_steps=6, directory=tmp_path / "ckpt")
-  assert int(resumed.step) == 6
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(a, b)
-  assert checkpoint.Manager(tmp_path / "ckpt").all_steps() == [3, 6]
-
-
-def test_fit_lowers_the_entropy_of_a_fixed_batch():
-  frozen, logits_fn = _problem()
-  batches = next(_make_batches(0))
-  optimizer = train.make_optimizer(1e-2)
-  state = train.init_state(frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=0.3)
-  loss_fn = train.make_loss_fn(
-    logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T, mask_mode="hard"
-  )
-  initial = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
-  step = train.make_train_step(
-    logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
-  )
-  *_, last = loop.fit(
-    frozen,
-    state,
-    train_step=step,
-    batches=_Batches(fixed=batches),
-    num_steps=30,
-    log_every=10,
-    progress=False,
-  )
-  state = last.state
-  final = float(loss_fn((state.mask_logits, state.coefficients), frozen, batches)[0])
-  assert final < 0.8 * initial
-
-
 def _flips(before, after):
   return sum(
     int(np.sum((np.asarray(a) > 0) != (np.asarray(b) > 0)))
@@ -250,7 +119,7 @@ def _flips(before, after):
 
 
 def test_cached_deltas_give_the_plain_rebuilds_loss_and_gradients():
-  frozen, logits_fn = _problem()
+  frozen, logits_fn = problem()
   rng = np.random.default_rng(3)
   state = train.init_state(
     frozen[1],
@@ -266,7 +135,7 @@ def test_cached_deltas_give_the_plain_rebuilds_loss_and_gradients():
   )
   deltas = merging.init_deltas(frozen[1], trainable[0])
   loss_fn = train.make_loss_fn(logits_fn=train.per_task(logits_fn), temperature=TEMP, num_tasks=T)
-  batches = next(_make_batches(0))
+  batches = next(make_batches(0))
   grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   (plain, _), plain_grads = grad(trainable, frozen, batches)
   (cached, _), cached_grads = grad(trainable, frozen, batches, deltas)
@@ -277,7 +146,7 @@ def test_cached_deltas_give_the_plain_rebuilds_loss_and_gradients():
 
 
 def test_cached_deltas_follow_the_plain_adam_trajectory_through_mask_flips():
-  frozen, logits_fn = _problem()
+  frozen, logits_fn = problem()
   optimizer = train.make_optimizer(0.05)  # large: masks flip within a few steps
   step = train.make_train_step(
     logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
@@ -289,7 +158,7 @@ def test_cached_deltas_follow_the_plain_adam_trajectory_through_mask_flips():
     for cache in (False, True)
   }
   initial = jax.device_get(states[False].mask_logits)
-  batch_iter = _make_batches(0)
+  batch_iter = make_batches(0)
   flips = 0
   for _ in range(50):
     batches = next(batch_iter)
@@ -311,20 +180,8 @@ def test_cached_deltas_follow_the_plain_adam_trajectory_through_mask_flips():
     np.testing.assert_allclose(c, f, rtol=0, atol=1e-6 * np.abs(f).max())
 
 
-def test_resume_with_cached_deltas(tmp_path):
-  frozen, logits_fn = _problem()
-  straight = _fit(frozen, logits_fn, num_steps=6, cache_deltas=True)
-  _fit(frozen, logits_fn, num_steps=3, directory=tmp_path / "ckpt", cache_deltas=True)
-  resumed = _fit(frozen, logits_fn, num_steps=6, directory=tmp_path / "ckpt", cache_deltas=True)
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(a, b)
-  fresh = merging.init_deltas(frozen[1], resumed.mask_logits)
-  for c, f in zip(jax.tree.leaves(resumed.deltas), jax.tree.leaves(fresh)):
-    np.testing.assert_allclose(c, f, rtol=0, atol=1e-6 * np.abs(f).max())
-
-
 def test_one_forward_equals_per_task_forwards_and_traces_the_body_once():
-  frozen, task_logits = _problem()
+  frozen, task_logits = problem()
   rng = np.random.default_rng(4)
   heads = [rng.normal(size=(6, c)).astype(np.float32) for c in CLASSES]
   traces = []
@@ -356,7 +213,7 @@ def test_one_forward_equals_per_task_forwards_and_traces_the_body_once():
 
 @pytest.mark.parametrize("tasks_per_call,remat", [(1, False), (3, False), (1, True)])
 def test_one_forward_in_groups_of_tasks_equals_per_task_forwards(tasks_per_call, remat):
-  frozen, _ = _problem()
+  frozen, _ = problem()
   rng = np.random.default_rng(5)
   heads = [rng.normal(size=(6, c)).astype(np.float32) for c in CLASSES]
   traces = []
@@ -392,34 +249,6 @@ def test_one_forward_in_groups_of_tasks_equals_per_task_forwards(tasks_per_call,
     train.make_loss_fn(logits_fn=grouped, temperature=TEMP, num_tasks=T)(trainable, frozen, uneven)
 
 
-def test_a_non_finite_loss_stops_fit_before_it_is_checkpointed(tmp_path):
-  frozen, logits_fn = _problem()
-  optimizer = train.make_optimizer(1e-2)
-  state = train.init_state(
-    frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=float("nan")
-  )  # a NaN coefficient makes every loss NaN
-  step = train.make_train_step(
-    logits_fn=train.per_task(logits_fn), optimizer=optimizer, temperature=TEMP, num_tasks=T
-  )
-  manager = checkpoint.Manager(tmp_path / "ckpt")
-  with pytest.raises(loop.NonFiniteLossError, match="step 1: the loss is nan"):
-    list(
-      loop.fit(
-        frozen,
-        state,
-        train_step=step,
-        batches=_Batches(),
-        num_steps=4,
-        log_every=2,
-        checkpoint=manager,
-        checkpoint_every=1,
-        progress=False,
-      )
-    )
-  assert manager.all_steps() == []
-  manager.close()
-
-
 @pytest.mark.parametrize(
   "candidate",
   [c for cache in (False, True) for c in layout.candidates(num_tasks=T, cache_deltas=cache, tower=True)],
@@ -428,7 +257,7 @@ def test_a_non_finite_loss_stops_fit_before_it_is_checkpointed(tmp_path):
 def test_every_layout_the_autotune_can_pick_follows_the_plain_adam_trajectory(candidate):
   # The plain step (one traced forward per task, every delta rebuilt) against the candidate layout,
   # through 50 Adam steps large enough that masks flip.
-  frozen, _ = _problem()
+  frozen, _ = problem()
   rng = np.random.default_rng(6)
   heads = [rng.normal(size=(6, c)).astype(np.float32) for c in CLASSES]
 
@@ -455,7 +284,7 @@ def test_every_layout_the_autotune_can_pick_follows_the_plain_adam_trajectory(ca
     states[name] = train.init_state(
       frozen[1], optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5, prior=0.3, cache_deltas=cache
     )
-  batch_iter = _make_batches(0)
+  batch_iter = make_batches(0)
   flips = 0
   for _ in range(50):
     batches = next(batch_iter)
