@@ -17,18 +17,20 @@ is fixed by default (`config.adarank.layout = 'auto'`):
   is rebuilt only where a hard mask flipped, so the step never does more rebuild work than without
   it: about half on any machine whose step is dominated by the rebuild.
 - the tower's layout by timing: `time_step` runs each of TOWER_LAYOUTS on the run's own inputs for a
-  few steps, and `fastest` picks the quickest. The caller logs the timings and stores the choice, so
-  a resumed run uses the same layout.
+  few steps, and `fastest` picks the quickest. A candidate whose compiled step would allocate more
+  than STEP_SHARE of the free memory (`step_bytes`, XLA's memory analysis, known before it runs) is
+  skipped. The caller logs the timings and stores the choice, so a resumed run uses the same layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,6 +42,7 @@ from adarank_jax.core.decomposition import is_svd
 # suits a small rebuild (a window) or an accelerator.
 TOWER_LAYOUTS = ((1, True), (1, False), (0, False))
 CACHE_SHARE = 0.5  # the cache is kept when it needs at most this share of the free memory
+STEP_SHARE = 0.8  # a timed layout whose step allocates more than this share of the free memory is skipped
 MODES = ("auto", "config")
 
 
@@ -104,23 +107,41 @@ def candidates(*, num_tasks: int, cache_deltas: bool, tower: bool) -> tuple[Layo
   return tuple(Layout(k, remat, cache_deltas) for k, remat in TOWER_LAYOUTS if k == 0 or num_tasks % k == 0)
 
 
-def time_step(step: Callable[..., Any], frozen: Any, state: Any, batches: Any, *, repeats: int = 2) -> float:
-  """Seconds of one step of `step` (jitted, state donated): the median of `repeats` steps after a
-  first one that compiles. `state` is consumed; the caller passes a fresh one and discards it."""
-  state, metrics = step(frozen, state, batches)
+def step_bytes(compiled: Any) -> int | None:
+  """Bytes a compiled step allocates beyond its arguments, from XLA's memory analysis: outputs not
+  aliased to a donated argument plus temporaries (None where the backend gives no analysis)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+
+
+def time_step(
+  step: Any, frozen: Any, state: Any, batches: Any, *, repeats: int = 2, memory_limit: int | None = None
+) -> float | None:
+  """Seconds of one step of `step` (jitted, state donated): compiled ahead of time, then the median
+  of `repeats` steps after a first one. With `memory_limit`, a step whose `step_bytes` exceed it is
+  not run and gives None. `state` is consumed; the caller passes a fresh one and discards it."""
+  compiled = step.lower(frozen, state, batches).compile()
+  needed = step_bytes(compiled)
+  if memory_limit is not None and needed is not None and needed > memory_limit:
+    return None
+  state, metrics = compiled(frozen, state, batches)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    state, metrics = step(frozen, state, batches)
+    state, metrics = compiled(frozen, state, batches)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
 
 
-def fastest(timings: Sequence[tuple[Layout, float]]) -> Layout:
-  """The layout of the smallest time (the first listed on a tie)."""
-  return min(timings, key=lambda pair: pair[1])[0]
+def fastest(timings: Sequence[tuple[Layout, float | None]]) -> Layout:
+  """The layout of the smallest time (the first listed on a tie); skipped layouts (None) never win
+  unless every one was skipped, when the first listed (the leanest of TOWER_LAYOUTS) is kept."""
+  timed = [pair for pair in timings if pair[1] is not None]
+  return min(timed, key=lambda pair: pair[1])[0] if timed else timings[0][0]
 
 
 ISA_PREFIXES = ("avx2", "avx512", "amx", "fma", "sve", "neon", "asimd")
@@ -151,6 +172,15 @@ def machine() -> dict[str, Any]:
     "isa": flags,
     "jax": jax.__version__,
   }
+
+
+def signature(trees: Any, **fields: Any) -> str:
+  """What a step's timings depend on besides the machine: the structure, shapes and dtypes of
+  `trees` and the plain values `fields`. Two steps of one signature run the same program on inputs
+  of the same shapes, so one timing of the candidates serves both."""
+  shapes = [(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(trees)]
+  text = repr((jax.tree.structure(trees), shapes, sorted(fields.items())))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def to_json(layout: Layout) -> dict[str, Any]:

@@ -464,13 +464,27 @@ def _adapt(
   step_layout = _step_layout(
     config,
     shared / LAYOUT_FILE,
+    timings_path=shared.parent / TIMINGS_FILE,
+    signature=layout_lib.signature(
+      frozen,
+      masks=training.masks,
+      coefficients=training.coefficients,
+      coefficient_range=training.coefficient_range,
+      batch_size_per_task=config.adarank.batch_size_per_task,
+      mesh=tuple(mesh.shape.items()),
+      tower=tower_layouts,
+    ),
     mesh=mesh,
     batches=batches,
     candidates=lambda: layout_lib.candidates(
       num_tasks=len(config.tasks), cache_deltas=_cache_fits(frozen[1], mesh), tower=tower_layouts
     ),
     timed=lambda candidate, step_batches: layout_lib.time_step(
-      programs(training, candidate)[0], frozen, init_state(candidate), step_batches
+      programs(training, candidate)[0],
+      frozen,
+      init_state(candidate),
+      step_batches,
+      memory_limit=_memory_limit(),
     ),
   )
   train_step, hard_merge = programs(training, step_layout)
@@ -540,25 +554,38 @@ def _cache_fits(factors, mesh) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(fits)))
 
 
+def _memory_limit() -> int | None:
+  """The bytes a timed layout's step may allocate: layout.STEP_SHARE of what is free on this
+  process's first device (None: unknown, no limit)."""
+  free = layout_lib.free_bytes(jax.local_devices()[0])
+  return None if free is None else int(layout_lib.STEP_SHARE * free)
+
+
 LAYOUT_FILE = "layout.json"  # in a trained method's workdir folder: the step layout it runs with
+TIMINGS_FILE = "layout_timings.json"  # in the workdir: signature -> the timings of one step's candidates
 
 
 def _step_layout(
   config,
   path: Path,
   *,
+  timings_path: Path,
+  signature: str,
   mesh,
   batches: pipeline.TaskBatches,
   candidates: Callable[[], tuple[layout_lib.Layout, ...]],
-  timed: Callable[[layout_lib.Layout, Any], float],
+  timed: Callable[[layout_lib.Layout, Any], float | None],
 ) -> layout_lib.Layout:
   """The step's layout for one trained method (`adarank_jax.core.layout`).
 
   adarank.layout='config': the config's cache_deltas, tasks_per_forward and remat. 'auto': the
-  layout an earlier run of this workdir chose (stored at `path`), or one chosen now among
-  `candidates()` (the cache by its cost rule) by timing each on the stream's first batches, which
-  the stream then gives again. Process 0 decides for every process; the choice is logged and stored
-  at `path` with the timings and the machine, so a resumed run uses the same layout.
+  layout an earlier run of this method chose (stored at `path`); else the one chosen for an earlier
+  method of the same step `signature` (stored at `timings_path`, the workdir's); else one chosen now
+  among `candidates()` (the cache by its cost rule) by timing each on the stream's first batches,
+  which the stream then gives again (`timed` gives None for a candidate that would not fit in
+  memory). Process 0 decides for every process; the choice is logged and stored at `path` with the
+  timings and the machine, so a resumed run uses the same layout, and under `signature` at
+  `timings_path`, so the next method of the same shapes skips the timing.
   """
   adarank = config.adarank
   if adarank.layout == "config":
@@ -567,31 +594,47 @@ def _step_layout(
     chosen = layout_lib.from_json(files.read_json(path).get("layout"), f"{path}: 'layout'")
     print(f"  step layout: {chosen} (chosen by an earlier run: {path})")
     return chosen
-  options = candidates()
+  known = files.read_json(timings_path) if timings_path.exists() else {}
+  if signature in known:
+    record = known[signature]
+    chosen = layout_lib.from_json(record.get("layout"), f"{timings_path}: {signature!r}")
+    print(f"  step layout: {chosen} (timed for {record['method']}, a step of the same shapes)")
+  else:
+    chosen, timings = _time_candidates(candidates(), batches, mesh, timed)
+    record = {"timed": timings}
+  if jax.process_index() == 0:
+    record = {
+      "layout": layout_lib.to_json(chosen),
+      "method": record.get("method", path.parent.name),
+      "timed": record["timed"],
+      "machine": record.get("machine", layout_lib.machine()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(path, record, indent=2)
+    files.write_json(timings_path, {**known, signature: record}, indent=2)
+  return chosen
+
+
+def _time_candidates(
+  options, batches: pipeline.TaskBatches, mesh, timed
+) -> tuple[layout_lib.Layout, list[dict[str, Any]]]:
+  """(process 0's fastest candidate, broadcast; each candidate's seconds a step, None where `timed`
+  skipped it for its memory), timed on the stream's first batches, which it gives again after."""
   timings = []
   if len(options) > 1:
     start = batches.get_state()
     step_batches = train.place_batches(next(batches), mesh)
     batches.set_state(start)
     for candidate in options:
-      timings.append((candidate, timed(candidate, step_batches)))
-      print(f"  step layout {candidate}: {timings[-1][1]:.3f} s a step")
+      seconds = timed(candidate, step_batches)
+      timings.append((candidate, seconds))
+      note = "skipped: its step would not fit in memory" if seconds is None else f"{seconds:.3f} s a step"
+      print(f"  step layout {candidate}: {note}")
     index = options.index(layout_lib.fastest(timings))
     options = (options[int(multihost_utils.broadcast_one_to_all(np.int32(index)))],)
   chosen = options[0]
   print(f"  step layout: {chosen}")
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_json(
-      path,
-      {
-        "layout": layout_lib.to_json(chosen),
-        "timed": [{**layout_lib.to_json(c), "step_s": seconds} for c, seconds in timings],
-        "machine": layout_lib.machine(),
-      },
-      indent=2,
-    )
-  return chosen
+  return chosen, [{**layout_lib.to_json(c), "step_s": seconds} for c, seconds in timings]
 
 
 class _EvaluationPoints:

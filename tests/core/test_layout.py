@@ -3,6 +3,8 @@
 That every layout gives the same step is tested in test_train.py (each candidate against the plain
 step through a 50-step Adam trajectory with mask flips)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,15 +61,48 @@ def test_candidates_are_the_tower_layouts_whose_call_size_divides_the_tasks():
 def test_time_step_runs_a_compiling_step_then_the_timed_ones_and_fastest_picks_the_minimum():
   calls = []
 
+  @functools.partial(jax.jit, donate_argnums=1)
   def step(frozen, state, batches):
-    calls.append(state)
-    return state + 1, {"loss": jnp.zeros(())}
+    jax.debug.callback(lambda: calls.append(1))
+    return state + frozen, {"loss": jnp.sum(state)}
 
-  seconds = layout.time_step(step, None, 0, None, repeats=3)
-  assert calls == [0, 1, 2, 3] and 0 <= seconds < 1
+  state = jnp.zeros((64, 64))
+  seconds = layout.time_step(step, jnp.ones((64, 64)), state, None, repeats=3)
+  jax.effects_barrier()
+  assert len(calls) == 4 and 0 <= seconds < 1
   a, b = layout.Layout(1, True, False), layout.Layout(0, False, False)
   assert layout.fastest([(a, 0.2), (b, 0.1)]) == b
   assert layout.fastest([(a, 0.1), (b, 0.1)]) == a  # a tie keeps the first listed
+  assert layout.fastest([(a, None), (b, 0.3)]) == b  # a skipped layout never wins
+  assert layout.fastest([(a, None), (b, None)]) == a  # unless all were: the first (leanest) is kept
+
+
+def test_time_step_skips_a_step_whose_memory_analysis_exceeds_the_limit_without_running_it():
+  calls = []
+
+  @jax.jit
+  def step(frozen, state, batches):
+    jax.debug.callback(lambda: calls.append(1))
+    big = jnp.sin(jnp.outer(state, state))  # a (1024, 1024) float32 temporary: 4 MiB
+    return state + 1, {"loss": jnp.sum(big @ big.T)}
+
+  state = jnp.zeros(1024)
+  needed = layout.step_bytes(step.lower(None, state, None).compile())
+  assert needed >= 4 * 1024 * 1024
+  assert layout.time_step(step, None, state, None, memory_limit=needed - 1) is None
+  jax.effects_barrier()
+  assert not calls
+  assert layout.time_step(step, None, state, None, memory_limit=needed) is not None
+
+
+def test_signature_tells_steps_of_other_shapes_or_fields_apart():
+  tree = {"a": jnp.zeros((2, 3)), "b": [jnp.zeros(4, jnp.int32)]}
+  same = {"a": jnp.ones((2, 3)), "b": [jnp.ones(4, jnp.int32)]}
+  assert layout.signature(tree, masks=True) == layout.signature(same, masks=True)
+  assert layout.signature(tree, masks=True) != layout.signature(tree, masks=False)
+  assert layout.signature(tree) != layout.signature({"a": jnp.zeros((3, 2)), "b": [jnp.zeros(4, jnp.int32)]})
+  assert layout.signature(tree) != layout.signature({"a": jnp.zeros((2, 3)), "b": [jnp.zeros(4)]})
+  assert layout.signature(tree) != layout.signature({"c": jnp.zeros((2, 3)), "b": [jnp.zeros(4, jnp.int32)]})
 
 
 def test_a_layout_round_trips_and_a_bad_one_names_its_source():

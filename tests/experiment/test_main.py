@@ -133,11 +133,13 @@ def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_p
 
 
 def test_cli_chooses_the_step_layout_stores_it_and_a_resumed_run_keeps_it(checkpoints, tmp_path):
-  # adarank.layout='auto' (the default): the layout is timed at the method's start, logged and
+  # adarank.layout='auto' (the default): the layout is timed at the first method's start, logged and
   # stored; a run killed after its first checkpoint resumes with the stored layout (no timing), and
-  # ends with the masks of an uninterrupted run that uses that layout.
+  # ends with the masks of an uninterrupted run that uses that layout. The second method trains a
+  # step of the same shapes, so it takes the first one's timing instead of timing again.
   only = "--config.methods=('adarank_ta',)"
-  proc = _cli(checkpoints, tmp_path / "auto", only, wait=False)
+  both = "--config.methods=('adarank_ta','adarank_cart')"
+  proc = _cli(checkpoints, tmp_path / "auto", both, wait=False)
   stored, step_dir = tmp_path / "auto/adarank_ta/layout.json", tmp_path / "auto/adarank_ta/checkpoints/2"
   deadline = time.time() + 500
   while not step_dir.exists() and proc.poll() is None and time.time() < deadline:
@@ -152,10 +154,13 @@ def test_cli_chooses_the_step_layout_stores_it_and_a_resumed_run_keeps_it(checkp
   assert chosen == {k: fastest[k] for k in chosen}
   assert chosen["cache_deltas"] is True  # the tiny cache fits
   assert record["machine"]["cpu"] and log.count("s a step") == 3
-  resumed = _cli(checkpoints, tmp_path / "auto", only, "--resume")
+  resumed = _cli(checkpoints, tmp_path / "auto", both, "--resume")
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert "chosen by an earlier run" in resumed.stdout and "s a step" not in resumed.stdout
+  assert "(timed for adarank_ta, a step of the same shapes)" in resumed.stdout
   assert json.loads(stored.read_text())["layout"] == chosen
+  cart = json.loads((tmp_path / "auto/adarank_cart/layout.json").read_text())
+  assert cart["layout"] == chosen and cart["method"] == "adarank_ta" and cart["timed"] == record["timed"]
   fixed = [f"--config.adarank.{k}={v}" for k, v in chosen.items()]
   straight = _cli(checkpoints, tmp_path / "fixed", only, "--config.adarank.layout=config", *fixed)
   assert straight.returncode == 0, straight.stdout + straight.stderr
