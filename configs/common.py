@@ -39,9 +39,20 @@ DECOMPOSE = {
     r"(roberta|bert)/pooler/dense/kernel",
   ),
   "gpt2": (r"transformer/h/\d+/attn/(c_attn|c_proj)/kernel", r"transformer/h/\d+/mlp/(c_fc|c_proj)/kernel"),
+  # Llama, Mistral and Qwen2 (our extension; GPT-2's rule carried over): every attention and MLP
+  # projection matrix; norms and Qwen2's q/k/v biases are merged dense.
+  "decoder": (
+    r"model/layers/\d+/self_attn/(q|k|v|o)_proj/kernel",
+    r"model/layers/\d+/mlp/(gate|up|down)_proj/kernel",
+  ),
 }
 # What the official code leaves unmerged: it stays at the origin (pretrained for TA, average for CART).
-UNMERGED = {"clip": (), "roberta": (r"(roberta|bert)/embeddings/.*",), "gpt2": (r"transformer/(wte|wpe)/.*",)}
+UNMERGED = {
+  "clip": (),
+  "roberta": (r"(roberta|bert)/embeddings/.*",),
+  "gpt2": (r"transformer/(wte|wpe)/.*",),
+  "decoder": (r"model/embed_tokens/.*",),  # as GPT-2's token embeddings
+}
 
 
 BASES = ("ta", "cart", "tsv_m", "iso_cts")  # the base merges AdaRank runs on (methods adarank_<base>)
@@ -83,7 +94,7 @@ def base():
   """All fields with defaults. Paths are empty: set them with --config.x=... or flags."""
   config = ml_collections.ConfigDict()
   config.name = ""  # experiment name, shown in reports
-  config.architecture = "clip"  # 'clip' | 'roberta' | 'gpt2'
+  config.architecture = "clip"  # 'clip' | 'roberta' | 'gpt2' | 'decoder' (Llama, Mistral, Qwen2)
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
@@ -254,3 +265,21 @@ def experiment(
   if arg.quick:
     quick(config)
   return config
+
+
+def decoder_experiment(arg, *, model):
+  """AdaRank on a Llama, Mistral or Qwen2 sequence classifier over the 7 GLUE tasks (configs/llama_glue.py
+  and its siblings). Our extension, with no paper numbers: GPT-2's hyperparameters and rule (DECOMPOSE,
+  UNMERGED), unconfirmed for decoders. Config args as for `experiment`."""
+  return experiment(
+    arg,
+    architecture="decoder",
+    model=model,
+    tasks=GLUE_7,
+    batch_size=8,
+    num_steps=5_000,
+    eval_every=500,
+    ta=dict(prior=0.3, initial_rank_ratio=1.0, learning_rate=5e-5),
+    cart=dict(prior=1.3, initial_rank_ratio=0.01, learning_rate=5e-5),
+    eval_batch_size=64,
+  )

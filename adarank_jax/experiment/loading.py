@@ -34,7 +34,7 @@ from flax import nnx
 from adarank_jax.core import layout as layout_lib
 from adarank_jax.core import train, tree_util
 from adarank_jax.data import clip_tokenizer, registry
-from adarank_jax.models import clip, functional
+from adarank_jax.models import clip, decoder, functional
 from adarank_jax.models import heads as heads_lib
 
 
@@ -195,19 +195,25 @@ LM_HEADS = {
   "RobertaForSequenceClassification": ("roberta", "classifier"),
   "BertForSequenceClassification": ("bert", "classifier"),
   "GPT2ForSequenceClassification": ("transformer", "score"),
+  **{f"{prefix}ForSequenceClassification": ("model", "score") for prefix in decoder.MODEL_TYPES.values()},
 }
 
 
 def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], dtype: str) -> Setup:
-  """HF RoBERTa/BERT/GPT-2 directories -> merged body + each fine-tuned model's own head and config.
+  """HF RoBERTa/BERT/GPT-2/Llama/Mistral/Qwen2 directories -> merged body + each fine-tuned model's own
+  head and config.
 
   The fine-tuned models are sequence classifiers of one architecture (heads may differ in size);
-  the pretrained one is the same classifier architecture or its bare body (RobertaModel,
-  BertModel, GPT2Model, GPT2LMHeadModel). `logits(params, t, batch)` runs the body `params` with
-  fine-tuned model t's head and config (e.g. GPT-2's pad id, which picks the pooled token), as
-  the official code swaps heads in. So the 'zero_shot' method of an LM is the pretrained body
-  with each task's fine-tuned head. `export(params, path)` writes path/<task>/ per task: an HF
-  directory (config.json + model.safetensors) of the body with that task's head and config.
+  the pretrained one is the same classifier architecture or its bare body or causal LM (RobertaModel,
+  BertModel, GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM, ...). `logits(params, t, batch)`
+  runs the body `params` with fine-tuned model t's head and config (e.g. the pad id, which picks the
+  pooled token of GPT-2 and the decoders), as the official code swaps heads in. So the 'zero_shot'
+  method of an LM is the pretrained body with each task's fine-tuned head. `export(params, path)` writes
+  path/<task>/ per task: an HF directory (config.json + safetensors, sharded for the decoders) of the body
+  with that task's head and config.
+
+  A decoder directory (`interop.safetensors_dir`) is checked from its headers (shards, keys, shapes,
+  dtypes) before any tensor is read, then read one tensor at a time with a NaN/Inf check.
 
   Args:
     pretrained: HF directory of the pretrained model (also the default tokenizer directory).
@@ -215,25 +221,26 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
     tasks: registry task names, in the order of `finetuned` (names the export directories).
     dtype: compute dtype name.
   """
-  from adarank_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  from adarank_jax.interop import hf, safetensors_dir  # pylint: disable=g-import-not-at-top
   from adarank_jax.models import gpt2, roberta  # pylint: disable=g-import-not-at-top
 
   if len(tasks) != len(finetuned):
     raise ValueError(f"load_lm: {len(tasks)} tasks but {len(finetuned)} fine-tuned directories")
-  pre_config, pre_tree = hf.load_hf(pretrained)
+  read = lambda path: (safetensors_dir.load if safetensors_dir.is_decoder_dir(path) else hf.load_hf)(path)
+  pre_config, pre_tree = read(pretrained)
   configs, tuned = [], []
   for path in finetuned:
-    config, tree = hf.load_hf(path)
+    config, tree = read(path)
     hf.check_compatible(pre_config, config, reference_source=pretrained, source=path)
     if config.architecture not in LM_HEADS:
       raise ValueError(
         f"{path}: a {config.architecture}; fine-tuned models must be one of {', '.join(LM_HEADS)}"
       )
-    if isinstance(config, gpt2.GPT2Config) and config.pad_token_id is None:
+    if isinstance(config, gpt2.GPT2Config | decoder.DecoderConfig) and config.pad_token_id is None:
       raise ValueError(
-        f"{Path(path) / 'config.json'}: pad_token_id is not set; GPT-2 sequence "
-        "classification pools the last token that is not padding, so it needs the id "
-        "the inputs are padded with (GPT-2's eos id, 50256, for its own tokenizer)"
+        f"{Path(path) / 'config.json'}: pad_token_id is not set; {config.architecture} "
+        "pools the last token that is not padding, so it needs the id the inputs are padded with "
+        "(GPT-2's eos id, 50256, for its own tokenizer; a decoder's pad or eos id)"
       )
     configs.append(config)
     tuned.append(tree)
@@ -245,8 +252,11 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
     body_shapes, pre_body, source=f"{pretrained} (the {body_key} body of {finetuned[0]})"
   )
   heads = [tree[head_key] for tree in tuned]
-  is_gpt2 = isinstance(pre_config, gpt2.GPT2Config)
-  builder = gpt2.build if is_gpt2 else roberta.build
+  builder = {gpt2.GPT2Config: gpt2.build, decoder.DecoderConfig: decoder.build}.get(
+    type(pre_config), roberta.build
+  )
+  # the families whose classifiers take one segment (no token_type_ids), by the name errors give them
+  family = {gpt2.GPT2Config: "GPT-2", decoder.DecoderConfig: "decoder"}.get(type(pre_config))
 
   def graphdef(config):
     config = dataclasses.replace(config, dtype=dtype)
@@ -255,10 +265,10 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
   graphdefs = [graphdef(c) for c in configs]
 
   def logits(params, t, batch):
-    if is_gpt2 and "token_type_ids" in batch:
+    if family and "token_type_ids" in batch:
       raise ValueError(
-        "the tokenizer gives token_type_ids, which GPT-2 classifiers here do not take; "
-        "use a GPT2TokenizerFast (inputs: input_ids, attention_mask)"
+        f"the tokenizer gives token_type_ids, which {family} classifiers here do not take; use a "
+        "tokenizer whose inputs are input_ids and attention_mask (GPT2TokenizerFast, a decoder's own)"
       )
     return functional.call(graphdefs[t], {**params, head_key: heads[t]}, **batch)
 
@@ -266,7 +276,8 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
     params = jax.device_get(params)
     for t, (task, config_path) in enumerate(zip(tasks, finetuned)):
       hf_config = json.loads((Path(config_path) / "config.json").read_text())
-      hf.save_hf({**params, head_key: heads[t]}, hf_config, Path(path) / task)
+      save = safetensors_dir.save_sharded if isinstance(pre_config, decoder.DecoderConfig) else hf.save_hf
+      save({**params, head_key: heads[t]}, hf_config, Path(path) / task)
       for name in TOKENIZER_FILES:  # so the export is usable as it is, tokenizer included
         if (Path(pretrained) / name).is_file():
           shutil.copyfile(Path(pretrained) / name, Path(path) / task / name)

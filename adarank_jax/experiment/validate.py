@@ -15,8 +15,8 @@ from adarank_jax.data import registry
 from adarank_jax.experiment import methods, report
 from adarank_jax.storage import files
 
-ARCHITECTURES = ("clip", "roberta", "gpt2")
-EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",)}
+ARCHITECTURES = ("clip", "roberta", "gpt2", "decoder")
+EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",), "decoder": ("hf",)}
 # Fields that may change when a run is resumed (they do not change what was computed so far).
 RESUMABLE = (
   "adarank.num_steps",

@@ -31,6 +31,7 @@ Decoders only (model_type llama, mistral, qwen2; `models.decoder`); the other fa
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -261,6 +262,20 @@ def check_same_architecture(reference: ModelDir, model: ModelDir) -> None:
     raise tree_util.StructureError(
       f"{source}: architecture differs from {reference_source}: {'; '.join(diffs) or 'param trees differ'}"
     )
+
+
+def is_decoder_dir(directory: str | os.PathLike) -> bool:
+  """Whether `directory` is an HF directory (not a converted one) whose config.json names a decoder's
+  model_type: what `load` reads. False for anything else, unreadable config.json included (the other
+  readers name that problem)."""
+  path = Path(directory) / converted.HF_CONFIG
+  if converted.is_converted(directory) or not path.is_file():
+    return False
+  try:
+    model_type = json.loads(path.read_text()).get("model_type")
+  except (OSError, ValueError, AttributeError):
+    return False
+  return model_type in decoder.MODEL_TYPES
 
 
 def load(directory: str | os.PathLike) -> tuple[decoder.DecoderConfig, dict[str, Any]]:
