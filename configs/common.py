@@ -199,7 +199,10 @@ def base():
   config.eval.max_examples = 0  # 0 = the whole test split
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.factor_placement = "replicated"  # 'replicated' | 'task': shard the factor stacks by task
+  # 'replicated' | 'task': shard the factor stacks by task | 'fsdp': shard the origin and the factor
+  # stacks over a 'model' axis of model_devices devices (0 = all), the batches over every device
+  config.mesh.factor_placement = "replicated"
+  config.mesh.model_devices = 0
   config.mesh.multi_host = False  # call jax.distributed.initialize() first
   return config
 

@@ -16,9 +16,12 @@ decay, on the mask logits and the coefficients only; the origin and the factors 
                                   # tasks_per_call=k, on k tasks at a time in a lax.map), then
                                   # head_fn(t, features of task t): one traced body for any T
 
-Sharding: one mesh from `make_mesh`, axes ('data',) or ('data', 'task'). Every task's batch is split
-along 'data'; the factors are replicated or split along 'task' (`place_frozen`); the trainable state
-is replicated. The step's outputs are pinned to replicated so its inputs never change layout.
+Sharding: one mesh from `make_mesh`, axes ('data',), ('data', 'task') or ('data', 'model'). Every
+task's batch is split along 'data' (and along 'model' too: `batch_sharding`); the factors are
+replicated, split along 'task', or, with 'fsdp', split along 'model' with the origin (`place_frozen`:
+each array on one of its axes, so that per-device memory of the weights falls as 1 / model devices and
+that of the activations as 1 / devices). The trainable state is replicated. The step's outputs are
+pinned to replicated so its inputs never change layout; XLA gathers the weights where they are used.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from adarank_jax.core import masking, merging, objectives, tree_util
 
-FACTOR_PLACEMENTS = ("replicated", "task")
+FACTOR_PLACEMENTS = ("replicated", "task", "fsdp")
 
 TaskLogitsFn = Callable[[Any, int, Any], jax.Array]
 LogitsFn = Callable[[Any, Sequence[Any]], Sequence[jax.Array]]
@@ -293,19 +296,48 @@ def make_train_step(
 # Sharding
 
 
-def make_mesh(*, task: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over all (or the given) devices: ('data',) if task == 1, else ('data', 'task').
+def make_mesh(*, task: int = 1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over all (or the given) devices: ('data',), ('data', 'task') or ('data', 'model').
 
-  The 'data' axis gets len(devices) // task devices. Axes are Auto (XLA picks the collectives).
+  `task` or `model` devices go to that axis (at most one of them > 1), the rest to 'data'. Axes are
+  Auto (XLA picks the collectives).
   """
   devices = list(jax.devices() if devices is None else devices)
-  if task < 1 or len(devices) % task:
-    raise ValueError(f"make_mesh: task={task} must be a positive divisor of the {len(devices)} devices")
-  if task == 1:
+  for name, size in (("task", task), ("model", model)):
+    if size < 1 or len(devices) % size:
+      raise ValueError(f"make_mesh: {name}={size} must be a positive divisor of the {len(devices)} devices")
+  if task > 1 and model > 1:
+    raise ValueError(f"make_mesh: task={task} and model={model}; at most one of them may exceed 1")
+  second = ("task", task) if task > 1 else ("model", model) if model > 1 else None
+  if second is None:
     return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+  name, size = second
   return jax.make_mesh(
-    (len(devices) // task, task), ("data", "task"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+    (len(devices) // size, size), ("data", name), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
   )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """How every task's batch is split: along its leading axis over 'data', and over 'model' too on an
+  FSDP mesh (each device holds its own rows; the weights come to them)."""
+  axes = tuple(a for a in ("data", "model") if a in mesh.axis_names)
+  return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
+
+
+def batch_devices(mesh: Mesh) -> int:
+  """How many parts a batch splits into (`batch_sharding`): every batch size must divide by it."""
+  return int(np.prod([mesh.shape[a] for a in ("data", "model") if a in mesh.axis_names]))
+
+
+def fsdp_spec(shape: Sequence[int], size: int, *, skip_leading: bool) -> P:
+  """The PartitionSpec that splits an array of `shape` over 'model' along its largest axis that
+  divides by `size` (the leading task axis of a factor stack excluded); P() when none does (biases
+  and norms of odd sizes stay replicated)."""
+  axes = [i for i in range(1 if skip_leading else 0, len(shape)) if shape[i] % size == 0]
+  if not axes or size == 1:
+    return P()
+  axis = max(axes, key=lambda i: (shape[i], -i))
+  return P(*([None] * axis), "model")
 
 
 def check_same_on_every_process(tree: Any, what: str) -> None:
@@ -333,26 +365,35 @@ def check_same_on_every_process(tree: Any, what: str) -> None:
 def place_frozen(
   frozen: tuple[Any, Any], mesh: Mesh, *, factor_placement: str = "replicated"
 ) -> tuple[Any, Any]:
-  """Puts (origin, factors) on `mesh`: origin replicated; factors replicated or split on 'task'.
+  """Puts (origin, factors) on `mesh`.
 
-  With 'task', every factor array (u, s, vt and dense task vectors) is split along its leading
-  task axis, which must divide evenly by the mesh's 'task' size. In a run of several processes,
-  every process must hold the same (origin, factors) (`check_same_on_every_process`).
+  'replicated': both replicated. 'task': the origin replicated; every factor array (u, s, vt and dense
+  task vectors) split along its leading task axis, which must divide evenly by the mesh's 'task' size.
+  'fsdp': every array of both split over 'model' along one axis (`fsdp_spec`). In a run of several
+  processes, every process must hold the same (origin, factors) (`check_same_on_every_process`).
   """
   if factor_placement not in FACTOR_PLACEMENTS:
     raise ValueError(
       f"place_frozen: factor_placement={factor_placement!r}; expected one of {FACTOR_PLACEMENTS}"
     )
+  needs = {"task": "task", "fsdp": "model"}.get(factor_placement)
+  if needs and needs not in mesh.axis_names:
+    raise ValueError(
+      f"place_frozen: factor_placement={factor_placement!r} needs a mesh with a {needs!r} axis; got axes "
+      f"{mesh.axis_names}"
+    )
   check_same_on_every_process(frozen, "place_frozen: (origin, factors)")
   origin, factors = frozen
   replicated = NamedSharding(mesh, P())
+  if factor_placement == "fsdp":
+    size = mesh.shape["model"]
+    put = lambda tree, skip: jax.tree.map(
+      lambda x: jax.device_put(x, NamedSharding(mesh, fsdp_spec(np.shape(x), size, skip_leading=skip))), tree
+    )
+    return put(origin, False), put(factors, True)
   if factor_placement == "replicated":
     factor_sharding = replicated
   else:
-    if "task" not in mesh.axis_names:
-      raise ValueError(
-        f"place_frozen: factor_placement='task' needs a mesh with a 'task' axis; got axes {mesh.axis_names}"
-      )
     shards = mesh.shape["task"]
     bad = sorted({np.shape(x)[0] for x in jax.tree.leaves(factors) if np.shape(x)[0] % shards})
     if bad:
@@ -370,7 +411,7 @@ def place_state(state: TrainState, mesh: Mesh) -> TrainState:
 
 
 def place_batches(batches: Any, mesh: Mesh) -> Any:
-  """Splits every leaf of every task's batch along its leading (batch) axis over 'data'. Each process
-  gives its part (`batch_shard`); the global batch is the parts of all processes in order."""
-  sharding = NamedSharding(mesh, P("data"))
+  """Splits every leaf of every task's batch along its leading (batch) axis (`batch_sharding`). Each
+  process gives its part (`batch_shard`); the global batch is the parts of all processes in order."""
+  sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batches)

@@ -36,9 +36,9 @@ from typing import Any, NamedTuple
 
 import grain
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
+from adarank_jax.core import train
 from adarank_jax.data import glue, preprocess
 from adarank_jax.data.task import Source
 
@@ -59,9 +59,9 @@ WHOLE = Shard(0, 1)  # one process reads every batch whole
 
 def batch_shard(mesh: Mesh, batch_size: int) -> Shard:
   """Which contiguous part of every global batch of `batch_size` this process's devices hold when a
-  batch is split over the mesh's 'data' axis (`train.place_batches`): what this process's input pipeline
-  reads. One process: the whole batch, Shard(0, 1)."""
-  indices = NamedSharding(mesh, P("data")).addressable_devices_indices_map((batch_size,)).values()
+  batch is split as `train.batch_sharding` says (`train.place_batches`): what this process's input
+  pipeline reads. One process: the whole batch, Shard(0, 1)."""
+  indices = train.batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
   rows = {index[0].indices(batch_size)[:2] for index in indices}
   start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
   size = stop - start

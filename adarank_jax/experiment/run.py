@@ -94,18 +94,27 @@ def run(
 
 def _mesh(config) -> Mesh:
   """One mesh for the run: every task's batch is split over 'data'; with factor_placement="task" the
-  factor stacks are split over a 'task' axis of gcd(devices, tasks) devices."""
-  task_axis = 1
+  factor stacks are split over a 'task' axis of gcd(devices, tasks) devices; with "fsdp" the origin
+  and the factor stacks over a 'model' axis of mesh.model_devices devices (0: all), over which the
+  batches are split too."""
+  task_axis = model_axis = 1
   if config.mesh.factor_placement == "task":
     task_axis = math.gcd(jax.device_count(), len(config.tasks))
-  mesh = train.make_mesh(task=task_axis)
-  data_axis = mesh.shape["data"]
+  if config.mesh.factor_placement == "fsdp":
+    model_axis = config.mesh.model_devices or jax.device_count()
+    if model_axis < 1 or jax.device_count() % model_axis:
+      raise validate.ConfigError(
+        f"mesh.model_devices={config.mesh.model_devices}: expected 0 (all) or a divisor of the "
+        f"{jax.device_count()} devices"
+      )
+  mesh = train.make_mesh(task=task_axis, model=model_axis)
+  parts = train.batch_devices(mesh)
   for key in ("adarank.batch_size_per_task", "eval.batch_size"):
     section, field = key.split(".")
-    if config[section][field] % data_axis:
+    if config[section][field] % parts:
       raise validate.ConfigError(
-        f"{key}={config[section][field]}: expected a multiple of the mesh's data axis ({data_axis} "
-        "devices) so every batch splits evenly"
+        f"{key}={config[section][field]}: expected a multiple of the {parts} devices every batch is "
+        f"split over (mesh {dict(mesh.shape)}) so every batch splits evenly"
       )
   print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
   if jax.process_count() > 1:
@@ -457,7 +466,7 @@ def _adapt(
   Logs, evaluation records and the rank heatmap go to `outdir` (this process's); the checkpoints,
   candidate models and masks to `shared` (the workdir's, written by process 0 but for checkpoints)."""
   name, training = spec.name, spec.training
-  placement = "task" if "task" in mesh.axis_names else "replicated"
+  placement = "task" if "task" in mesh.axis_names else "fsdp" if "model" in mesh.axis_names else "replicated"
   frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
   init_state = functools.partial(_init_state, config, training, frozen[1], mesh)
   batches = _adaptation_batches(config, sources, data, mesh)

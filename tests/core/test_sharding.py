@@ -1,4 +1,5 @@
-"""Loss, gradients and one Adam step on 8 forced CPU devices equal those on 1 device.
+"""Loss, gradients and five Adam steps on 8 forced CPU devices equal those on 1 device, for every
+factor placement (replicated, split by task, FSDP over a 'model' axis).
 
 Each configuration runs in its own subprocess, because XLA_FLAGS must be set before jax is imported.
 The trees are tiny: forced host devices make everything (the SVD included) several times slower.
@@ -41,7 +42,8 @@ SCRIPT = textwrap.dedent("""
     out = {'device_count': np.asarray(jax.device_count())}
     optimizer = train.make_optimizer(1e-3)
     loss_fn = train.make_loss_fn(logits_fn=train.per_task(task_logits_fn), temperature=TEMP, num_tasks=T)
-    for placement in (['single'] if mode == 'single' else ['replicated', 'task', 'task_cached']):
+    placements = ['replicated', 'task', 'task_cached', 'fsdp', 'fsdp_cached']
+    for placement in (['single'] if mode == 'single' else placements):
       state = train.init_state(factors, optimizer=optimizer, num_tasks=T, initial_rank_ratio=0.5,
                                prior=0.3)
       # Move logits off the +-0.1 init so the masks and the gradients are not all alike.
@@ -50,17 +52,27 @@ SCRIPT = textwrap.dedent("""
           lambda x: x + 0.05 * noise.normal(size=x.shape).astype(np.float32), state.mask_logits))
       frozen, data, mesh = (origin, factors), batches, None
       if placement != 'single':
-        mesh = train.make_mesh(task=1 if placement == 'replicated' else 2)
-        frozen = train.place_frozen(frozen, mesh, factor_placement=placement.split('_')[0])
+        kind = placement.split('_')[0]
+        mesh = train.make_mesh(task=2 if kind == 'task' else 1, model=4 if kind == 'fsdp' else 1)
+        frozen = train.place_frozen(frozen, mesh, factor_placement=kind)
         state, data = train.place_state(state, mesh), train.place_batches(batches, mesh)
         u = frozen[1]['enc']['a']['kernel'].u
-        expected = (1 if placement == 'replicated' else 2) * u.shape[0] // T
-        assert u.addressable_shards[0].data.shape[0] == u.shape[0] // expected, u.sharding
-        assert data[0].addressable_shards[0].data.shape[0] == BATCH // mesh.shape['data']
-      if placement.endswith('cached'):  # the cache is computed where the (task-split) factors are
+        rows = BATCH // mesh.shape['data']
+        if kind == 'fsdp':  # the weights split 4 ways along their largest axis, the batch 8 ways
+          assert u.addressable_shards[0].data.shape == (T, 2, 6), u.sharding
+          kernel = frozen[0]['enc']['a']['kernel']
+          assert kernel.addressable_shards[0].data.shape == (2, 6), kernel.sharding
+          assert frozen[0]['enc']['a']['bias'].addressable_shards[0].data.shape == (6,)  # 6 % 4: whole
+          rows = BATCH // 8
+        else:
+          expected = (1 if kind == 'replicated' else 2) * u.shape[0] // T
+          assert u.addressable_shards[0].data.shape[0] == u.shape[0] // expected, u.sharding
+        assert data[0].addressable_shards[0].data.shape[0] == rows
+      if placement.endswith('cached'):  # the cache is computed where the (split) factors are
         state = state._replace(deltas=jax.jit(merging.init_deltas)(frozen[1], state.mask_logits))
         d = state.deltas['enc']['a']['kernel']
-        assert d.addressable_shards[0].data.shape[0] == T // 2, d.sharding
+        if kind == 'task':
+          assert d.addressable_shards[0].data.shape[0] == T // 2, d.sharding
       trainable = (state.mask_logits, state.coefficients)
       loss, grads = jax.jit(jax.value_and_grad(
           lambda tr: loss_fn(tr, frozen, data, state.deltas)[0]))(trainable)
@@ -69,10 +81,15 @@ SCRIPT = textwrap.dedent("""
       new_state, metrics = step(frozen, state, data)
       out[f'{placement}/loss'] = np.asarray(loss)
       out[f'{placement}/step_loss'] = np.asarray(metrics['loss'])
+      for i, leaf in enumerate(jax.tree.leaves((new_state.mask_logits, new_state.coefficients))):
+        out[f'{placement}/new{i}'] = np.asarray(leaf)
+      for _ in range(4):  # five Adam steps in all
+        new_state, metrics = step(frozen, new_state, data)
+      out[f'{placement}/step5_loss'] = np.asarray(metrics['loss'])
       for i, leaf in enumerate(jax.tree.leaves(grads)):
         out[f'{placement}/grad{i}'] = np.asarray(leaf)
       for i, leaf in enumerate(jax.tree.leaves((new_state.mask_logits, new_state.coefficients))):
-        out[f'{placement}/new{i}'] = np.asarray(leaf)
+        out[f'{placement}/step5_{i}'] = np.asarray(leaf)
     np.savez(out_path, **out)
 """)
 
@@ -103,7 +120,7 @@ def _results(tmp_path_factory):
   return _run("single", tmp_path, 1), _run("sharded", tmp_path, 8)
 
 
-@pytest.mark.parametrize("placement", ["replicated", "task", "task_cached"])
+@pytest.mark.parametrize("placement", ["replicated", "task", "task_cached", "fsdp", "fsdp_cached"])
 def test_eight_devices_match_one(results, placement):
   single, sharded = results
   assert int(single["device_count"]) == 1 and int(sharded["device_count"]) == 8

@@ -53,7 +53,7 @@ def checkpoints(tmp_path_factory):
   return root
 
 
-def _cli(checkpoints, workdir, *extra, steps=6, wait=True):
+def _cli(checkpoints, workdir, *extra, steps=6, wait=True, env=None):
   args = [
     sys.executable,
     "-m",
@@ -73,7 +73,7 @@ def _cli(checkpoints, workdir, *extra, steps=6, wait=True):
     "--config.eval.max_examples=64",
     *extra,
   ]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   if not wait:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -130,6 +130,33 @@ def test_cli_runs_every_method_resumes_after_kill_and_exports(checkpoints, tmp_p
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=f"{method} {key}")
+
+
+def test_cli_fsdp_on_eight_devices_learns_what_one_device_learns(checkpoints, tmp_path):
+  # The origin and the factor stacks split 4 ways over 'model', every batch 8 ways (2 x 4 devices).
+  args = ("--config.adarank.layout=config", "--config.methods=('adarank_ta',)", "--export=safetensors")
+  one = _cli(checkpoints, tmp_path / "one", *args)
+  assert one.returncode == 0, one.stdout + one.stderr
+  eight = _cli(
+    checkpoints,
+    tmp_path / "eight",
+    *args,
+    "--config.mesh.factor_placement=fsdp",
+    "--config.mesh.model_devices=4",
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+  )
+  assert eight.returncode == 0, eight.stdout + eight.stderr
+  assert "mesh: {'data': 2, 'model': 4} over 8 cpu device(s)" in eight.stdout
+  a, b = _masks(tmp_path / "one"), _masks(tmp_path / "eight")
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  from safetensors.numpy import load_file
+
+  merged_one = load_file(tmp_path / "one/export/adarank_ta.safetensors")
+  merged_eight = load_file(tmp_path / "eight/export/adarank_ta.safetensors")
+  for key, value in merged_one.items():
+    np.testing.assert_allclose(merged_eight[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_cli_chooses_the_step_layout_stores_it_and_a_resumed_run_keeps_it(checkpoints, tmp_path):
