@@ -3,9 +3,12 @@
 python -m adarank_jax.main --config configs/vitl14_t14.py --workdir runs/l14_t14 \
     --config.model.pretrained=... --config.model.finetuned='.../{task}/finetuned.pt' --config.data.data_dir=...
 python -m adarank_jax.main --config configs/demo.py          # the embedded digits benchmark
+python -m adarank_jax.main --config configs/llama_glue.py --dry_run --plan_devices=8 --plan_device_memory_gb=80 \
+    --config.model.pretrained=configs/shapes/llama3_8b --config.mesh.factor_placement=fsdp   # memory plan
 """
 
 import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -34,6 +37,21 @@ _VERBOSE = flags.DEFINE_bool(
   False,
   "On an error, print the traceback too (or set "
   "ADARANK_VERBOSE=1); without it an error is one 'error: ...' message.",
+)
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run",
+  False,
+  "Print the bytes per device of the training step (weights, factors, state, activations) and whether "
+  "it fits, from the config and the pretrained config.json alone (decoders); nothing is loaded or written.",
+)
+_PLAN_DEVICES = flags.DEFINE_integer(
+  "plan_devices",
+  0,
+  "--dry_run: devices to plan for (0: this host's); more than the host has are "
+  "compiled for as forced CPU devices in a child process.",
+)
+_PLAN_MEMORY = flags.DEFINE_float(
+  "plan_device_memory_gb", 0.0, "--dry_run: memory of each device in GB (0: what the first device has free)."
 )
 # Runs of several processes (config.mesh.multi_host=True, one process per host): where the processes
 # meet and who this one is. Left unset, jax.distributed.initialize() detects them on Cloud TPU, SLURM,
@@ -80,7 +98,10 @@ def _main(argv):
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value or Path("runs") / config.name)
   export = config.export if _EXPORT.value is None else _EXPORT.value
-  validate.validate(config, export=export)
+  validate.validate(config, export=export, paths=not _DRY_RUN.value)  # a plan reads config.json alone
+  if _DRY_RUN.value:
+    _dry_run(config)
+    return
   continued = validate.check_workdir(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
   # One run per workdir: a second one stops here, naming the holder's pid. The OS drops the lock when
   # this process exits, however it exits.
@@ -111,6 +132,42 @@ def _main(argv):
   finally:
     if lock is not None:
       lock.release()
+
+
+FORCE_DEVICES = "--xla_force_host_platform_device_count"
+
+
+def _dry_run(config) -> None:
+  """--dry_run: the memory plan of `experiment.plan`, printed. Planning more devices than this host
+  has reruns this command in a child process with that many forced CPU devices (XLA:CPU's memory
+  analysis then stands for the accelerators': theirs may differ)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from adarank_jax.experiment import plan  # pylint: disable=g-import-not-at-top
+
+  devices = _PLAN_DEVICES.value or jax.device_count()
+  if devices > jax.device_count():
+    if FORCE_DEVICES in os.environ.get("XLA_FLAGS", ""):
+      raise ValueError(f"--plan_devices={devices}: only {jax.device_count()} devices, forced ones included")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{FORCE_DEVICES}={devices}"}
+    print(f"planning {devices} devices on {jax.device_count()}: compiling for {devices} forced CPU devices")
+    child = subprocess.run([sys.executable, "-m", "adarank_jax.main", *sys.argv[1:]], env=env, check=False)
+    if child.returncode:
+      raise RuntimeError(f"the dry run for {devices} forced CPU devices failed (exit {child.returncode})")
+    return
+  memory = _PLAN_MEMORY.value * 1e9 or plan.device_memory()
+  if memory is None:
+    raise ValueError("--plan_device_memory_gb: this device does not report its memory; give it")
+  print(
+    f"model {config.model.pretrained}; {len(config.tasks)} tasks; method {plan.planned_method(config).name}"
+  )
+  print(
+    f"mesh.factor_placement={config.mesh.factor_placement}; batch {config.adarank.batch_size_per_task} "
+    f"x {config.data.max_length} tokens per task"
+  )
+  rows = plan.plan(config, devices=devices, device_memory=memory)
+  print(plan.table(rows, devices=devices, device_memory=memory))
+  print("fits as configured" if rows[0].total <= memory else "does not fit as configured")
 
 
 if __name__ == "__main__":

@@ -258,19 +258,9 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
   # the families whose classifiers take one segment (no token_type_ids), by the name errors give them
   family = {gpt2.GPT2Config: "GPT-2", decoder.DecoderConfig: "decoder"}.get(type(pre_config))
 
-  def graphdef(config):
-    config = dataclasses.replace(config, dtype=dtype)
-    return functional.split(nnx.eval_shape(lambda: builder(config, rngs=nnx.Rngs(0))))[0]
-
-  graphdefs = [graphdef(c) for c in configs]
-
-  def logits(params, t, batch):
-    if family and "token_type_ids" in batch:
-      raise ValueError(
-        f"the tokenizer gives token_type_ids, which {family} classifiers here do not take; use a "
-        "tokenizer whose inputs are input_ids and attention_mask (GPT2TokenizerFast, a decoder's own)"
-      )
-    return functional.call(graphdefs[t], {**params, head_key: heads[t]}, **batch)
+  logits = lm_logits(
+    builder, [dataclasses.replace(c, dtype=dtype) for c in configs], heads, head_key=head_key, family=family
+  )
 
   def export(params, path):
     params = jax.device_get(params)
@@ -293,3 +283,31 @@ def load_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], 
     export=export,
     tokenizer=str(pretrained),
   )
+
+
+def lm_logits(
+  builder: Callable[..., nnx.Module],
+  configs: Sequence[Any],
+  heads: Sequence[Any],
+  *,
+  head_key: str,
+  family: str | None,
+) -> Callable[[Any, int, Any], jax.Array]:
+  """`logits(params, t, batch)` of LM classifiers: the body `params` with task t's head (its
+  `head_key` subtree) and config (`builder(configs[t])`'s module). `family` ('GPT-2', 'decoder'):
+  the classifiers take one segment, so a batch with token_type_ids is refused naming it."""
+  built = {}  # one graph per distinct config (tasks with heads of one size share it)
+  for c in configs:
+    if c not in built:
+      built[c] = functional.split(nnx.eval_shape(lambda c=c: builder(c, rngs=nnx.Rngs(0))))[0]
+  graphdefs = [built[c] for c in configs]
+
+  def logits(params, t, batch):
+    if family and "token_type_ids" in batch:
+      raise ValueError(
+        f"the tokenizer gives token_type_ids, which {family} classifiers here do not take; use a "
+        "tokenizer whose inputs are input_ids and attention_mask (GPT2TokenizerFast, a decoder's own)"
+      )
+    return functional.call(graphdefs[t], {**params, head_key: heads[t]}, **batch)
+
+  return logits

@@ -30,7 +30,7 @@ from adarank_jax.core import decomposition, evaluate, masking, merging, task_vec
 from adarank_jax.core import layout as layout_lib
 from adarank_jax.data import pipeline, registry
 from adarank_jax.data.task import DatasetMismatchError, DatasetNotFoundError
-from adarank_jax.experiment import loading, loop, methods, report, validate
+from adarank_jax.experiment import loading, loop, methods, plan, report, validate
 from adarank_jax.storage import checkpoint, files
 
 
@@ -39,6 +39,7 @@ def run(
 ) -> dict[str, Any]:
   """Runs `config.methods` in order; writes results.json, results.md, rank heatmaps and exports."""
   mesh = _mesh(config)
+  _check_memory(config, mesh)
   outputs = _prepare_workdir(config, workdir, overwrite=overwrite)
   sources, validation_sources = _open_data_sets(config)
   timings: dict[str, float] = {}
@@ -124,6 +125,19 @@ def _mesh(config) -> Mesh:
       f"{shard.count} of every batch"
     )
   return mesh
+
+
+def _check_memory(config, mesh: Mesh) -> None:
+  """A decoder run whose training step's inputs would not fit its devices stops here, before
+  anything is loaded, with the plan and the option that fits (`plan.check`). Devices of one host
+  that share its memory (CPU) each get their share of it."""
+  if config.architecture != "decoder" or not any(
+    (m := methods.get(name)).training is not None and m.training.masks for name in config.methods
+  ):
+    return
+  free = plan.device_memory()
+  if free is not None:
+    plan.check(config, devices=mesh.devices.size, device_memory=free)
 
 
 def _prepare_workdir(config, workdir: Path, *, overwrite: bool) -> Path:
