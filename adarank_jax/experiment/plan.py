@@ -292,7 +292,7 @@ def _abstract_frozen(origin, factors, mesh, placement):
   def place(tree, skip):
     def one(x):
       if placement == "fsdp":
-        spec = train.fsdp_spec(x.shape, mesh.shape["model"], skip_leading=skip)
+        spec = train.fsdp_spec(x.shape, mesh.shape.get("model", 1), skip_leading=skip)
       else:
         spec = P("task") if placement == "task" and skip else P()
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=named(spec))
