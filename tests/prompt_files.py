@@ -1,4 +1,4 @@
-"""A tiny word-level tokenizer and prompt files, written by the tests that need them."""
+"""A tiny byte-level BPE tokenizer and prompt files, written by the tests that need them."""
 
 import json
 
@@ -9,22 +9,23 @@ WORDS = "the cat sat on a mat dog ran far away big small red blue one two three 
 
 
 def tokenizer(directory, *, bos=False):
-  """A word-level PreTrainedTokenizerFast over WORDS (+ <pad>, </s>, <unk>, and <s> with `bos`, prepended
-  to every input), saved in `directory`."""
+  """A byte-level BPE tokenizer trained on WORDS, with <pad>, </s> (and with `bos` a <s> prepended to
+  every input), saved as a PreTrainedTokenizerFast in `directory`. Byte-level BPE, as Qwen2's own: in a
+  Qwen2 model directory AutoTokenizer reads it as a Qwen2 tokenizer, which keeps its tokens."""
   directory.mkdir(parents=True, exist_ok=True)
-  special = ["<pad>", "</s>", "<unk>"] + (["<s>"] if bos else [])
-  vocab = {word: i for i, word in enumerate(special + WORDS)}
-  model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  special = ["<pad>", "</s>"] + (["<s>"] if bos else [])
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(
+    [" ".join(WORDS)] * 3, vocab_size=300, min_frequency=1, special_tokens=special, show_progress=False
+  )
   if bos:
-    model.post_processor = tokenizers.processors.TemplateProcessing(
-      single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    bpe.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
     )
   fast = transformers.PreTrainedTokenizerFast(
-    tokenizer_object=model,
+    tokenizer_object=bpe._tokenizer,  # pylint: disable=protected-access
     pad_token="<pad>",
     eos_token="</s>",
-    unk_token="<unk>",
     **({"bos_token": "<s>"} if bos else {}),
     model_input_names=["input_ids", "attention_mask"],
   )

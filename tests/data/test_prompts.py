@@ -45,15 +45,15 @@ def test_bad_files_are_errors_naming_file_and_line(tmp_path, name, content, mess
 
 def test_tokenized_with_the_models_tokenizer_right_padded_and_truncated(tmp_path):
   tokenizer = prompt_files.tokenizer(tmp_path / "tok", bos=True)
-  prepare = pipeline.prompt_preprocessor(tokenizer_dir=tmp_path / "tok", max_length=6)
+  own = tokenizer("a dog ran")["input_ids"]
+  assert own[0] == tokenizer.bos_token_id and len(tokenizer(TEXTS[2])["input_ids"]) > len(own) + 2
+  length = len(own) + 2
+  prepare = pipeline.prompt_preprocessor(tokenizer_dir=tmp_path / "tok", max_length=length)
   short, long = prepare({"text": "a dog ran"}), prepare({"text": TEXTS[2]})
-  vocab = tokenizer.get_vocab()
-  expected = [vocab[w] for w in ("<s>", "a", "dog", "ran")] + [vocab["<pad>"]] * 2
+  expected = own + [tokenizer.pad_token_id] * 2
   np.testing.assert_array_equal(short["input_ids"], expected)
-  np.testing.assert_array_equal(short["attention_mask"], [1, 1, 1, 1, 0, 0])
-  np.testing.assert_array_equal(
-    long["input_ids"], [vocab[w] for w in ("<s>", "big", "red", "one", "two", "three")]
-  )
+  np.testing.assert_array_equal(short["attention_mask"], [1] * len(own) + [0, 0])
+  np.testing.assert_array_equal(long["input_ids"], tokenizer(TEXTS[2])["input_ids"][:length])  # cut right
   assert (
     long["attention_mask"].all()
     and short["input_ids"].dtype == np.int32
