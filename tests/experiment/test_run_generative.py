@@ -9,6 +9,11 @@ killed after its first checkpoint and resumed to the masks of an uninterrupted r
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -19,9 +24,11 @@ import torch
 import transformers
 from flax import nnx
 
+from adarank_jax.core import tree_util
 from adarank_jax.experiment import run, validate
 from adarank_jax.interop import safetensors_dir
 from adarank_jax.models import decoder, functional
+from adarank_jax.storage import checkpoint
 from configs import qwen2_generative
 from tests import prompt_files
 
@@ -175,3 +182,85 @@ def test_adaptation_minimises_the_next_token_entropy(generative_run):
     json.loads(line) for line in (root / "work" / "adarank_ta" / "evals.jsonl").read_text().splitlines()
   ]
   assert [e["step"] for e in evals] == [2, 4] and "next_token_entropy" in evals[0]["metrics"]["numbers"]
+
+
+def test_bad_prompt_files_stop_the_run_before_any_checkpoint_is_read(tmp_path):
+  (tmp_path / "prompts").mkdir()
+  prompt_files.write_jsonl(tmp_path / "prompts" / "animals.jsonl", ["a dog"], field="prompt")
+  (tmp_path / "prompts" / "numbers.jsonl").write_bytes(b'{"prompt": "one"}\n{"text": "two"}\n')
+  config = qwen2_generative.get_config("quick=true")
+  config.tasks = tuple(PROMPTS)
+  config.model.pretrained = str(tmp_path / "nothing")  # never read: the prompts are checked first
+  config.model.finetuned = str(tmp_path / "nothing" / "{task}")
+  config.data.prompts = str(tmp_path / "prompts" / "{task}.jsonl")
+  config.data.prompt_field = "prompt"
+  with pytest.raises(validate.ConfigError, match=r"numbers.jsonl, line 2: no field 'prompt'"):
+    run.run(config, tmp_path / "work", continued=False, overwrite=False, export="")
+  config.data.eval_prompts = str(tmp_path / "prompts" / "{task}_heldout.jsonl")
+  with pytest.raises(validate.ConfigError, match=r"data.eval_prompts: 2 prompt file\(s\) missing"):
+    validate.validate(config, paths=True)
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def _cli(root, workdir, *extra, wait=True):
+  args = [
+    sys.executable,
+    "-m",
+    "adarank_jax.main",
+    "--config",
+    str(ROOT / "configs/qwen2_generative.py") + ":quick=true",
+    f"--workdir={workdir}",
+    f"--config.model.pretrained={root / 'pretrained'}",
+    f"--config.model.finetuned={root / 'finetuned' / '{task}'}",
+    f"--config.tasks={tuple(PROMPTS)!r}",
+    f"--config.data.prompts={root / 'prompts' / '{task}.txt'}",  # .txt: one prompt per line
+    f"--config.data.max_length={MAX_LENGTH}",
+    "--config.methods=('task_arithmetic','adarank_ta')",
+    "--config.adarank.num_steps=8",
+    "--config.adarank.eval_every=4",
+    "--config.adarank.layout=config",  # two runs compared bit for bit: one layout in both
+    "--export=hf",
+    *extra,
+  ]
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+  }
+  if not wait:
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_merges_adapts_exports_and_resumes_a_killed_run(tmp_path):
+  tokenizer = _checkpoints(tmp_path)
+  straight = _cli(tmp_path, tmp_path / "straight")
+  assert straight.returncode == 0, straight.stdout + straight.stderr
+  results = json.loads((tmp_path / "straight" / "results.json").read_text())
+  assert set(results["methods"]) == {"task_arithmetic", "adarank_ta"} and results["metric"] == "perplexity"
+  for method in results["methods"]:  # evaluated on the adaptation prompts (no data.eval_prompts)
+    for task, (adapt, _) in PROMPTS.items():
+      perplexity, entropy = _transformers_scores(tmp_path / "straight" / "export" / method, tokenizer, adapt)
+      assert results["methods"][method][task] == pytest.approx(perplexity, rel=1e-5), (method, task)
+      assert results["metrics"][method][task]["next_token_entropy"] == pytest.approx(entropy, rel=1e-5)
+
+  proc = _cli(tmp_path, tmp_path / "killed", wait=False)
+  step_dir = tmp_path / "killed" / "adarank_ta" / "checkpoints" / "2"
+  deadline = time.time() + 500
+  while not step_dir.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert step_dir.exists(), proc.communicate()[0].decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert not (tmp_path / "killed" / "results.json").exists()  # killed before the end
+  resumed = _cli(tmp_path, tmp_path / "killed", "--resume")
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  masks = lambda w: tree_util.flatten(checkpoint.load_tree(w / "adarank_ta" / "masks"))
+  a, b = masks(tmp_path / "straight"), masks(tmp_path / "killed")
+  assert a.keys() == b.keys() and any("self_attn/q_proj" in k for k in a)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  again = json.loads((tmp_path / "killed" / "results.json").read_text())
+  assert again["methods"] == results["methods"] and again["metrics"] == results["metrics"]
