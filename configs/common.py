@@ -47,7 +47,10 @@ DECOMPOSE = {
   ),
 }
 # What the official code leaves unmerged: it stays at the origin (pretrained for TA, average for CART).
+# 'causal_lm': generative merging of decoders (our extension), the token embeddings and the LM head
+# kept as the classifiers keep theirs.
 UNMERGED = {
+  "causal_lm": (r"model/embed_tokens/.*", r"lm_head/.*"),
   "clip": (),
   "roberta": (r"(roberta|bert)/embeddings/.*",),
   "gpt2": (r"transformer/(wte|wpe)/.*",),
@@ -95,6 +98,10 @@ def base():
   config = ml_collections.ConfigDict()
   config.name = ""  # experiment name, shown in reports
   config.architecture = "clip"  # 'clip' | 'roberta' | 'gpt2' | 'decoder' (Llama, Mistral, Qwen2)
+  # 'classification' (the paper's: each task's head, the entropy of its class predictions on the
+  # task's test split) | 'generative' (our extension: decoder causal LMs merged whole, the mean
+  # next-token entropy on each task's prompt file; docs/algorithm.md, "Generative merging")
+  config.task_type = "classification"
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
@@ -108,7 +115,11 @@ def base():
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ""  # tfds data_dir that holds the prepared data sets
   config.data.tokenizer = ""  # LMs: local tokenizer directory ('' = the pretrained dir)
-  config.data.max_length = 128  # LMs: tokens per example
+  config.data.max_length = 128  # LMs: tokens per example (generative: per prompt)
+  config.data.prompts = ""  # generative: each task's unlabeled prompts, a .jsonl or .txt path with {task}
+  config.data.eval_prompts = ""  # generative: each task's evaluation prompts, a path with {task}
+  # ('' = data.prompts, as the paper evaluates on the test split it adapts on)
+  config.data.prompt_field = "text"  # generative .jsonl files: the field that holds each prompt
   config.data.workers = 2  # preprocessing threads (per worker process, if any)
   config.data.processes = 0  # worker processes that decode and preprocess (0: threads of the run's
   # own process); a checkpoint's data state holds one entry per worker
@@ -286,3 +297,19 @@ def decoder_experiment(arg, *, model):
     cart=dict(prior=1.3, initial_rank_ratio=0.01, learning_rate=5e-5),
     eval_batch_size=64,
   )
+
+
+def generative_experiment(arg, *, model):
+  """AdaRank merging Llama, Mistral or Qwen2 causal LMs whole (configs/qwen2_generative.py and its
+  siblings): the objective per task is the mean next-token entropy of the merged model on the task's
+  unlabeled prompts (our extension, not the paper's: docs/algorithm.md, "Generative merging"). The
+  matrices decomposed are the classifiers' (DECOMPOSE['decoder']), the embeddings and lm_head stay at the
+  origin (UNMERGED['causal_lm']); the schedule and learning rates are the decoder classifiers', unconfirmed
+  here. No tasks are set: give them (--config.tasks) with their prompt files (--config.data.prompts).
+  Config args as for `experiment`."""
+  config = decoder_experiment(arg, model=model)
+  config.task_type = "generative"
+  config.tasks = ()
+  config.merge.unmerged = UNMERGED["causal_lm"]
+  config.name = config.name.replace(f"{len(GLUE_7)}tasks", "generative")
+  return config

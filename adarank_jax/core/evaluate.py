@@ -1,4 +1,5 @@
-"""Evaluation over padded, masked batches: top-1 accuracy, Matthews correlation, normalized scores.
+"""Evaluation over padded, masked batches: top-1 accuracy, Matthews correlation, normalized scores, and
+for generative tasks a causal LM's next-token entropy and perplexity (`language_model_scores`).
 
 Evaluators see only a `predict_fn` (big_vision style): a jitted function the caller builds, from the batch
 inputs to logits. They never touch the model, and `predict_fn` never sees the labels.
@@ -266,3 +267,46 @@ def evaluate_task(
   metric_fn = _metric_fn(metric)
   confusion = accumulate_confusion(predict_fn, batches)
   return metric_fn(confusion if combine is None else combine(confusion))
+
+
+# ------------------------------------------------------------------------------------------------
+# Generative tasks: label-free scores of a causal LM on a task's prompts.
+
+SumsFn = Callable[[dict[str, Any]], Mapping[str, jax.Array]]
+
+
+def language_model_scores(sums_fn: SumsFn, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+  """A causal LM's label-free scores over all batches of a task's prompts.
+
+  Args:
+    sums_fn: jitted; the batch's inputs (input_ids, attention_mask) -> the sums of
+      `objectives.next_token_sums` over the batch (replicated scalars). Padding rows (`mask` 0) must
+      have an all-zero attention mask, as the data pipeline pads them, so they add nothing.
+    batches: dicts of fixed-shape numpy arrays with 'mask' (B,) and the inputs.
+
+  Returns:
+    next_token_entropy: sum of the next-token entropies over every non-pad position / their number
+      (nats; the objective's definition over the whole pass, not a mean of batch means);
+    perplexity: exp(the summed negative log-likelihood of every token after a prompt's first / their
+      number); positions, targets: the counts behind them.
+  """
+  pending = []
+  for index, batch in enumerate(batches):
+    if MASK_KEY not in batch:
+      raise BatchError(f"batch {index} has no {MASK_KEY!r} key; keys are {sorted(batch)}")
+    pending.append(sums_fn({k: v for k, v in batch.items() if k not in (LABEL_KEY, MASK_KEY)}))
+  if not pending:
+    raise BatchError("no batches to evaluate")
+  total = {key: 0.0 for key in pending[0]}
+  for sums in pending:
+    for key, value in sums.items():
+      value = value.addressable_data(0) if isinstance(value, jax.Array) else value
+      total[key] += float(np.asarray(value, np.float64))
+  if total["targets"] == 0:
+    raise BatchError("no prompt has two tokens: there is no next token to score")
+  return {
+    "next_token_entropy": total["entropy_sum"] / total["positions"],
+    "perplexity": float(np.exp(total["nll_sum"] / total["targets"])),
+    "positions": int(total["positions"]),
+    "targets": int(total["targets"]),
+  }

@@ -1,7 +1,8 @@
 """Test-time training of AdaRank's masks and coefficients (docs/algorithm.md, section 4).
 
 The loss is sum_t H_t, the batch-mean prediction entropy of each task's head on weights rebuilt by
-`merging.merge` (straight-through masks). Adam (0.9, 0.999), no schedule, no clipping, no weight
+`merging.merge` (straight-through masks); for generative merging H_t is the mean next-token entropy
+of the merged causal LM on task t's prompts (the `objective` argument, our extension). Adam (0.9, 0.999), no schedule, no clipping, no weight
 decay, on the mask logits and the coefficients only; the origin and the factors are frozen.
 
   frozen = (origin, factors)                 # never donated, never differentiated
@@ -43,6 +44,20 @@ FACTOR_PLACEMENTS = ("replicated", "task", "fsdp")
 
 TaskLogitsFn = Callable[[Any, int, Any], jax.Array]
 LogitsFn = Callable[[Any, Sequence[Any]], Sequence[jax.Array]]
+# objective(logits of task t, task t's inputs) -> H_t, the scalar each task contributes to the loss.
+Objective = Callable[[jax.Array, Any], jax.Array]
+
+
+def class_entropy(logits: jax.Array, inputs: Any) -> jax.Array:
+  """The paper's objective: the batch-mean entropy of a task head's class predictions."""
+  del inputs
+  return objectives.entropy(logits)
+
+
+def next_token_entropy(logits: jax.Array, inputs: Any) -> jax.Array:
+  """The generative objective (our extension): `objectives.next_token_entropy` of a causal LM's
+  (B, L, V) logits over the non-pad positions of the prompts (`inputs["attention_mask"]`)."""
+  return objectives.next_token_entropy(logits, inputs["attention_mask"])
 
 
 class TrainState(NamedTuple):
@@ -177,6 +192,7 @@ def make_loss_fn(
   precision: Any = None,
   learn: str = "both",
   coefficient_range: tuple[float, float] | None = None,
+  objective: Objective = class_entropy,
 ) -> Callable[..., Any]:
   """loss_fn((mask_logits, coefficients), (origin, factors), batches, deltas=None) -> (loss, (T,) H).
 
@@ -185,6 +201,7 @@ def make_loss_fn(
   `mask_mode` is passed to `merging.merge` ('ste' to train, 'soft' for the smooth surrogate).
   `learn`: 'both' (AdaRank), or 'masks' / 'coefficients' alone (the ablations: the other part gets
   no gradient, so Adam leaves it at its initial value). `coefficient_range`: see `merging.merge`.
+  `objective(logits_t, batches[t]) -> H_t`: `class_entropy` (the paper's) or `next_token_entropy`.
   """
   if learn not in LEARN:
     raise ValueError(f"make_loss_fn: learn={learn!r}; expected one of {LEARN}")
@@ -209,7 +226,8 @@ def make_loss_fn(
       deltas=deltas,
       coefficient_range=coefficient_range,
     )
-    entropies = jnp.stack([objectives.entropy(logits) for logits in logits_fn(params, batches)])
+    outputs = logits_fn(params, batches)
+    entropies = jnp.stack([objective(logits, batch) for logits, batch in zip(outputs, batches)])
     return jnp.sum(entropies), entropies
 
   return loss_fn
@@ -226,6 +244,7 @@ def make_train_step(
   precision: Any = None,
   learn: str = "both",
   coefficient_range: tuple[float, float] | None = None,
+  objective: Objective = class_entropy,
 ) -> Callable[..., Any]:
   """One jitted `step(frozen, state, batches) -> (state, metrics)`; `state` is donated.
 
@@ -237,7 +256,7 @@ def make_train_step(
     mesh: optional mesh from `make_mesh`; the new state and the metrics come out replicated on it.
     mask_mode: 'ste' (AdaRank) or 'soft'; see `merging.merge`.
     precision: matmul precision of the weight rebuild; see `merging.svd_delta`.
-    learn, coefficient_range: see `make_loss_fn`.
+    learn, coefficient_range, objective: see `make_loss_fn`.
 
   Returns:
     The jitted step. metrics: loss (scalar), entropy (T,), kept_fraction (scalar, after the update).
@@ -250,6 +269,7 @@ def make_train_step(
     precision=precision,
     learn=learn,
     coefficient_range=coefficient_range,
+    objective=objective,
   )
 
   def step(frozen, state: TrainState, batches):

@@ -19,8 +19,8 @@ every global batch, so the parts of all processes, in process order, are the glo
 holds). Evaluation pads the pass to whole global batches, so every process gets as many batches.
 
 `prepare(record) -> dict[str, np.ndarray]` turns one source record into fixed-shape arrays
-(`vision_preprocessor`, `text_preprocessor`). It runs in `workers` threads of this process (PIL resizing
-and numpy release the GIL), or, with `processes` > 0, in that many worker processes (then `prepare` and
+(`vision_preprocessor`, `text_preprocessor`, `prompt_preprocessor`). It runs in `workers` threads of
+this process (PIL resizing and numpy release the GIL), or, with `processes` > 0, in that many worker processes (then `prepare` and
 the source are pickled; grain reads its absl flags there, so call this from an absl program, as
 `adarank_jax.main` is). Nothing here needs TensorFlow. `model_inputs(batch, modality=...)` picks the arrays
 a model takes.
@@ -39,12 +39,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from adarank_jax.core import train
-from adarank_jax.data import glue, preprocess
+from adarank_jax.data import glue, preprocess, prompts
 from adarank_jax.data.task import Source
 
 Batch = dict[str, np.ndarray]
 Prepare = Callable[[Mapping[str, Any]], dict[str, np.ndarray]]
-_INPUT_KEYS = {"vision": ("image",), "text": ("input_ids", "attention_mask", "token_type_ids")}
+_INPUT_KEYS = {
+  "vision": ("image",),
+  "text": ("input_ids", "attention_mask", "token_type_ids"),
+  "prompts": ("input_ids", "attention_mask"),  # generative tasks' unlabeled prompts (data/prompts.py)
+}
 
 
 class Shard(NamedTuple):
@@ -86,8 +90,14 @@ def text_preprocessor(*, tokenizer_dir: str | os.PathLike[str], max_length: int 
   return glue.TextPreprocessor(glue.load_tokenizer(tokenizer_dir), max_length=max_length)
 
 
+def prompt_preprocessor(*, tokenizer_dir: str | os.PathLike[str], max_length: int) -> Prepare:
+  """prompt record {"text"} -> right-padded int32 input_ids and attention_mask (max_length,)."""
+  return prompts.PromptPreprocessor(glue.load_tokenizer(tokenizer_dir), max_length=max_length)
+
+
 def model_inputs(batch: Mapping[str, np.ndarray], *, modality: str) -> dict[str, np.ndarray]:
-  """The model's inputs of a batch: {"image"} (vision) or the token arrays (text); no label / mask."""
+  """The model's inputs of a batch: {"image"} (vision) or the token arrays (text, prompts); no label or
+  mask."""
   if modality not in _INPUT_KEYS:
     raise ValueError(f"modality must be one of {sorted(_INPUT_KEYS)}, got {modality!r}")
   inputs = {k: batch[k] for k in _INPUT_KEYS[modality] if k in batch}

@@ -10,9 +10,10 @@
                           # once, over all tasks' images, `layout.tasks_per_forward` tasks per call
   setup.predict(params, t, batch)                  # the same, jitted, for evaluation
   setup.export(params, path)                       # a merged tree -> PyTorch-loadable checkpoint(s)
+  setup.objective(logits_t, inputs_t) -> H_t       # what adaptation minimises (train.Objective)
 
 The variant is data: experiment/run.py never branches on the architecture beyond picking the loader (load_clip for
-CLIP, load_lm for the language models).
+CLIP, load_lm for the language classifiers, load_causal_lm for generative merging).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from adarank_jax.models import heads as heads_lib
 class Setup:
   """The loaded models: the trees to merge, the heads and the pure functions over them."""
 
-  modality: str  # 'vision' | 'text': which input pipeline feeds it
+  modality: str  # 'vision' | 'text' | 'prompts' (generative): which input pipeline feeds it
   merged: Any  # pretrained tree of the merged part
   finetuned: tuple[Any, ...]  # T fine-tuned trees of the same structure
   logits: Callable[[Any, int, Any], jax.Array]
@@ -52,7 +53,8 @@ class Setup:
   predict: Callable[[Any, int, Any], jax.Array]  # jitted `logits` for evaluation, compiled sparingly
   export: Callable[[Any, str | os.PathLike], None]
   image_size: int = 0  # vision: the model's input resolution
-  tokenizer: str = ""  # text: local tokenizer directory
+  tokenizer: str = ""  # text, prompts: local tokenizer directory
+  objective: train.Objective = train.class_entropy  # H_t of task t's logits and inputs
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -311,3 +313,75 @@ def lm_logits(
     return functional.call(graphdefs[t], {**params, head_key: heads[t]}, **batch)
 
   return logits
+
+
+def load_causal_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence[str], dtype: str) -> Setup:
+  """HF Llama/Mistral/Qwen2 causal-LM directories -> generative merging of the whole model.
+
+  Every directory is an XForCausalLM of one architecture (sharded safetensors, checked from their
+  headers, then read one tensor at a time with a NaN/Inf check). The merged tree is the whole model:
+  there are no task heads, so every task reads the same merged model and `logits(params, t, batch)`
+  is its (B, L, V) next-token logits whatever t; the objective is `train.next_token_entropy`. (Which
+  tensors stay unmerged, such as the embeddings and lm_head, is the config's `merge.unmerged`.)
+  `export(params, path)` writes one HF directory at path: the pretrained config.json, the merged
+  weights in sharded safetensors and the tokenizer files.
+
+  Args:
+    pretrained: HF directory of the pretrained causal LM (also the default tokenizer directory).
+    finetuned: one HF directory per task, the same architecture.
+    tasks: the task names, in the order of `finetuned`.
+    dtype: compute dtype name.
+  """
+  from adarank_jax.interop import hf, safetensors_dir  # pylint: disable=g-import-not-at-top
+
+  if len(tasks) != len(finetuned):
+    raise ValueError(f"load_causal_lm: {len(tasks)} tasks but {len(finetuned)} fine-tuned directories")
+  not_decoders = [str(p) for p in (pretrained, *finetuned) if not safetensors_dir.is_decoder_dir(p)]
+  if not_decoders:
+    raise ValueError(
+      f"generative merging reads Llama, Mistral or Qwen2 causal-LM directories (config.json with a "
+      f"model_type of {', '.join(decoder.MODEL_TYPES)}); these are not: {', '.join(not_decoders)}"
+    )
+  pre_config, pre_tree = safetensors_dir.load(pretrained)
+  pre_shapes = tree_util.shapes(tree_util.flatten(pre_tree))
+  tuned = []
+  for path, config in [(pretrained, pre_config)] + [(p, None) for p in finetuned]:
+    if config is None:
+      config, tree = safetensors_dir.load(path)
+      hf.check_compatible(pre_config, config, reference_source=pretrained, source=path)
+      tree_util.check_structure(pre_shapes, tree_util.flatten(tree), source=str(path))
+      tuned.append(tree)
+    if not config.architecture.endswith("ForCausalLM"):
+      raise ValueError(
+        f"{Path(path) / 'config.json'}: a {config.architecture}; generative merging needs causal LMs "
+        f"({', '.join(p + 'ForCausalLM' for p in decoder.MODEL_TYPES.values())})"
+      )
+  graphdef = functional.split(
+    nnx.eval_shape(lambda: decoder.build(dataclasses.replace(pre_config, dtype=dtype), rngs=nnx.Rngs(0)))
+  )[0]
+
+  def forward(params, batch):
+    return functional.call(graphdef, params, batch["input_ids"], batch["attention_mask"])
+
+  jitted = jax.jit(forward)
+
+  def export(params, path):
+    hf_config = json.loads((Path(pretrained) / "config.json").read_text())
+    safetensors_dir.save_sharded(jax.device_get(params), hf_config, path)
+    for name in TOKENIZER_FILES:  # so the export is usable as it is, tokenizer included
+      if (Path(pretrained) / name).is_file():
+        shutil.copyfile(Path(pretrained) / name, Path(path) / name)
+
+  return Setup(
+    modality="prompts",
+    merged=pre_tree,
+    finetuned=tuple(tuned),
+    logits=lambda params, t, batch: forward(params, batch),
+    # one traced forward of the concatenated tasks' prompts; each task's rows are its logits
+    train_logits=lambda layout: train.one_forward(forward, lambda t, logits: logits),
+    tower_layouts=False,
+    predict=lambda params, t, batch: jitted(params, batch),  # one compile serves every task
+    export=export,
+    tokenizer=str(pretrained),
+    objective=train.next_token_entropy,
+  )

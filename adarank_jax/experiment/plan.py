@@ -72,6 +72,10 @@ class DoesNotFit(ValueError):
 
 def decoder_config(config) -> decoder.DecoderConfig:
   """The sequence classifier of config.model.pretrained's config.json (its shapes; no weights read)."""
+  if config.task_type != "classification":
+    raise ValueError(
+      f"task_type={config.task_type!r}: the planner covers decoder classifiers (task_type='classification')"
+    )
   path = Path(config.model.pretrained) / "config.json"
   try:
     raw = json.loads(path.read_text())

@@ -34,23 +34,17 @@ SELECTION_VALIDATION = (
 # config.adarank.selection -> how results.json and results.md describe it.
 SELECTION_OF = {"final": SELECTION_FINAL, "oracle": SELECTION_ORACLE, "validation": SELECTION_VALIDATION}
 SELECTIONS = tuple(SELECTION_OF.values())
+# What a run's scores are: the task metrics (fractions, higher is better), or for generative tasks the
+# perplexity of each task's evaluation prompts (lower is better; results["metrics"] holds the rest).
+SCORE = "score"
+PERPLEXITY = "perplexity"
+METRICS = (SCORE, PERPLEXITY)
 INDIVIDUAL_ROW = "individual"  # the fine-tuned reference row of the tables
 MAX_ANNOTATED_CELLS = 400  # the heatmap writes the count in each cell up to this many cells
 
 
-class Results(TypedDict):
-  """A run's results; a plain dict that json.dump writes as is. Scores are fractions.
-
-  name: the config name.  model: e.g. "ViT-B-32".  tasks: the task names, in table order.
-  selection: how the reported AdaRank step was chosen, one of SELECTIONS.
-  steps: trained method -> optimization steps of its run (empty when nothing was trained).
-  selected_steps: trained method -> the step of its reported model (the last one for "final").
-  methods: method -> task -> score, in the order the methods were run; the caller fills it
-    (`results["methods"][method] = scores`).
-  individual: task -> score of the task's own fine-tuned model, the reference of the normalized
-    scores; empty when the fine-tuned models were not evaluated.
-  timings_s: what -> seconds, e.g. {"load_s": 3.1, "adarank_ta_s": 600.0}.
-  """
+class _Required(TypedDict):
+  """The keys every Results has (see Results)."""
 
   name: str
   model: str
@@ -63,15 +57,44 @@ class Results(TypedDict):
   timings_s: dict[str, float]
 
 
+class Results(_Required, total=False):
+  """A run's results; a plain dict that json.dump writes as is. Scores are fractions.
+
+  name: the config name.  model: e.g. "ViT-B-32".  tasks: the task names, in table order.
+  selection: how the reported AdaRank step was chosen, one of SELECTIONS.
+  steps: trained method -> optimization steps of its run (empty when nothing was trained).
+  selected_steps: trained method -> the step of its reported model (the last one for "final").
+  methods: method -> task -> score, in the order the methods were run; the caller fills it
+    (`results["methods"][method] = scores`).
+  individual: task -> score of the task's own fine-tuned model, the reference of the normalized
+    scores; empty when the fine-tuned models were not evaluated.
+  timings_s: what -> seconds, e.g. {"load_s": 3.1, "adarank_ta_s": 600.0}.
+  metric: what the scores are, one of METRICS (absent: SCORE).
+  metrics: generative runs: method -> task -> every metric of `evaluate.language_model_scores`
+    (next_token_entropy, perplexity, positions, targets); "individual" included.
+  """
+
+  metric: str
+  metrics: dict[str, dict[str, dict[str, float]]]
+
+
 def new_results(
-  *, name: str, tasks: Sequence[str], model: str, selection: str, steps: Mapping[str, int] | None = None
+  *,
+  name: str,
+  tasks: Sequence[str],
+  model: str,
+  selection: str,
+  steps: Mapping[str, int] | None = None,
+  metric: str = SCORE,
 ) -> Results:
   """An empty Results (no methods, no individual scores yet)."""
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
   if selection not in SELECTIONS:
     raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
   if evaluate.AVERAGE_KEY in tasks or len(set(tasks)) != len(tasks):
     raise ValueError(f"tasks must be distinct and not {evaluate.AVERAGE_KEY!r}, got {list(tasks)}")
-  return Results(
+  results = Results(
     name=name,
     model=model,
     tasks=list(tasks),
@@ -82,6 +105,9 @@ def new_results(
     individual={},
     timings_s={},
   )
+  if metric != SCORE:
+    results.update(metric=metric, metrics={})
+  return results
 
 
 def _to_json(value: Any) -> Any:
@@ -167,6 +193,8 @@ def markdown_table(results: Results, tasks: Sequence[str] | None = None) -> str:
     missing = [task for task in tasks if task not in scores]
     if missing:
       raise ValueError(f"results for {method!r} lack tasks {missing}; have {sorted(scores)}")
+  if results.get("metric", SCORE) == PERPLEXITY:
+    return _generative_tables(results, rows, tasks)
   score_rows, normalized_rows = [], []
   for method, scores in rows.items():
     own = {task: scores[task] for task in tasks}
@@ -185,6 +213,34 @@ def markdown_table(results: Results, tasks: Sequence[str] | None = None) -> str:
     + _table(["Method", *tasks, "Avg.", "Norm. avg."], score_rows)
     + "\n\nNormalized scores (% of the individual fine-tuned model)\n\n"
     + _table(["Method", *tasks, "Avg."], normalized_rows)
+    + "\n"
+  )
+
+
+def _number(value: float | None, digits: int) -> str:
+  return "n/a" if value is None or not _finite(value) else f"{value:.{digits}f}"
+
+
+def _generative_tables(results: Results, rows: Mapping[str, Mapping[str, float]], tasks: list[str]) -> str:
+  """Generative runs: the perplexity of each task's evaluation prompts, and the mean next-token entropy
+  on them (the objective; nats), two decimals and three; lower is better in both, and no ratio to the
+  individual models is taken (a lower merged perplexity would read as a score below 100%)."""
+  metrics = results.get("metrics", {})
+  perplexity = [
+    [m] + [_number(s[t], 2) for t in tasks] + [_number(evaluate.average(s), 2)] for m, s in rows.items()
+  ]
+  entropy = []
+  for method in rows:
+    values = [metrics.get(method, {}).get(t, {}).get("next_token_entropy") for t in tasks]
+    known = [v for v in values if v is not None]
+    entropy.append(
+      [method] + [_number(v, 3) for v in values] + [_number(np.mean(known) if known else None, 3)]
+    )
+  return (
+    "Perplexity of each task's evaluation prompts (lower is better)\n\n"
+    + _table(["Method", *tasks, "Avg."], perplexity)
+    + "\n\nMean next-token entropy on them (nats; the objective AdaRank minimises)\n\n"
+    + _table(["Method", *tasks, "Avg."], entropy)
     + "\n"
   )
 
@@ -212,7 +268,7 @@ def write_markdown(path: str | os.PathLike[str], results: Results) -> None:
     f"- steps: {steps}\n"
     f"- timings (s): {timings}\n"
   )
-  if results["individual"]:
+  if results["individual"] and results.get("metric", SCORE) == SCORE:
     header += "- normalized = merged / individual per task; the normalized average is the mean of ratios\n"
   header += "\n"
   files.write_atomic(path, header + markdown_table(results))

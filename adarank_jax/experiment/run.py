@@ -26,9 +26,18 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from adarank_jax.core import decomposition, evaluate, masking, merging, task_vectors, train, tree_util
+from adarank_jax.core import (
+  decomposition,
+  evaluate,
+  masking,
+  merging,
+  objectives,
+  task_vectors,
+  train,
+  tree_util,
+)
 from adarank_jax.core import layout as layout_lib
-from adarank_jax.data import pipeline, registry
+from adarank_jax.data import pipeline, prompts, registry
 from adarank_jax.data.task import DatasetMismatchError, DatasetNotFoundError
 from adarank_jax.experiment import loading, loop, methods, plan, report, validate
 from adarank_jax.storage import checkpoint, files
@@ -41,14 +50,14 @@ def run(
   mesh = _mesh(config)
   _check_memory(config, mesh)
   outputs = _prepare_workdir(config, workdir, overwrite=overwrite)
-  sources, validation_sources = _open_data_sets(config)
+  sources, eval_sources, validation_sources = _open_data_sets(config)
   timings: dict[str, float] = {}
   setup, model_label = _setup(config, Path(config.cache_dir or workdir / "cache"), sources, timings)
   if not continued:
     files.write_atomic(outputs / "config.json", config.to_json(indent=2) + "\n")
   writer = report.MetricWriter(outputs)
   data = _Data(config, setup, mesh)
-  evaluate_params = _Evaluator(config, data, setup.predict, mesh, sources)
+  evaluate_params = _Evaluator(config, data, setup, mesh, eval_sources)
   inputs = _Inputs(config, setup, timings)
   setup = dataclasses.replace(setup, finetuned=())  # `inputs` is their only holder from here on
   programs = _Programs(config, setup, mesh)
@@ -58,6 +67,7 @@ def run(
     model=model_label,
     steps={m: _num_steps(config, methods.get(m).training) for m in config.methods if methods.get(m).trains},
     selection=report.SELECTION_OF[config.adarank.selection],
+    metric=report.PERPLEXITY if config.task_type == "generative" else report.SCORE,
   )
   for index, method in enumerate(config.methods):
     begin = time.perf_counter()
@@ -128,11 +138,13 @@ def _mesh(config) -> Mesh:
 
 
 def _check_memory(config, mesh: Mesh) -> None:
-  """A decoder run whose training step's inputs would not fit its devices stops here, before
+  """A decoder classifier run whose training step's inputs would not fit its devices stops here, before
   anything is loaded, with the plan and the option that fits (`plan.check`). Devices of one host
   that share its memory (CPU) each get their share of it."""
-  if config.architecture != "decoder" or not any(
-    (m := methods.get(name)).training is not None and m.training.masks for name in config.methods
+  if (
+    config.architecture != "decoder"
+    or config.task_type != "classification"
+    or not any((m := methods.get(name)).training is not None and m.training.masks for name in config.methods)
   ):
     return
   free = plan.device_memory()
@@ -159,10 +171,13 @@ def _prepare_workdir(config, workdir: Path, *, overwrite: bool) -> Path:
   return outputs
 
 
-def _open_data_sets(config) -> tuple[list[Any], list[Any]]:
-  """Every task's evaluation (and adaptation) split, and its validation split for
-  selection=validation (Task.validation_split in adarank_jax/data/task.py), opened before any
-  checkpoint is loaded: all missing ones in one error."""
+def _open_data_sets(config) -> tuple[list[Any], list[Any], list[Any]]:
+  """Every task's adaptation split, its evaluation split (the same one, as in the paper: a task's
+  test split) and its validation split for selection=validation (Task.validation_split in
+  adarank_jax/data/task.py), opened before any checkpoint is loaded: all missing ones in one error.
+  Generative tasks: their prompt files instead (`_open_prompt_files`)."""
+  if config.task_type == "generative":
+    return _open_prompt_files(config)
   sources, validation_sources, missing = [], [], []
   for t in config.tasks:
     task = registry.get(t)
@@ -181,7 +196,31 @@ def _open_data_sets(config) -> tuple[list[Any], list[Any]]:
     raise validate.ConfigError(
       f"{len(missing)} of {len(config.tasks)} data sets cannot be read:\n  " + "\n  ".join(missing)
     )
-  return sources, validation_sources
+  return sources, sources, validation_sources
+
+
+def _open_prompt_files(config) -> tuple[list[Any], list[Any], list[Any]]:
+  """Generative tasks: each task's unlabeled prompts (data.prompts, with {task}) to adapt on and its
+  evaluation prompts (data.eval_prompts; '' = the same ones), every file read and checked before any
+  checkpoint is loaded: every bad file in one error. No validation splits."""
+  opened, problems = {}, []
+  templates = [config.data.prompts, config.data.eval_prompts or config.data.prompts]
+  for template in templates:
+    for task in config.tasks:
+      path = validate.finetuned_path(template, task)
+      if path not in opened:
+        try:
+          opened[path] = prompts.open_prompts(path, field=config.data.prompt_field)
+        except prompts.PromptFileError as error:
+          problems.append(str(error))
+  if problems:
+    raise validate.ConfigError(
+      f"{len(problems)} prompt file(s) cannot be used:\n  " + "\n  ".join(dict.fromkeys(problems))
+    )
+  adapt, evaluate_on = (
+    [opened[validate.finetuned_path(template, t)] for t in config.tasks] for template in templates
+  )
+  return adapt, evaluate_on, []
 
 
 def _setup(config, cache_dir: Path, sources, timings: dict[str, float]) -> tuple[loading.Setup, str]:
@@ -207,6 +246,10 @@ def _setup(config, cache_dir: Path, sources, timings: dict[str, float]) -> tuple
       run_pickled_code=config.model.run_pickled_code,
       cache_dir=cache_dir,
     )
+  elif config.task_type == "generative":
+    setup = loading.load_causal_lm(
+      pretrained=pretrained, finetuned=paths, tasks=tasks, dtype=config.model.dtype
+    )
   else:
     setup = loading.load_lm(pretrained=pretrained, finetuned=paths, tasks=tasks, dtype=config.model.dtype)
   timings["load_s"] = time.perf_counter() - start
@@ -221,6 +264,10 @@ class _Data:
   def __init__(self, config, setup: loading.Setup, mesh: Mesh):
     if setup.modality == "vision":
       self.prepare = pipeline.vision_preprocessor(image_size=setup.image_size)
+    elif setup.modality == "prompts":
+      self.prepare = pipeline.prompt_preprocessor(
+        tokenizer_dir=config.data.tokenizer or setup.tokenizer, max_length=config.data.max_length
+      )
     else:
       self.prepare = pipeline.text_preprocessor(
         tokenizer_dir=config.data.tokenizer or setup.tokenizer, max_length=config.data.max_length
@@ -231,15 +278,28 @@ class _Data:
 
 class _Evaluator:
   """evaluate_params(params, only=None, on=None) -> {task: score} on every task (or the tasks in
-  `only`) of the splits `on` (default: the test splits).
+  `only`) of the splits `on` (default: the evaluation splits); `evaluate_params.with_details(...)`
+  -> (the same, {task: every metric}).
+
+  Classification: the score is the task's metric (accuracy or Matthews correlation), with no details.
+  Generative tasks: the score is the perplexity of the task's evaluation prompts (lower is better),
+  the details `evaluate.language_model_scores` (next-token entropy, perplexity, token counts).
 
   Evaluation is data-parallel like training: the merged model replicated on the mesh, every batch
   split over 'data'; each process reads its part of every batch and counts its rows, and the
-  confusion matrices of all processes are summed."""
+  confusion matrices of all processes are summed (a generative task's sums are global already)."""
 
-  def __init__(self, config, data: _Data, predict, mesh: Mesh, sources):
-    self.config, self.data, self.predict, self.mesh, self.sources = config, data, predict, mesh, sources
+  def __init__(self, config, data: _Data, setup: loading.Setup, mesh: Mesh, sources):
+    self.config, self.data, self.predict, self.mesh, self.sources = config, data, setup.predict, mesh, sources
     self.replicated = NamedSharding(mesh, P())
+    self.generative = setup.modality == "prompts"
+    if self.generative:
+      self.sums = jax.jit(
+        lambda params, batch: objectives.next_token_sums(
+          setup.logits(params, 0, batch), batch["input_ids"], batch["attention_mask"]
+        ),
+        out_shardings=self.replicated,
+      )
 
   def _on_mesh(self, x):
     """A leaf replicated on the mesh: a hard merge's output already is; host arrays and arrays on one
@@ -253,9 +313,12 @@ class _Evaluator:
     return multihost_utils.global_array_to_host_local_array(logits, self.mesh, P("data"))
 
   def __call__(self, params, only=None, on=None) -> dict[str, float]:
+    return self.with_details(params, only, on)[0]
+
+  def with_details(self, params, only=None, on=None) -> tuple[dict[str, float], dict[str, Any]]:
     config, on = self.config, self.sources if on is None else on
     params = jax.tree.map(self._on_mesh, params)
-    scores = {}
+    scores, details = {}, {}
     for t, name in enumerate(config.tasks):
       if only is None or t in only:
         batches = pipeline.eval_batches(
@@ -267,13 +330,26 @@ class _Evaluator:
           workers=config.data.workers,
           processes=config.data.processes,
         )
+        if self.generative:
+          try:
+            details[name] = evaluate.language_model_scores(
+              lambda inputs: self.sums(params, train.place_batches(self.data.inputs_of(inputs), self.mesh)),
+              batches,
+            )
+          except evaluate.BatchError as error:
+            raise evaluate.BatchError(
+              f"task {name}, prompts {getattr(on[t], 'path', '')}: {error} (does the tokenizer read "
+              f"from {config.data.tokenizer or 'the pretrained directory'} tokenize them?)"
+            ) from error
+          scores[name] = details[name]["perplexity"]
+          continue
         scores[name] = evaluate.evaluate_task(
           functools.partial(self._local_logits, t, params),
           batches,
           metric=registry.get(name).metric,
           combine=_sum_over_processes if jax.process_count() > 1 else None,
         )
-    return scores
+    return scores, details
 
 
 def _sum_over_processes(confusion):
@@ -368,6 +444,7 @@ class _Programs:
           mesh=self.mesh,
           learn=learn,
           coefficient_range=training.coefficient_range,
+          objective=self.setup.objective,
         ),
         jax.jit(  # replicated, so every process holds (and can fetch) the whole merged model
           functools.partial(
@@ -396,7 +473,9 @@ def _run_method(
   if method == "individual":
     results["individual"] = {}
     for t in range(len(config.tasks)):  # made: (the fine-tuned trees,)
-      results["individual"].update(evaluate_params(made[0][t], only={t}))
+      scores, details = evaluate_params.with_details(made[0][t], only={t})
+      results["individual"].update(scores)
+      _record_details(results, method, details)
     return results["individual"]
   if spec.trains:
     params, results["selected_steps"][method] = adapt(spec, origin=made[0], factors=made[1])
@@ -404,10 +483,17 @@ def _run_method(
     hyperparameters = dict(config.merge[method]) if method in config.merge else {}
     params = jax.jit(functools.partial(spec.merge, **hyperparameters))(*made)
   del made  # this method's inputs, before it is evaluated and the next one's are made
-  results["methods"][method] = evaluate_params(params)
+  results["methods"][method], details = evaluate_params.with_details(params)
+  _record_details(results, method, details)
   if export and jax.process_index() == 0:
     export(params, method if export_format == "hf" else f"{method}.{export_format}")
   return results["methods"][method]
+
+
+def _record_details(results, method: str, details: dict[str, Any]) -> None:
+  """A method's per-task metrics beyond its scores (generative tasks) in results["metrics"]."""
+  if details:
+    results.setdefault("metrics", {}).setdefault(method, {}).update(details)
 
 
 def _write_reports(config, outputs: Path, results, writer, *, export: str) -> None:
@@ -700,8 +786,10 @@ class _EvaluationPoints:
 
   def __call__(self, step: int, trainable) -> None:
     params = self.merge(trainable)
-    scores = self.evaluate_params(params)
+    scores, details = self.evaluate_params.with_details(params)
     record = {"step": step, "scores": scores, "average": evaluate.average(scores)}
+    if details:
+      record["metrics"] = details
     if self.selection == "validation":
       record["validation"] = self.evaluate_params(params, on=self.validation_sources)
       record["validation_average"] = evaluate.average(record["validation"])

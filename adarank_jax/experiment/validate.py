@@ -16,6 +16,7 @@ from adarank_jax.experiment import methods, report
 from adarank_jax.storage import files
 
 ARCHITECTURES = ("clip", "roberta", "gpt2", "decoder")
+TASK_TYPES = ("classification", "generative")
 EXPORTS = {"clip": ("safetensors", "pt"), "roberta": ("hf",), "gpt2": ("hf",), "decoder": ("hf",)}
 # Fields that may change when a run is resumed (they do not change what was computed so far).
 RESUMABLE = (
@@ -56,6 +57,7 @@ def validate(config: ml_collections.ConfigDict, *, export: str = "", paths: bool
     _model_and_merge_fields(config),
     _evaluation_and_mesh(config, export),
     _testbed(config),
+    _generative(config),
   ]
   if paths and not config.testbed.name:
     checks.append(_paths(config))
@@ -77,7 +79,9 @@ def _finite_numbers(config) -> Checks:
 def _names(config) -> Checks:
   """The testbed, the architecture, the tasks and the methods are known ones."""
   tasks = tuple(config.tasks)
-  unknown = [t for t in tasks if t not in registry.names()]
+  # generative tasks are named by the config alone: their data are the prompt files
+  registered = config.task_type != "generative"
+  unknown = [t for t in tasks if t not in registry.names()] if registered else []
   bad_methods = [m for m in config.methods if m not in methods.METHODS]
   return [
     (config.testbed.name in ("", "digits"), f"testbed.name={config.testbed.name!r}: expected '' or 'digits'"),
@@ -237,6 +241,33 @@ def _evaluation_and_mesh(config, export: str) -> Checks:
   return checks
 
 
+def _generative(config) -> Checks:
+  """The task type; generative merging's model family, selection, task names and prompt fields."""
+  if config.task_type not in TASK_TYPES:
+    return [(False, f"task_type={config.task_type!r}: expected one of {TASK_TYPES}")]
+  if config.task_type != "generative":
+    return []
+  bad_names = [t for t in config.tasks if not isinstance(t, str) or not t or "/" in t or t != t.strip()]
+  return [
+    (
+      config.architecture == "decoder",
+      f"task_type='generative' merges Llama, Mistral or Qwen2 causal LMs: expected architecture="
+      f"'decoder', got {config.architecture!r}",
+    ),
+    (
+      config.adarank.selection == "final",
+      f"adarank.selection={config.adarank.selection!r}: generative tasks have no labelled splits to "
+      "select on; expected 'final'",
+    ),
+    (not bad_names, f"tasks: {bad_names} cannot name generative tasks (non-empty, no '/', no spaces around)"),
+    (bool(config.data.prompt_field), "data.prompt_field: empty; expected the .jsonl field of the prompts"),
+    (
+      config.data.max_length >= 2,
+      f"data.max_length={config.data.max_length}: a next token needs prompts of at least 2 tokens",
+    ),
+  ]
+
+
 def _testbed(config) -> Checks:
   """A testbed provides the checkpoints: no model path may be set beside it."""
   if not config.testbed.name:
@@ -275,6 +306,25 @@ def _paths(config) -> Checks:
           f"model.finetuned: {len(missing)} fine-tuned checkpoint(s) missing: " + ", ".join(missing),
         )
       )
+  if config.task_type == "generative":
+    checks += _prompt_paths(config)
+  return checks
+
+
+def _prompt_paths(config) -> Checks:
+  """Generative tasks: every task's prompt files exist (what they hold is checked when they are read,
+  before any checkpoint is loaded)."""
+  checks = []
+  for key in ("prompts", "eval_prompts"):
+    template = config.data[key]
+    if key == "eval_prompts" and not template:
+      continue  # evaluated on data.prompts
+    example = f"'prompts/{{task}}{'_heldout' if key == 'eval_prompts' else ''}.jsonl'"
+    if "{task}" not in template:
+      checks.append((False, f"data.{key}={template!r}: expected a path with {{task}} in it, e.g. {example}"))
+      continue
+    missing = [str(p) for p in (finetuned_path(template, t) for t in config.tasks) if not p.is_file()]
+    checks.append((not missing, f"data.{key}: {len(missing)} prompt file(s) missing: " + ", ".join(missing)))
   return checks
 
 

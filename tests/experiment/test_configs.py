@@ -161,3 +161,28 @@ def test_demo_config_is_plain_values_with_a_selection_argument():
   assert config.testbed.name == "digits" and not config.model.pretrained and not config.model.finetuned
   assert tuple(config.tasks) == common.DIGITS_8
   validate.validate(config, paths=True)  # the testbed provides the checkpoints: no path to check
+
+
+@pytest.mark.parametrize("name", ["qwen2_generative", "llama_generative", "mistral_generative"])
+def test_generative_configs_are_plain_values_and_their_mistakes_are_named(name):
+  config = _get(name, "base=cart")
+  assert config.task_type == "generative" and config.architecture == "decoder"
+  assert config.merge.unmerged == common.UNMERGED["causal_lm"] and config.methods == (
+    "individual",
+    "adarank_cart",
+  )
+  assert config.model.pretrained == config.data.prompts == config.data.eval_prompts == ""  # no machine paths
+  json.loads(config.to_json())
+  config.tasks = ("code", "math")  # any names: generative tasks are not in the registry
+  validate.validate(config, paths=False)
+  config.tasks, config.adarank.selection, config.architecture = ("a/b",), "oracle", "gpt2"
+  config.data.prompts = "prompts.jsonl"
+  with pytest.raises(validate.ConfigError) as error:
+    validate.validate(config)
+  for message in (
+    "expected architecture='decoder'",
+    "adarank.selection='oracle': generative tasks have no labelled splits",
+    "tasks: ['a/b'] cannot name generative tasks",
+    "data.prompts='prompts.jsonl': expected a path with {task}",
+  ):
+    assert message in str(error.value)
