@@ -7,10 +7,12 @@ python -m adarank_jax.main --config configs/llama_glue.py --dry_run --plan_devic
     --config.model.pretrained=configs/shapes/llama3_8b --config.mesh.factor_placement=fsdp   # memory plan
 """
 
+import logging as std_logging
 import os
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -35,8 +37,9 @@ _EXPORT = flags.DEFINE_enum(
 _VERBOSE = flags.DEFINE_bool(
   "verbose",
   False,
-  "On an error, print the traceback too (or set "
-  "ADARANK_VERBOSE=1); without it an error is one 'error: ...' message.",
+  "Print the detail too (or set ADARANK_VERBOSE=1): an error's traceback, each warning's source line, "
+  "adarank_jax's DEBUG log (a corrupt checkpoint's full reader errors); without it an error is one "
+  "'error: ...' message and a warning one 'warning: ...' line.",
 )
 _DRY_RUN = flags.DEFINE_bool(
   "dry_run",
@@ -77,6 +80,13 @@ def _verbose() -> bool:
   return _VERBOSE.value or os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+  """A warning as one line on stderr: 'warning: <message>' (with the category unless a UserWarning)."""
+  del filename, lineno, line
+  kind = "" if category is UserWarning else f"{category.__name__}: "
+  print(f"warning: {kind}{message}", file=file or sys.stderr)
+
+
 def main(argv):
   """Runs the experiment; any failure is one `error: ...` block on stderr and exit status 1."""
   try:
@@ -95,6 +105,10 @@ def _main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO; -v 0 shows it again
     logging.set_verbosity(logging.WARNING)
+  if _verbose():
+    std_logging.getLogger("adarank_jax").setLevel(std_logging.DEBUG)
+  else:
+    warnings.showwarning = _show_warning
   config = _CONFIG.value
   workdir = Path(_WORKDIR.value or Path("runs") / config.name)
   export = config.export if _EXPORT.value is None else _EXPORT.value

@@ -8,7 +8,14 @@ and shape, computed from the arrays given to save. Restoring recomputes it from 
 so a flipped byte in a stored file (which Orbax's compressed chunks may decode without complaint into
 other numbers) raises CorruptCheckpointError naming the directory and the leaf. `Manager.restore` of
 the newest step falls back to the newest older step that verifies, with a warning naming both.
-Trees written before checksums existed (no checksum.json) restore unverified. A `Manager` step also
+Trees written before checksums existed (no checksum.json) restore unverified.
+
+When Orbax gives up on a step (a truncated or damaged data file), the reads it had started go on in
+TensorStore's threads and each one, finishing, hands its result to Orbax's event loop, closed by then:
+Python reports every such `RuntimeError: Event loop is closed` as an unraisable exception, and asyncio
+logs the abandoned read tasks. Once a read has failed, `_late_reads` counts these reports instead and
+logs them at DEBUG on this module's logger (with the full reader error), so the user sees the one
+warning line per corrupt step and `--verbose` (which enables DEBUG for adarank_jax's loggers) the detail. A `Manager` step also
 holds a small JSON dict beside the tree (`Manager.save(..., data=...)`): the input pipeline's iterator
 state, so a resumed run reads exactly the batches the uninterrupted one would.
 """
@@ -16,7 +23,10 @@ state, so a resumed run reads exactly the batches the uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,6 +45,56 @@ _CHECKSUM_FORMAT = "sha256 per leaf of dtype, shape and bytes, v1"
 # A Manager step holds two items, the tree and a JSON dict of the input pipeline's state, beside the
 # tree's checksum.json.
 _STATE, _DATA = "state", "data"
+
+
+_log = logging.getLogger(__name__)
+
+
+class _LateReads:
+  """Counts and logs at DEBUG the reports of reads a failed restore left in flight (module docstring).
+
+  `install` (at the first failed read, once per process) chains itself before `sys.unraisablehook`
+  and filters the `asyncio` logger; every other report passes on unchanged.
+  """
+
+  CLOSED = "Event loop is closed"
+  ABANDONED = "Task exception was never retrieved"
+
+  def __init__(self) -> None:
+    self.count = 0
+    self._previous: Any = None
+
+  def install(self) -> None:
+    if self._previous is None:
+      self._previous = sys.unraisablehook
+      sys.unraisablehook = self._hook
+      logging.getLogger("asyncio").addFilter(self._keep)
+
+  def _hook(self, unraisable: Any) -> None:
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == self.CLOSED:
+      self.count += 1
+      first = self.count == 1  # the same traceback every time: shown once, then counted
+      _log.debug(
+        "late read %d of a failed restore hit the closed event loop%s",
+        self.count,
+        ":\n"
+        + "".join(
+          traceback.format_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+        )
+        if first
+        else "",
+      )
+      return
+    self._previous(unraisable)
+
+  def _keep(self, record: logging.LogRecord) -> bool:
+    if not record.getMessage().startswith(self.ABANDONED):
+      return True
+    _log.debug("an abandoned checkpoint read: %s", record.getMessage(), exc_info=record.exc_info)
+    return False
+
+
+_late_reads = _LateReads()
 
 
 class CorruptCheckpointError(ValueError):
@@ -241,9 +301,12 @@ class Manager:
         step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
       )[_STATE]
     except (ValueError, OSError, KeyError) as error:  # e.g. a truncated _METADATA or a missing file
+      _late_reads.install()
+      _log.debug("reading %s failed:", self.step_directory(step), exc_info=error)
+      first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
       raise CorruptCheckpointError(
         f"{self.step_directory(step)}: checkpoint cannot be read, truncated or corrupt "
-        f"({type(error).__name__}: {str(error)[:300]})"
+        f"({type(error).__name__}: {first_line[:300]})"
       ) from error
     verify(self.step_directory(step), tree)
     return tree
@@ -294,7 +357,7 @@ class Manager:
         continue
       kept = self._set_aside(step)
       warnings.warn(
-        f"{first_error}\n  Restored the previous good checkpoint {self.step_directory(older)} "
+        f"{first_error}; restored the previous good checkpoint {self.step_directory(older)} "
         f"instead of {self.step_directory(step)}, which was moved to {kept}; training continues "
         f"from step {older}.",
         stacklevel=2,

@@ -273,3 +273,40 @@ def test_cli_warns_of_a_zero_task_vector_and_of_a_batch_larger_than_a_split(chec
   assert out.count("equals the pretrained one") == 1  # the other tasks' are fine-tuned
   assert "adarank.batch_size_per_task=100000 is larger than its split" in out
   assert all(f"task {task}: adarank.batch_size_per_task" in out for task in TASKS)
+
+
+def test_cli_a_corrupt_data_file_is_one_warning_line_and_verbose_shows_the_detail(checkpoints, tmp_path):
+  # A run killed once its step-4 checkpoint is on disk; every data file of that step is then cut to
+  # half its length. The resumed run falls back to step 2 with one warning line, not the tracebacks
+  # of the reads Orbax left in flight; with --verbose the reader's whole error follows that line.
+  import shutil
+
+  extra = ("--config.methods=('adarank_ta',)", "--config.adarank.layout=config")
+  proc = _cli(checkpoints, tmp_path / "killed", *extra, wait=False)
+  step_dir = tmp_path / "killed/adarank_ta/checkpoints/4"
+  deadline = time.time() + 500
+  while not (step_dir / "checksum.json").exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.1)
+  assert (step_dir / "checksum.json").exists(), proc.communicate()[0].decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  data_files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data_files
+  for path in data_files:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  shutil.copytree(tmp_path / "killed", tmp_path / "verbose")
+  for workdir, verbose in ((tmp_path / "killed", False), (tmp_path / "verbose", True)):
+    resumed = _cli(checkpoints, workdir, "--resume", *extra, *(("--verbose",) if verbose else ()))
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out
+    warned = [line for line in out.splitlines() if "checkpoint cannot be read" in line]
+    assert len(warned) == 1, out
+    kept = workdir / "adarank_ta/checkpoints.corrupt/4"
+    assert kept.is_dir()  # (training then wrote a good step 4 again)
+    assert f"instead of {workdir / 'adarank_ta/checkpoints/4'}, which was moved to {kept};" in warned[0]
+    assert warned[0].startswith("warning: ") != verbose
+    assert (f"reading {workdir / 'adarank_ta/checkpoints/4'} failed:" in out) == verbose
+    # Without --verbose nothing else: no traceback of a late read, no abandoned asyncio task.
+    assert ("Traceback" in out) == verbose
+    if not verbose:
+      assert "Event loop is closed" not in out and "Task exception was never retrieved" not in out

@@ -56,3 +56,37 @@ def test_a_step_of_the_earlier_one_item_layout_is_refused_not_deleted(tmp_path):
       read()
   assert manager.all_steps() == [3, 6]  # no fallback deleted anything
   manager.close()
+
+
+def test_late_reads_of_a_failed_restore_are_counted_and_every_other_report_passes(monkeypatch, caplog):
+  import logging
+  import sys
+  import types
+
+  passed = []
+  monkeypatch.setattr(sys, "unraisablehook", passed.append)
+  late = checkpoint._LateReads()
+  late.install()
+  late.install()  # once per process: the second call chains nothing more
+  try:
+
+    def report(error):
+      return types.SimpleNamespace(
+        exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=None
+      )
+
+    with caplog.at_level(logging.DEBUG, logger=checkpoint.__name__):
+      for _ in range(3):
+        sys.unraisablehook(report(RuntimeError("Event loop is closed")))
+      other = report(RuntimeError("something else"))
+      sys.unraisablehook(other)
+      abandoned = logging.LogRecord(
+        "asyncio", logging.ERROR, "", 0, "Task exception was never retrieved", (), None
+      )
+      kept = logging.LogRecord("asyncio", logging.ERROR, "", 0, "Executing <Task> took 1 s", (), None)
+      assert not late._keep(abandoned) and late._keep(kept)
+    assert late.count == 3 and passed == [other]
+    assert sum("hit the closed event loop" in r.getMessage() for r in caplog.records) == 3
+    assert any("abandoned checkpoint read" in r.getMessage() for r in caplog.records)
+  finally:
+    logging.getLogger("asyncio").removeFilter(late._keep)
