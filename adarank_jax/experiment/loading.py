@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from adarank_jax.core import layout as layout_lib
-from adarank_jax.core import train, tree_util
+from adarank_jax.core import lora, train, tree_util
 from adarank_jax.data import clip_tokenizer, registry
 from adarank_jax.models import clip, decoder, functional
 from adarank_jax.models import heads as heads_lib
@@ -326,26 +326,46 @@ def load_causal_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence
   `export(params, path)` writes one HF directory at path: the pretrained config.json, the merged
   weights in sharded safetensors and the tokenizer files.
 
+  The fine-tuned inputs may instead all be PEFT LoRA adapter directories of the pretrained model
+  (adapter_config.json + adapter_model.safetensors, `interop.peft`): every one is read and checked
+  against the pretrained config.json before any pretrained tensor is read, and `finetuned` is then
+  a `lora.Adapted` (the fine-tuned trees made from the factors when read). A list that mixes adapters
+  and full models is refused.
+
   Args:
     pretrained: HF directory of the pretrained causal LM (also the default tokenizer directory).
-    finetuned: one HF directory per task, the same architecture.
+    finetuned: one HF directory per task, the same architecture; or one PEFT adapter directory per task.
     tasks: the task names, in the order of `finetuned`.
     dtype: compute dtype name.
   """
-  from adarank_jax.interop import hf, safetensors_dir  # pylint: disable=g-import-not-at-top
+  from adarank_jax.interop import hf, peft, safetensors_dir  # pylint: disable=g-import-not-at-top
 
   if len(tasks) != len(finetuned):
     raise ValueError(f"load_causal_lm: {len(tasks)} tasks but {len(finetuned)} fine-tuned directories")
-  not_decoders = [str(p) for p in (pretrained, *finetuned) if not safetensors_dir.is_decoder_dir(p)]
+  adapters = [str(p) for p in finetuned if peft.is_adapter_dir(p)]
+  if adapters and len(adapters) != len(finetuned):
+    full = [str(p) for p in finetuned if str(p) not in adapters]
+    raise ValueError(
+      f"the fine-tuned inputs mix PEFT adapters ({', '.join(adapters)}) and full models "
+      f"({', '.join(full)}); give every task an adapter or every task a full model"
+    )
+  models = [pretrained] if adapters else [pretrained, *finetuned]
+  not_decoders = [str(p) for p in models if not safetensors_dir.is_decoder_dir(p)]
   if not_decoders:
     raise ValueError(
       f"generative merging reads Llama, Mistral or Qwen2 causal-LM directories (config.json with a "
       f"model_type of {', '.join(decoder.MODEL_TYPES)}); these are not: {', '.join(not_decoders)}"
     )
-  pre_config, pre_tree = safetensors_dir.load(pretrained)
+  if adapters:
+    opened = safetensors_dir.open_dir(pretrained)  # headers and config.json: no tensor read yet
+    read = read_adapters(adapters, opened.config)
+    pre_config, pre_tree = opened.config, opened.read_tree()
+  else:
+    pre_config, pre_tree = safetensors_dir.load(pretrained)
   pre_shapes = tree_util.shapes(tree_util.flatten(pre_tree))
   tuned = []
-  for path, config in [(pretrained, pre_config)] + [(p, None) for p in finetuned]:
+  full_models = () if adapters else finetuned
+  for path, config in [(pretrained, pre_config)] + [(p, None) for p in full_models]:
     if config is None:
       config, tree = safetensors_dir.load(path)
       hf.check_compatible(pre_config, config, reference_source=pretrained, source=path)
@@ -375,7 +395,7 @@ def load_causal_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence
   return Setup(
     modality="prompts",
     merged=pre_tree,
-    finetuned=tuple(tuned),
+    finetuned=lora.Adapted(pre_tree, [a.task() for a in read]) if adapters else tuple(tuned),
     logits=lambda params, t, batch: forward(params, batch),
     # one traced forward of the concatenated tasks' prompts; each task's rows are its logits
     train_logits=lambda layout: train.one_forward(forward, lambda t, logits: logits),
@@ -385,3 +405,21 @@ def load_causal_lm(*, pretrained: str, finetuned: Sequence[str], tasks: Sequence
     tokenizer=str(pretrained),
     objective=train.next_token_entropy,
   )
+
+
+def read_adapters(directories: Sequence[str], config: Any) -> list[Any]:
+  """`peft.read` of every adapter directory against the base model's `config`: every bad one in one error
+  (each naming its file and key)."""
+  from adarank_jax.interop import peft  # pylint: disable=g-import-not-at-top
+
+  read, problems = [], []
+  for directory in directories:
+    try:
+      read.append(peft.read(directory, config))
+    except (ValueError, OSError) as error:
+      problems.append(str(error))
+  if problems:
+    raise ValueError(
+      f"{len(problems)} of {len(directories)} adapter directories cannot be used:\n  " + "\n  ".join(problems)
+    )
+  return read

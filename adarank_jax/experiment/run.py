@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from adarank_jax.core import (
   decomposition,
   evaluate,
+  lora,
   masking,
   merging,
   objectives,
@@ -365,7 +366,8 @@ class _Inputs:
   def __init__(self, config, setup: loading.Setup, timings: dict[str, float]):
     self.config, self.merged, self.timings = config, setup.merged, timings
     self.include = jax.tree.map(lambda x: not x, tree_util.select(setup.merged, config.merge.unmerged))
-    self.chains = [_input_chain(config, methods.get(m)) for m in config.methods]
+    adapters = isinstance(setup.finetuned, lora.Adapted)
+    self.chains = [_input_chain(config, methods.get(m), adapters=adapters) for m in config.methods]
     self.last_reads = _last_reads(self.chains)
     self.held: dict[Any, Any] = {"finetuned": setup.finetuned}
     self.origins: dict[str, Any] = {}
@@ -373,20 +375,33 @@ class _Inputs:
   def _make(self, key: tuple[Any, ...], source: Any) -> Any:
     """Input `key` of a chain from the one before it (`source`)."""
     config, (kind, origin) = self.config, key[:2]
+    if kind == "vectors" and isinstance(source, lora.Adapted):  # a dense matrix per task and kernel
+      self.origins[origin], tau = lora.task_vectors(
+        self.merged, source.tasks, origin=origin, include=self.include
+      )
+      return tau
     if kind == "vectors":
       self.origins[origin], tau = task_vectors.task_vectors(
         self.merged, source, origin=origin, include=self.include
       )
       return tau
-    if kind == "factors":
+    if kind in ("factors", "adapter_factors"):
       begin = time.perf_counter()
-      select = tree_util.select(source, config.merge.decompose)
+      tree = self.merged if kind == "adapter_factors" else source
+      select = tree_util.select(tree, config.merge.decompose)
       if not any(tree_util.flatten(select).values()):
         raise ValueError(
           f"merge.decompose={tuple(config.merge.decompose)} selects no matrix of the merged "
-          f"tree; its paths look like {sorted(tree_util.flatten(source))[:3]}"
+          f"tree; its paths look like {sorted(tree_util.flatten(tree))[:3]}"
         )
-      factors = decomposition.decompose(source, select, rank=key[2], dtype=loading.DTYPES[key[3]])
+      rank, dtype = key[2], loading.DTYPES[key[3]]
+      if kind == "factors":
+        factors = decomposition.decompose(source, select, rank=rank, dtype=dtype)
+      else:  # exact, from the adapters' factors: never their dense product
+        self.origins[origin] = self.merged
+        factors = lora.factors(
+          self.merged, source.tasks, select=select, include=self.include, rank=rank, dtype=dtype
+        )
       factors = jax.block_until_ready(factors)
       self.timings[f"decompose_{origin}_s"] = time.perf_counter() - begin
       return factors
@@ -516,11 +531,18 @@ def _write_reports(config, outputs: Path, results, writer, *, export: str) -> No
 
 def _warn_about_inputs(config, setup: loading.Setup, paths, sources) -> None:
   """Warnings, before any long compute, for inputs that run but are likely mistakes: a fine-tuned
-  checkpoint equal to the pretrained one (a zero task vector), and a batch per task larger than the
+  checkpoint equal to the pretrained one or an adapter whose lora_B are all zero (PEFT's initialisation:
+  a zero task vector), and a batch per task larger than the
   task's split (every batch then repeats examples)."""
   merged = jax.tree.leaves(setup.merged)
-  for task, path, tree in zip(config.tasks, paths, setup.finetuned):
-    if all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tree), merged)):
+  if isinstance(setup.finetuned, lora.Adapted):  # checked on the factors, no tree made
+    zero = [not any(np.any(b) for _, b in task.factors.values()) for task in setup.finetuned.tasks]
+  else:
+    zero = [
+      all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tree), merged)) for tree in setup.finetuned
+    ]
+  for task, path, is_zero in zip(config.tasks, paths, zero):
+    if is_zero:
       logging.warning(
         "%s: the fine-tuned checkpoint of task %s equals the pretrained one (its task vector is zero)",
         path,
@@ -876,10 +898,22 @@ def _save_masks(config, training: methods.Training, shared: Path, outdir: Path, 
     )
 
 
-def _input_chain(config: ml_collections.ConfigDict, method: methods.Method) -> tuple[Any, ...]:
+def _input_chain(
+  config: ml_collections.ConfigDict, method: methods.Method, *, adapters: bool = False
+) -> tuple[Any, ...]:
   """What `method` is made from, as a chain of inputs each derived from the one before: "finetuned"
   (the T trees), ("vectors", origin) (the task vectors), ("factors", origin, rank, dtype) and
-  ("components", origin, needs) (a static merge's components, `methods.COMPONENTS`)."""
+  ("components", origin, needs) (a static merge's components, `methods.COMPONENTS`).
+
+  `adapters`: the fine-tuned inputs are LoRA adapters (a `lora.Adapted`). AdaRank on Task Arithmetic
+  then takes ("adapter_factors", "pretrained", rank, dtype), the task vectors' SVD computed exactly from
+  the adapters' factors, never densified; every other method the same chain as full models, its task
+  vectors densified from the factors (`lora.task_vectors`)."""
+  if adapters and method.needs == "factors" and method.trains:
+    return (
+      "finetuned",
+      ("adapter_factors", "pretrained", config.adarank.rank or None, config.adarank.factor_dtype),
+    )
   if method.needs == "finetuned":
     return ("finetuned",)
   if method.needs == "pretrained":

@@ -13,6 +13,7 @@ from adarank_jax.core import layout as layout_lib
 from adarank_jax.core import train as train_lib
 from adarank_jax.data import registry
 from adarank_jax.experiment import methods, report
+from adarank_jax.interop import hf_config, peft
 from adarank_jax.storage import files
 
 ARCHITECTURES = ("clip", "roberta", "gpt2", "decoder")
@@ -306,9 +307,60 @@ def _paths(config) -> Checks:
           f"model.finetuned: {len(missing)} fine-tuned checkpoint(s) missing: " + ", ".join(missing),
         )
       )
+      if not missing:
+        checks += _adapters(config, paths)
   if config.task_type == "generative":
     checks += _prompt_paths(config)
   return checks
+
+
+def _adapters(config, paths: list[Path]) -> Checks:
+  """PEFT LoRA adapter directories among the fine-tuned inputs (an adapter_config.json): generative
+  merging only, every task's or none, each adapter_config.json one `peft.read` supports and its
+  adapter_model.safetensors present, and every key and shape `peft.read` checks against the pretrained
+  model's config.json (the loader checks them again, before any pretrained tensor is read)."""
+  adapters = [p for p in paths if peft.is_adapter_dir(p)]
+  if not adapters:
+    return []
+  problems = []
+  for path in adapters:
+    try:
+      peft.read_config(path)
+    except ValueError as error:
+      problems.append(str(error))
+    if not (path / peft.ADAPTER_WEIGHTS).is_file():
+      problems.append(f"{path / peft.ADAPTER_WEIGHTS}: missing (the adapter's weights)")
+  if config.task_type != "generative":
+    return [
+      (
+        False,
+        f"model.finetuned: {', '.join(map(str, adapters))} are PEFT adapter directories; "
+        f"{config.architecture} {config.task_type} merging needs each task's full fine-tuned model "
+        "(its classification head included): merge each adapter into its model (PEFT's "
+        "merge_and_unload, then save_pretrained) and give those directories; adapters are read by "
+        "task_type='generative' configs" + "".join(f"\n    {p}" for p in problems),
+      )
+    ]
+  full = [str(p) for p in paths if p not in adapters]
+  base = Path(config.model.pretrained) / "config.json"
+  if not problems and base.is_file():  # every key and shape, against the pretrained model's config.json
+    try:
+      model = hf_config.model_config(json.loads(base.read_text()), source=str(base))
+    except ValueError:
+      model = None  # the loader names the problem of the pretrained model itself
+    for path in adapters if model is not None else ():
+      try:
+        peft.read(path, model)
+      except ValueError as error:
+        problems.append(str(error))
+  return [
+    (
+      not full,
+      f"model.finetuned: {len(adapters)} PEFT adapter directories and {len(full)} full models "
+      f"({', '.join(full)}); give every task an adapter or every task a full model",
+    ),
+    *((False, f"model.finetuned: {problem}") for problem in problems),
+  ]
 
 
 def _prompt_paths(config) -> Checks:

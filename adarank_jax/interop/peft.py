@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from adarank_jax.core import lora
 from adarank_jax.interop import hf
 from adarank_jax.interop import state_dict as state_dict_lib
 from adarank_jax.interop.hf_config import ModelConfig
@@ -59,6 +60,15 @@ class Adapter:
   lora_alpha: float
   use_rslora: bool
   factors: dict[str, tuple[np.ndarray, np.ndarray]]
+
+  def task(self) -> lora.Task:
+    """The adapter as a task vector (`lora.Task`: its factors and PEFT's scale)."""
+    return lora.Task(self.factors, lora.scaling(self.lora_alpha, self.r, use_rslora=self.use_rslora), self.r)
+
+
+def is_adapter_dir(directory: str | os.PathLike) -> bool:
+  """Whether `directory` holds an adapter_config.json: a PEFT adapter, read (and checked) by `read`."""
+  return (Path(directory) / ADAPTER_CONFIG).is_file()
 
 
 def _targeted(module: str, target_modules: Any) -> bool:

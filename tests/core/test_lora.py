@@ -1,18 +1,20 @@
 """LoRA task vectors: the factored SVD against numpy's of the dense product, and PEFT adapter directories."""
 
+import copy
 import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft as peft_lib
 import pytest
 import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
 
-from adarank_jax.core import decomposition, lora, merging, tree_util
+from adarank_jax.core import baselines, decomposition, lora, merging, task_vectors, tree_util
 from adarank_jax.interop import hf, peft
 from adarank_jax.models import decoder, functional
 
@@ -150,47 +152,118 @@ def test_reader_maps_modules_to_tree_paths(tmp_path):
   np.testing.assert_array_equal(a, state["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"])
 
 
-def test_task_arithmetic_of_two_adapters_equals_the_torch_formula(tmp_path):
-  """base + sum_t lambda * tau_t through lora.decompose and merging.merge, against W + lambda * scale_t B_t A_t.
+def test_tree_inputs_equal_those_of_the_fine_tuned_trees():
+  """lora.task_vectors (both origins) and lora.factors against task_vectors / decomposition of the trees
+  `lora.Adapted` makes: adapters of different ranks, a kernel one of them does not target, a kernel left
+  dense by `select`, an excluded one, and a truncated rank."""
+  rng = np.random.default_rng(0)
+  base = {
+    "q": rng.standard_normal((12, 10)),
+    "v": rng.standard_normal((12, 6)),
+    "o": rng.standard_normal((6, 12)),
+  }
+  base = {k: v.astype(np.float32) for k, v in base.items()} | {"norm": np.ones(12, np.float32)}
+  tasks = [
+    lora.Task({"q": _factors(1, 3, 12, 10), "o": _factors(2, 3, 6, 12)}, 0.5, 3),
+    lora.Task({"q": _factors(3, 2, 12, 10), "v": _factors(4, 2, 12, 6)}, 2.0, 2),
+  ]
+  trees = list(lora.Adapted(base, tasks))
+  include = {"q": True, "v": True, "o": False, "norm": True}
+  for origin in ("pretrained", "average"):
+    want_origin, want_tau = task_vectors.task_vectors(base, trees, origin=origin, include=include)
+    got_origin, got_tau = lora.task_vectors(base, tasks, origin=origin, include=include)
+    assert set(got_tau) == {"q", "v"}  # the norm has a zero task vector: absent; "o" excluded
+    for k in got_tau:
+      np.testing.assert_allclose(got_tau[k], want_tau[k], atol=2e-5, err_msg=(origin, k))
+    for k in base:
+      np.testing.assert_allclose(got_origin[k], want_origin[k], atol=2e-5, err_msg=(origin, k))
+  _, tau = lora.task_vectors(base, tasks, origin="pretrained")
+  got = lora.factors(base, tasks, select={"q": True, "v": False, "o": True, "norm": False}, rank=2)
+  assert got["q"].s.shape == (2, 2) and got["o"].s.shape == (2, 2) and got["v"].shape == (2, 12, 6)
+  want = decomposition.decompose(tau, {"q": True, "v": False, "o": True}, rank=2)
+  for k in ("q", "o"):
+    np.testing.assert_allclose(got[k].s, want[k].s, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(
+      decomposition.reconstruct(got[k]), decomposition.reconstruct(want[k]), atol=1e-4, err_msg=k
+    )
+  np.testing.assert_array_equal(got["o"].s[1], 0.0)  # adapter 1 does not target "o": zero components
+  np.testing.assert_allclose(got["v"], tau["v"], atol=1e-6)
+  with pytest.raises(
+    tree_util.StructureError,
+    match=r"adapter 0: q: A \(3, 12\), B \(10, 3\) for r=3; the base tree has a \(10, 12\)",
+  ):
+    lora.Adapted({"q": base["q"].T}, tasks[:1])
 
-  (peft is not a dependency; its merge_and_unload computes W + scale * B @ A, the formula used here.)
-  """
+
+def _peft_adapter(model, directory, *, seed, r, alpha, use_rslora):
+  """A real PEFT LoRA model of a copy of `model` (lora_B set non-zero), saved to `directory`; returns the
+  merged weights of that copy (PEFT's own merge_and_unload) as float64 numpy arrays."""
+  torch.manual_seed(seed)
+  config = peft_lib.LoraConfig(
+    r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=list(_TARGETS), lora_dropout=0.0
+  )
+  tuned = peft_lib.get_peft_model(copy.deepcopy(model), config)
+  with torch.no_grad():
+    for name, parameter in tuned.named_parameters():
+      if "lora_B" in name:
+        parameter.normal_(std=0.1)
+  tuned.save_pretrained(directory)
+  return {k: v.detach().double().numpy() for k, v in tuned.merge_and_unload().state_dict().items()}
+
+
+def _jax_logits(config, tree, ids):
+  graphdef, _ = functional.split(nnx.eval_shape(lambda: decoder.build(config, rngs=nnx.Rngs(0))))
+  return np.asarray(
+    jax.jit(functools.partial(functional.call, graphdef))(tree, jnp.asarray(ids), jnp.ones_like(ids))
+  )
+
+
+@pytest.mark.parametrize("count, lam", [(1, 1.0), (2, 0.7)])
+def test_task_arithmetic_of_peft_adapters_equals_peft_merge_and_unload(tmp_path, count, lam):
+  """Adapters written by PEFT itself (one plain, one rsLoRA), read by `peft.read`: Task Arithmetic through
+  the exact factors (`lora.factors`, hard all-on masks, coefficient lambda) and through the dense task
+  vectors (`lora.task_vectors`, baselines.task_arithmetic) equals W + lambda * sum_t (W_t - W), W_t
+  PEFT's merge_and_unload of adapter t (one adapter at lambda = 1: merge_and_unload itself); the logits
+  too. (PEFT's add_weighted_adapter(combination_type='linear') is not this sum: it mixes the A and B of
+  the adapters separately, giving cross terms B_s A_t.)"""
   model = _base(tmp_path)
   config, base_tree = hf.load_hf(tmp_path / "base")
-  specs = [dict(seed=1, r=4, alpha=8.0, use_rslora=False), dict(seed=2, r=4, alpha=4.0, use_rslora=True)]
-  states = [_write_adapter(tmp_path / f"a{i}", model, **spec) for i, spec in enumerate(specs)]
-  adapters = [peft.read(tmp_path / f"a{i}", config) for i in range(2)]
-  factors = {}
-  for path in adapters[0].factors:
-    svds = [
-      lora.decompose(*ad.factors[path], alpha=ad.lora_alpha, r=ad.r, use_rslora=ad.use_rslora)
-      for ad in adapters
-    ]
-    factors[path] = decomposition.SVD(*(jnp.stack(x) for x in zip(*svds)))
-  factors = tree_util.unflatten(factors)
-  lam = 0.7
-  logits = jax.tree.map(lambda f: jnp.ones((2, f.s.shape[-1])), factors, is_leaf=decomposition.is_svd)
-  coefficients = merging.init_coefficients(factors, num_tasks=2, prior=lam)
-  merged = merging.merge(base_tree, factors, logits, coefficients, temperature=10.0, mask_mode="hard")
+  specs = [dict(seed=1, r=4, alpha=8.0, use_rslora=False), dict(seed=2, r=2, alpha=4.0, use_rslora=True)]
+  merged_by_peft = [_peft_adapter(model, tmp_path / f"a{i}", **spec) for i, spec in enumerate(specs[:count])]
+  adapters = [peft.read(tmp_path / f"a{i}", config) for i in range(count)]
+  assert [(a.r, a.use_rslora) for a in adapters] == [(s["r"], s["use_rslora"]) for s in specs[:count]]
+  tasks = [a.task() for a in adapters]
+  select = tree_util.select(base_tree, [r".*kernel"])
+  factors = lora.factors(base_tree, tasks, select=select, dtype=jnp.float32)
+  assert {np.shape(f.s) for f in tree_util.flatten(factors).values()} == {(count, 4)}  # r = 2 padded
+  masks = jax.tree.map(lambda f: jnp.full(f.s.shape, 10.0), factors, is_leaf=decomposition.is_svd)
+  coefficients = merging.init_coefficients(factors, num_tasks=count, prior=lam)
+  ours = merging.merge(base_tree, factors, masks, coefficients, temperature=10.0, mask_mode="hard")
+  origin, tau = lora.task_vectors(base_tree, tasks, origin="pretrained")
+  dense = baselines.task_arithmetic(origin, tau, scaling=lam)
 
-  expected = {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
-  for spec, state in zip(specs, states):
-    scale = lora.scaling(spec["alpha"], spec["r"], use_rslora=spec["use_rslora"])
-    for key in state:
-      if ".lora_A." in key:
-        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-        b = state[key.replace("lora_A", "lora_B")].astype(np.float64)
-        expected[f"{module}.weight"] += lam * scale * b @ state[key].astype(np.float64)
-  flat = tree_util.flatten(merged)
-  for key, (path, _) in hf.linear_kernels(config).items():
-    np.testing.assert_allclose(np.asarray(flat[path]).T, expected[key], rtol=0, atol=1e-5, err_msg=key)
+  base = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+  expected = {k: base[k] + lam * sum(m[k] - base[k] for m in merged_by_peft) for k in base}
+  kernels = hf.linear_kernels(config)
+  for merged in (ours, dense):
+    flat = tree_util.flatten(merged)
+    for key, (path, _) in kernels.items():
+      np.testing.assert_allclose(np.asarray(flat[path]).T, expected[key], rtol=0, atol=1e-5, err_msg=key)
+  assert all(
+    (k.split(".")[-2] in _TARGETS) != np.array_equal(expected[k], base[k]) for k in kernels
+  )  # the targeted kernels change, the others keep the base value
+  untouched = tree_util.flatten(ours)["model/layers/0/mlp/up_proj/kernel"]  # targeted by no adapter
+  np.testing.assert_array_equal(untouched, tree_util.flatten(base_tree)["model/layers/0/mlp/up_proj/kernel"])
   model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in expected.items()})
   ids = np.array([[5, 6, 7, 8, 9, 10]])
   with torch.no_grad():
     ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
-  graphdef, _ = functional.split(nnx.eval_shape(lambda: decoder.build(config, rngs=nnx.Rngs(0))))
-  ours = jax.jit(functools.partial(functional.call, graphdef))(merged, jnp.asarray(ids), jnp.ones_like(ids))
-  assert np.abs(np.asarray(ours) - ref).max() <= 1e-5 * np.abs(ref).max()
+  assert np.abs(_jax_logits(config, ours, ids) - ref).max() <= 1e-5 * np.abs(ref).max()
+  fine_tuned = lora.Adapted(base_tree, tasks)[0]  # the fine-tuned tree of adapter 0: merge_and_unload's
+  for key, (path, _) in kernels.items():
+    np.testing.assert_allclose(
+      np.asarray(tree_util.flatten(fine_tuned)[path]).T, merged_by_peft[0][key], rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
