@@ -592,31 +592,8 @@ def _adapt(
   frozen = train.place_frozen((origin, factors), mesh, factor_placement=placement)
   init_state = functools.partial(_init_state, config, training, frozen[1], mesh)
   batches = _adaptation_batches(config, sources, data, mesh)
-  step_layout = _step_layout(
-    config,
-    shared / LAYOUT_FILE,
-    timings_path=shared.parent / TIMINGS_FILE,
-    signature=layout_lib.signature(
-      frozen,
-      masks=training.masks,
-      coefficients=training.coefficients,
-      coefficient_range=training.coefficient_range,
-      batch_size_per_task=config.adarank.batch_size_per_task,
-      mesh=tuple(mesh.shape.items()),
-      tower=tower_layouts,
-    ),
-    mesh=mesh,
-    batches=batches,
-    candidates=lambda: layout_lib.candidates(
-      num_tasks=len(config.tasks), cache_deltas=_cache_fits(frozen[1], mesh), tower=tower_layouts
-    ),
-    timed=lambda candidate, step_batches: layout_lib.time_step(
-      programs(training, candidate)[0],
-      frozen,
-      init_state(candidate),
-      step_batches,
-      memory_limit=_memory_limit(),
-    ),
+  step_layout = _choose_layout(
+    config, shared, frozen, training, batches, mesh, programs, init_state, tower_layouts
   )
   train_step, hard_merge = programs(training, step_layout)
   manager = checkpoint.Manager(shared / "checkpoints")
@@ -636,6 +613,47 @@ def _adapt(
   trainable, step = points.reported(jax.device_get((state.mask_logits, state.coefficients)))
   _save_masks(config, training, shared, outdir, trainable, factors)
   return jax.device_get(hard_merge(origin, factors, *trainable)), step
+
+
+def _choose_layout(
+  config,
+  shared: Path,
+  frozen,
+  training: methods.Training,
+  batches,
+  mesh,
+  programs: _Programs,
+  init_state,
+  tower,
+) -> layout_lib.Layout:
+  """The step's layout for this method (`_step_layout`): its signature, candidates and timing."""
+  signature = layout_lib.signature(
+    frozen,
+    masks=training.masks,
+    coefficients=training.coefficients,
+    coefficient_range=training.coefficient_range,
+    batch_size_per_task=config.adarank.batch_size_per_task,
+    mesh=tuple(mesh.shape.items()),
+    tower=tower,
+  )
+  return _step_layout(
+    config,
+    shared / LAYOUT_FILE,
+    timings_path=shared.parent / TIMINGS_FILE,
+    signature=signature,
+    mesh=mesh,
+    batches=batches,
+    candidates=lambda: layout_lib.candidates(
+      num_tasks=len(config.tasks), cache_deltas=_cache_fits(frozen[1], mesh), tower=tower
+    ),
+    timed=lambda candidate, step_batches: layout_lib.time_step(
+      programs(training, candidate)[0],
+      frozen,
+      init_state(candidate),
+      step_batches,
+      memory_limit=_memory_limit(),
+    ),
+  )
 
 
 def _init_state(config, training: methods.Training, factors, mesh, step_layout: layout_lib.Layout):
