@@ -31,6 +31,7 @@ from adarank_jax.data import registry
 from adarank_jax.experiment import run, validate
 from adarank_jax.storage import checkpoint
 from configs import llama_glue, mistral_glue, qwen2_glue
+from tests import tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_EXAMPLES = 16
@@ -39,15 +40,6 @@ MAX_LENGTH = 24
 NOISE = 0.05
 TASKS = {"cola": 2, "mnli": 3}
 METHODS = ("individual", "task_arithmetic", "adarank_cart")
-COMMON = dict(
-  hidden_size=16,
-  intermediate_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  max_position_embeddings=64,
-  initializer_range=0.2,
-)
 # family -> (config class, causal LM, classifier, its own fields, the experiment config)
 FAMILIES = {
   "qwen2": (
@@ -138,7 +130,7 @@ def _checkpoints(root, family):
   """root/pretrained (a sharded causal LM + the tokenizer) and root/finetuned/<task> classifiers."""
   config_class, causal, classifier, own, _ = FAMILIES[family]
   tokenizer = _tokenizer(root / "pretrained")
-  fields = dict(COMMON, **own, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+  fields = dict(tiny_decoder.FIELDS, **own, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
   torch.manual_seed(0)
   pretrained = causal(config_class(**fields)).eval()
   pretrained.save_pretrained(root / "pretrained", max_shard_size="20KB")

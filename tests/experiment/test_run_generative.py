@@ -30,7 +30,7 @@ from adarank_jax.interop import safetensors_dir
 from adarank_jax.models import decoder, functional
 from adarank_jax.storage import checkpoint
 from configs import qwen2_generative
-from tests import prompt_files
+from tests import prompt_files, tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_LENGTH = 10
@@ -52,26 +52,12 @@ PROMPTS = {  # task -> (adaptation prompts, held-out prompts); lengths vary, som
   ),
 }
 METHODS = ("individual", "task_arithmetic", "ties", "adarank_ta")
-FIELDS = dict(
-  hidden_size=16,
-  intermediate_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  max_position_embeddings=64,
-  initializer_range=0.2,
-  tie_word_embeddings=False,  # lm_head is a tensor of its own: unmerged, as the embeddings
-)
 
 
 def _checkpoints(root):
   """root/pretrained (a sharded Qwen2ForCausalLM + tokenizer), root/finetuned/<task>, root/prompts/."""
-  tokenizer = prompt_files.tokenizer(root / "pretrained")
-  config = transformers.Qwen2Config(**FIELDS, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-  torch.manual_seed(0)
-  pretrained = transformers.Qwen2ForCausalLM(config).eval()
-  pretrained.save_pretrained(root / "pretrained", max_shard_size="20KB")
-  assert (root / "pretrained" / "model.safetensors.index.json").is_file()
+  tokenizer, pretrained = tiny_decoder.pretrained_causal_lm(root / "pretrained")
+  config = pretrained.config
   for seed, task in enumerate(PROMPTS, start=1):
     torch.manual_seed(seed)
     model = transformers.Qwen2ForCausalLM(config).eval()

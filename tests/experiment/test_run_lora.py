@@ -30,7 +30,7 @@ from adarank_jax.experiment import loading, run, validate
 from adarank_jax.interop import hf, peft, safetensors_dir
 from adarank_jax.models import decoder, functional
 from configs import qwen2_generative
-from tests import prompt_files
+from tests import prompt_files, tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_LENGTH = 10
@@ -38,16 +38,6 @@ PROMPTS = {
   "animals": ["the cat sat on a mat", "a big dog ran far away", "the red cat ran", "a dog sat"],
   "numbers": ["one two three four", "two three", "four three two one one two", "one one two"],
 }
-FIELDS = dict(
-  hidden_size=16,
-  intermediate_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  max_position_embeddings=64,
-  initializer_range=0.2,
-  tie_word_embeddings=False,
-)
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 ADAPTERS = {  # task -> LoraConfig fields
   "animals": dict(r=4, lora_alpha=8.0, use_rslora=False),
@@ -66,11 +56,7 @@ def _load(directory):
 def _inputs(root):
   """root/pretrained (sharded Qwen2ForCausalLM + tokenizer), root/adapters/<task> (PEFT), root/prompts/;
   returns (tokenizer, the base weights, each adapter's merge_and_unload weights), float64 numpy."""
-  tokenizer = prompt_files.tokenizer(root / "pretrained")
-  config = transformers.Qwen2Config(**FIELDS, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-  torch.manual_seed(0)
-  model = transformers.Qwen2ForCausalLM(config).eval()
-  model.save_pretrained(root / "pretrained", max_shard_size="20KB")
+  tokenizer, model = tiny_decoder.pretrained_causal_lm(root / "pretrained")
   merged = []
   for seed, (task, fields) in enumerate(ADAPTERS.items(), start=1):
     torch.manual_seed(seed)
