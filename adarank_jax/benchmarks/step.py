@@ -1,16 +1,25 @@
-"""Times AdaRank's decomposition and training step on random CLIP image towers, beside PyTorch.
+"""Times AdaRank's decomposition and training step on random CLIP image towers or decoder LLMs, beside PyTorch.
 
   python -m adarank_jax.benchmarks.step --arch ViT-B-32 --tasks 8 --batch 4            # adarank_jax alone
   python -m adarank_jax.benchmarks.step --arch ViT-B-32 --tasks 8 --batch 4 --baseline # + the official step
+  python -m adarank_jax.benchmarks.step --arch qwen2_0.5b --tasks 4 --batch 4 --seq-len 128 --baseline
   python -m adarank_jax.benchmarks.step --suite cpu        # the README's table, each run in its own process
   python -m adarank_jax.benchmarks.step --suite gpu        # the accelerator table (run it where one is)
   python -m adarank_jax.benchmarks.step --arch ViT-L-14 --tasks 20 --compile-only      # no weights needed
 
+The variant is `--arch`: an OpenCLIP config name or JSON path benchmarks the image tower (`Inputs`), a
+decoder shape (a directory name under configs/shapes, such as qwen2_0.5b or llama3_8b, or a directory or
+config.json path of a Llama, Mistral or Qwen2 config) its sequence classifier (`DecoderInputs`: one score
+head per task read at the last non-pad token, the entropy of its class probabilities, as the CLI's
+`load_lm` runs it; `--layers` and `--vocab` shrink the shape).
+
 Pretrained weights are a random init, each "fine-tuned" model adds small Gaussian noise, heads are
-random unit vectors (times CLIP's logit scale 100) and the images random normal pixels: the cost, not
-the accuracy, is measured. `make_inputs` draws them deterministically from a seed, and
-`adarank_jax.benchmarks.torch_step` (the official step, re-stated in PyTorch) draws the very same ones, so
-`--baseline` compares equal computations (`tests/benchmarks/test_benchmark_torch.py` checks that the two give
+random (CLIP: unit vectors times CLIP's logit scale 100; decoders: N(0, 1/hidden) score kernels) and the
+inputs random (CLIP: normal pixels; decoders: token ids, right-padded): the cost, not the accuracy, is
+measured. `make_inputs` draws them deterministically from a seed, and
+`adarank_jax.benchmarks.torch_step` (the official step, re-stated in PyTorch on the open_clip or
+transformers model) draws the very same ones, so `--baseline` compares equal computations
+(`tests/benchmarks/test_benchmark_torch.py` and `test_benchmark_torch_decoder.py` check that the two give
 the same loss and gradients). Each side runs in its own process, so each peak host RSS is its own.
 
 Prints the machine, the decomposition time, the first step (compile included), the median step,
@@ -31,7 +40,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +50,10 @@ from flax import nnx
 
 from adarank_jax.core import decomposition, layout, task_vectors, train, tree_util
 from adarank_jax.core.decomposition import SVD
-from adarank_jax.interop import openclip_config
-from adarank_jax.models import clip, functional
+from adarank_jax.experiment import loading, plan
+from adarank_jax.interop import hf_config, openclip_config
+from adarank_jax.models import clip, decoder, functional
+from configs import common
 
 # The SVD rule of the official code (docs/algorithm.md, section 1) on the Flax image-tower layout.
 SVD_PATTERNS = (
@@ -50,11 +62,20 @@ SVD_PATTERNS = (
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LOGIT_SCALE = 100.0  # CLIP's logit scale, folded into the benchmark heads
+SHAPES = Path(common.__file__).parent / "shapes"  # decoder shapes: <name>/config.json
+PAD_ID = 0  # the decoder benchmarks' padding token (never drawn as a real token)
 
 # The README's tables: (label, arguments). The step's layout is chosen as adarank.layout='auto'
 # chooses it (every candidate timed, the fastest reported) unless the label fixes it. The official
-# configs' windows are 16% and 32% of r.
+# configs' windows are 16% and 32% of r. Decoders: 4 tasks, batch 4 x 128 tokens per task.
 B32_X8 = ["--arch", "ViT-B-32", "--tasks", "8"]
+DECODER_X4 = ["--tasks", "4", "--batch", "4", "--seq-len", "128"]
+# The 7-8B rows keep the top-16% window: at full rank one device holds neither side's factors (Llama-3-8B,
+# 4 tasks: 156 GB of float32 factors). The memory plan (`--dry_run`, XLA:CPU's buffers; Llama-3-8B, these
+# 4 tasks and batches) puts the window's step at 119 GB on one device: an H200's memory, not an H100's.
+# The official step has no window: its PyTorch side runs full rank and is expected to fail (its column
+# then says why).
+LARGE_DECODERS = (("Llama-3-8B", "llama3_8b"), ("Mistral-7B", "mistral_7b"), ("Qwen2-7B", "qwen2_7b"))
 SUITES = {
   "cpu": (
     ("B/32 x 8, batch 4", [*B32_X8, "--batch", "4"]),
@@ -64,11 +85,20 @@ SUITES = {
       "B/32 x 8, batch 4, fixed: 1 task per call, remat, no cache",
       [*B32_X8, "--batch", "4", "--tasks-per-call", "1", "--remat", "--no-cache-deltas"],
     ),
+    ("Qwen2-0.5B x 4, batch 4 x 128 tokens", ["--arch", "qwen2_0.5b", *DECODER_X4]),
   ),
-  "gpu": (
-    ("B/32 x 8, batch 16", ["--arch", "ViT-B-32", "--tasks", "8", "--batch", "16"]),
-    ("L/14 x 14, batch 16", ["--arch", "ViT-L-14", "--tasks", "14", "--batch", "16"]),
-    ("L/14 x 20, batch 16", ["--arch", "ViT-L-14", "--tasks", "20", "--batch", "16"]),
+  "gpu": tuple(
+    (label, [*argv, "--torch-device", "cuda"])
+    for label, argv in (
+      ("B/32 x 8, batch 16", [*B32_X8, "--batch", "16"]),
+      ("L/14 x 14, batch 16", ["--arch", "ViT-L-14", "--tasks", "14", "--batch", "16"]),
+      ("L/14 x 20, batch 16", ["--arch", "ViT-L-14", "--tasks", "20", "--batch", "16"]),
+      ("Qwen2-0.5B x 4, batch 4 x 128 tokens", ["--arch", "qwen2_0.5b", *DECODER_X4]),
+      *(
+        (f"{name} x 4, batch 4 x 128 tokens, window 16%", ["--arch", shape, *DECODER_X4, "--window", "0.16"])
+        for name, shape in LARGE_DECODERS
+      ),
+    )
   ),
 }
 COMPILE_SUITE = tuple((arch, tasks) for arch in ("ViT-B-32", "ViT-L-14") for tasks in (8, 14, 20))
@@ -98,17 +128,170 @@ class Inputs:
   noise: float
   seed: int
 
+  decompose: ClassVar[tuple[str, ...]] = SVD_PATTERNS  # regexes of the SVD-decomposed matrices
+  unmerged: ClassVar[tuple[str, ...]] = ()  # regexes of the leaves that get no task vector
+  # what `logits_fn` takes; the first is the default
+  forwards: ClassVar[tuple[str, ...]] = ("one", "per_task")
+
   @property
   def num_tasks(self) -> int:
     return self.heads.shape[0]
+
+  @property
+  def width(self) -> int:
+    """The rank of every decomposed matrix (a window keeps a fraction of it)."""
+    return self.vision.width
 
   def finetuned(self, t: int) -> dict[Any, Any]:
     """Task t's "fine-tuned" tree: pretrained + noise * N(0, 1), drawn from default_rng([seed, t]).
 
     Made on demand, so a caller can hold one fine-tuned model at a time.
     """
-    rng = np.random.default_rng([self.seed, t])
-    return jax.tree.map(lambda x: x + self.noise * rng.standard_normal(x.shape, np.float32), self.pretrained)
+    return _noisy(self.pretrained, self.noise, self.seed, t)
+
+  def batches(self) -> tuple[jax.Array, ...]:
+    """The step's T inputs: task t's images."""
+    return tuple(jnp.asarray(x) for x in self.images)
+
+  def logits_fn(self, forward: str, tasks_per_call: int | None = None, remat: bool = False) -> train.LogitsFn:
+    return logits_fn(self.graphdef, self.heads, forward, tasks_per_call, remat)
+
+
+@dataclasses.dataclass
+class DecoderInputs:
+  """The random benchmark problem on a Llama, Mistral or Qwen2 sequence classifier (shared with
+  `benchmark_torch`): the merged tree is the body, each task has its own score head, as `loading.load_lm`.
+
+  Attributes:
+    arch: the shape name or path it was built from.
+    fields: the classifier's complete HF config.json fields (the PyTorch side builds its model from them).
+    config: its DecoderConfig (compute dtype included).
+    pretrained: {"model": body} param tree of numpy arrays (theta_0, a random init).
+    heads: (T, hidden, classes) float32 score kernels, N(0, 1 / hidden).
+    input_ids: (T, batch, seq_len) int32; each row right-padded with PAD_ID to a length drawn from
+      [seq_len // 2, seq_len] (the first row of every task unpadded).
+    attention_mask: (T, batch, seq_len) int32, 1 on the real tokens.
+    noise: std of the fine-tuning noise.
+    seed: the seed of every draw.
+  """
+
+  arch: str
+  fields: dict[str, Any]
+  config: decoder.DecoderConfig
+  pretrained: dict[Any, Any]
+  heads: np.ndarray
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  noise: float
+  seed: int
+
+  # The CLI's rules for decoder classifiers (configs/common.py).
+  decompose: ClassVar[tuple[str, ...]] = common.DECOMPOSE["decoder"]
+  unmerged: ClassVar[tuple[str, ...]] = common.UNMERGED["decoder"]
+  forwards: ClassVar[tuple[str, ...]] = ("per_task",)  # as load_lm's train_logits
+
+  @property
+  def num_tasks(self) -> int:
+    return self.heads.shape[0]
+
+  @property
+  def width(self) -> int:
+    return self.config.hidden_size
+
+  def finetuned(self, t: int) -> dict[Any, Any]:
+    """Task t's "fine-tuned" body: pretrained + noise * N(0, 1), drawn from default_rng([seed, t])."""
+    return _noisy(self.pretrained, self.noise, self.seed, t)
+
+  def batches(self) -> tuple[dict[str, jax.Array], ...]:
+    """The step's T inputs: task t's {input_ids, attention_mask}."""
+    return tuple(
+      {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+      for ids, mask in zip(self.input_ids, self.attention_mask)
+    )
+
+  def logits_fn(self, forward: str, tasks_per_call: int | None = None, remat: bool = False) -> train.LogitsFn:
+    """The CLI's logits (`loading.lm_logits`): the body with task t's score head, one forward per task."""
+    del tasks_per_call, remat  # the tower layouts are CLIP's
+    if forward not in self.forwards:
+      raise ValueError(f"decoders run forward={self.forwards[0]!r} (as load_lm); got {forward!r}")
+    heads = [{"kernel": head} for head in self.heads]
+    logits = loading.lm_logits(
+      decoder.build, [self.config] * self.num_tasks, heads, head_key="score", family="decoder"
+    )
+    return train.per_task(logits)
+
+
+def _noisy(tree: dict[Any, Any], noise: float, seed: int, t: int) -> dict[Any, Any]:
+  rng = np.random.default_rng([seed, t])
+  return jax.tree.map(lambda x: x + noise * rng.standard_normal(x.shape, np.float32), tree)
+
+
+def decoder_shape(arch: str | os.PathLike) -> Path | None:
+  """The config.json of a decoder `arch` (a name under configs/shapes, a directory or a config.json
+  path whose model_type is a decoder's), or None (an OpenCLIP arch)."""
+  name = Path(arch)
+  for path in (SHAPES / name / "config.json", name / "config.json", name):
+    if path.name == "config.json" and path.is_file():
+      if json.loads(path.read_text()).get("model_type") in decoder.MODEL_TYPES:
+        return path
+  return None
+
+
+def make_decoder_inputs(
+  arch: str | os.PathLike,
+  *,
+  tasks: int,
+  batch: int,
+  seq_len: int,
+  classes: int = 2,
+  layers: int | None = None,
+  vocab: int | None = None,
+  noise: float = 1e-3,
+  seed: int = 0,
+  compute_dtype: str = "float32",
+) -> DecoderInputs:
+  """The decoder benchmark's random classifier body, heads and token ids, deterministically from `seed`.
+
+  `layers` and `vocab` replace the shape's num_hidden_layers and vocab_size (None keeps them).
+  """
+  path = decoder_shape(arch)
+  if path is None:
+    raise ValueError(
+      f"{arch}: not a decoder shape (configs/shapes/<name>, or a Llama/Mistral/Qwen2 config.json)"
+    )
+  raw = json.loads(path.read_text())
+  if layers is not None:
+    raw["num_hidden_layers"] = layers
+    if "max_window_layers" in raw:
+      raw["max_window_layers"] = min(raw["max_window_layers"], layers)
+  if vocab is not None:
+    raw["vocab_size"] = vocab
+  raw["pad_token_id"] = PAD_ID
+  fields = plan.classifier_fields(raw, num_labels=classes, source=str(path))
+  config = hf_config.decoder_config(fields, dtype=compute_dtype)
+  tree = functional.split(decoder.build(config, rngs=nnx.Rngs(seed)))[1]
+  pretrained = {"model": jax.tree.map(np.asarray, tree["model"])}
+  del tree
+  rng = np.random.default_rng(seed)
+  hidden = config.hidden_size
+  heads = rng.standard_normal((tasks, hidden, classes), np.float32) / np.float32(np.sqrt(hidden))
+  rng = np.random.default_rng(seed + 1)
+  input_ids = rng.integers(PAD_ID + 1, config.vocab_size, (tasks, batch, seq_len)).astype(np.int32)
+  lengths = rng.integers(max(1, seq_len // 2), seq_len + 1, (tasks, batch))
+  lengths[:, 0] = seq_len
+  attention_mask = (np.arange(seq_len)[None, None] < lengths[..., None]).astype(np.int32)
+  input_ids = np.where(attention_mask == 1, input_ids, PAD_ID).astype(np.int32)
+  return DecoderInputs(
+    arch=os.fspath(arch),
+    fields=fields,
+    config=config,
+    pretrained=pretrained,
+    heads=heads,
+    input_ids=input_ids,
+    attention_mask=attention_mask,
+    noise=noise,
+    seed=seed,
+  )
 
 
 def make_inputs(
@@ -172,9 +355,50 @@ def logits_fn(
   raise ValueError(f"logits_fn: forward={forward!r}; expected one of {FORWARDS}")
 
 
-def window_rank(vision: clip.VisionConfig, window: float | None) -> int | None:
-  """Components kept by a window of `window` * r (r = the tower width, every matrix's rank)."""
-  return None if window is None else max(1, int(window * vision.width))
+def window_rank(width: int, window: float | None) -> int | None:
+  """Components kept by a window of `window` * r (r = `width`: the CLIP tower's width, every matrix's
+  rank; a decoder's hidden size)."""
+  return None if window is None else max(1, int(window * width))
+
+
+def config_label(args: argparse.Namespace) -> str:
+  """The configuration's name in the table."""
+  if decoder_shape(args.arch) is None:
+    return f"{args.arch} x {args.tasks}, batch {args.batch}"
+  shrunk = "".join(
+    f", {value} {name}"
+    for name, value in (("layers", args.layers), ("vocab", args.vocab))
+    if value is not None
+  )
+  return f"{args.arch}{shrunk} x {args.tasks}, batch {args.batch} x {args.seq_len} tokens"
+
+
+def build_inputs(args: argparse.Namespace, *, compute_dtype: str) -> Inputs | DecoderInputs:
+  """The benchmark problem of the command line, CLIP or decoder as `--arch` says."""
+  if decoder_shape(args.arch) is not None:
+    return make_decoder_inputs(
+      args.arch,
+      tasks=args.tasks,
+      batch=args.batch,
+      seq_len=args.seq_len,
+      classes=args.classes,
+      layers=args.layers,
+      vocab=args.vocab,
+      noise=args.noise,
+      seed=args.seed,
+      compute_dtype=compute_dtype,
+    )
+  if args.layers is not None or args.vocab is not None:
+    raise ValueError(f"--layers and --vocab shrink decoder shapes; {args.arch} is an OpenCLIP arch")
+  return make_inputs(
+    args.arch,
+    tasks=args.tasks,
+    batch=args.batch,
+    classes=args.classes,
+    noise=args.noise,
+    seed=args.seed,
+    compute_dtype=DTYPES[compute_dtype],
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,10 +407,18 @@ def window_rank(vision: clip.VisionConfig, window: float | None) -> int | None:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--arch", default="ViT-B-32", help="OpenCLIP model config name or JSON path")
+  parser.add_argument(
+    "--arch",
+    default="ViT-B-32",
+    help="OpenCLIP model config name or JSON path, or a decoder shape (configs/shapes/<name>, or a "
+    "Llama/Mistral/Qwen2 config.json directory or path)",
+  )
   parser.add_argument("--tasks", type=int, default=8)
   parser.add_argument("--steps", type=int, default=3, help="timed steps after the compiling one")
-  parser.add_argument("--batch", type=int, default=4, help="images per task per step")
+  parser.add_argument("--batch", type=int, default=4, help="images (decoders: sequences) per task per step")
+  parser.add_argument("--seq-len", type=int, default=128, help="decoders: tokens per sequence")
+  parser.add_argument("--layers", type=int, default=None, help="decoders: replace the shape's layer count")
+  parser.add_argument("--vocab", type=int, default=None, help="decoders: replace the shape's vocabulary size")
   parser.add_argument("--classes", type=int, default=10, help="classes of every random head")
   parser.add_argument("--origin", choices=task_vectors.ORIGINS, default="pretrained")
   parser.add_argument("--initial-rank-ratio", type=float, default=1.0)
@@ -199,8 +431,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument(
     "--forward",
     choices=FORWARDS,
-    default="one",
-    help="'one': the tower traced once (train.one_forward), or one traced forward per task",
+    default=None,
+    help="'one': the tower traced once (train.one_forward, CLIP's default), or one traced forward per "
+    "task (decoders: the only one, as the CLI)",
   )
   parser.add_argument(
     "--cache-deltas",
@@ -231,6 +464,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   )
   parser.add_argument("--noise", type=float, default=1e-3, help="std of the fine-tuning noise")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--torch-device", default="cpu", help="the PyTorch baseline's device ('cpu' or 'cuda')")
   parser.add_argument(
     "--baseline",
     action="store_true",
@@ -257,8 +491,9 @@ def _machine() -> dict[str, object]:
   return {**layout.machine(), "host": platform.machine()}
 
 
-def _layouts(args: argparse.Namespace, factors: Any) -> tuple[layout.Layout, ...]:
-  """The layouts to time: the one the flags fix, else the candidates of adarank.layout='auto'."""
+def _layouts(args: argparse.Namespace, factors: Any, *, tower: bool) -> tuple[layout.Layout, ...]:
+  """The layouts to time: the one the flags fix, else the candidates of adarank.layout='auto'
+  (`tower`: whether the logits take the tower layouts)."""
   flags = (args.tasks_per_call, args.remat, args.cache_deltas)
   if any(flag is not None for flag in flags):
     default = layout.Layout()
@@ -272,7 +507,7 @@ def _layouts(args: argparse.Namespace, factors: Any) -> tuple[layout.Layout, ...
   return layout.candidates(
     num_tasks=args.tasks,
     cache_deltas=layout.cache_fits(factors, jax.local_devices()[0], shards=args.mesh_task),
-    tower=args.forward == "one",
+    tower=tower,
   )
 
 
@@ -298,8 +533,11 @@ def _step_memory(compiled: Any) -> dict[str, float] | None:
   }
 
 
-def _decompose(inputs: Inputs, *, origin: str, rank: int | None, dtype: Any) -> tuple[Any, Any]:
-  """(origin tree, factors), streaming: one fine-tuned model and one task vector at a time."""
+def _decompose(
+  inputs: Inputs | DecoderInputs, *, origin: str, rank: int | None, dtype: Any
+) -> tuple[Any, Any]:
+  """(origin tree, factors), streaming: one fine-tuned model and one task vector at a time. The
+  `inputs.unmerged` leaves get no task vector (they stay at the origin)."""
   tasks = range(inputs.num_tasks)
   if origin == "pretrained":
     base = inputs.pretrained
@@ -307,9 +545,18 @@ def _decompose(inputs: Inputs, *, origin: str, rank: int | None, dtype: Any) -> 
     base = jax.tree.map(np.zeros_like, inputs.pretrained)
     for t in tasks:
       base = jax.tree.map(lambda acc, x: acc + x / inputs.num_tasks, base, inputs.finetuned(t))
-  tau = (jax.tree.map(np.subtract, inputs.finetuned(t), base) for t in tasks)
+  unmerged = tree_util.flatten(tree_util.select(base, inputs.unmerged))
+
+  def tau(t):
+    flat, origin_flat = tree_util.flatten(inputs.finetuned(t)), tree_util.flatten(base)
+    return tree_util.unflatten({p: x - origin_flat[p] for p, x in flat.items() if not unmerged[p]})
+
   factors = decomposition.decompose_streaming(
-    tree_util.select(base, SVD_PATTERNS), tau, num_tasks=inputs.num_tasks, rank=rank, dtype=dtype
+    tree_util.select(base, inputs.decompose),
+    (tau(t) for t in tasks),
+    num_tasks=inputs.num_tasks,
+    rank=rank,
+    dtype=dtype,
   )
   return base, jax.block_until_ready(factors)
 
@@ -318,21 +565,15 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
   """The adarank_jax side: decomposition, first step, median step, memory."""
   result: dict[str, object] = {"args": vars(args), "machine": _machine()}
   print("machine:", json.dumps(result["machine"]))
-  inputs = make_inputs(
-    args.arch,
-    tasks=args.tasks,
-    batch=args.batch,
-    classes=args.classes,
-    noise=args.noise,
-    seed=args.seed,
-    compute_dtype=DTYPES[args.compute_dtype],
-  )
+  inputs = build_inputs(args, compute_dtype=args.compute_dtype)
+  args.forward = args.forward or inputs.forwards[0]
   num_params = sum(x.size for x in jax.tree.leaves(inputs.pretrained))
-  print(f"{args.arch}: {num_params / 1e6:.1f}M params, {args.tasks} tasks, batch {args.batch}")
+  print(f"{config_label(args)}: {num_params / 1e6:.1f}M params in the merged tree")
+  result["host_peak_rss_inputs_gb"] = _peak_memory()["host_peak_rss_gb"]
 
   start = time.perf_counter()
   origin, factors = _decompose(
-    inputs, origin=args.origin, rank=window_rank(inputs.vision, args.window), dtype=DTYPES[args.factor_dtype]
+    inputs, origin=args.origin, rank=window_rank(inputs.width, args.window), dtype=DTYPES[args.factor_dtype]
   )
   result["decompose_s"] = time.perf_counter() - start
   result["decompose_peak_rss_gb"] = _peak_memory()["host_peak_rss_gb"]  # the peak so far
@@ -342,7 +583,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
   )
 
   frozen = (jax.device_put(origin), factors)  # on the device once, not converted at every step
-  batches = tuple(jnp.asarray(x) for x in inputs.images)
+  batches = inputs.batches()
   mesh = None
   if jax.device_count() > 1:
     mesh = train.make_mesh(task=args.mesh_task)
@@ -352,7 +593,8 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
   # Every candidate layout measured alike; the fastest median is the result (as the run's
   # adarank.layout='auto' picks it, there from fewer steps), the others are listed.
   measured = []
-  for candidate in _layouts(args, factors):
+  tower = args.forward == "one"  # CLIP's tower layouts; decoders run per task
+  for candidate in _layouts(args, factors, tower=tower):
     measured.append(_measure_step(args, inputs, frozen, batches, mesh, candidate))
     print(
       f"layout {candidate}: first step {measured[-1]['first_step_s']:.2f} s (compile "
@@ -380,7 +622,12 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _measure_step(
-  args: argparse.Namespace, inputs: Inputs, frozen: Any, batches: Any, mesh: Any, candidate: layout.Layout
+  args: argparse.Namespace,
+  inputs: Inputs | DecoderInputs,
+  frozen: Any,
+  batches: Any,
+  mesh: Any,
+  candidate: layout.Layout,
 ) -> dict[str, Any]:
   """Compile time, first step and the median of `args.steps` steps of the step laid out as `candidate`."""
   optimizer = train.make_optimizer(1e-3)
@@ -395,9 +642,7 @@ def _measure_step(
   if mesh is not None:
     state = train.place_state(state, mesh)
   step = train.make_train_step(
-    logits_fn=logits_fn(
-      inputs.graphdef, inputs.heads, args.forward, candidate.tasks_per_forward, candidate.remat
-    ),
+    logits_fn=inputs.logits_fn(args.forward, candidate.tasks_per_forward, candidate.remat),
     optimizer=optimizer,
     temperature=10.0,
     num_tasks=args.tasks,
@@ -429,11 +674,17 @@ def _measure_step(
 
 def compile_only(args: argparse.Namespace) -> dict[str, object]:
   """Traces and compiles the step on abstract inputs of the requested size (no weights made)."""
+  if decoder_shape(args.arch) is not None:
+    raise ValueError(
+      "--compile-only covers CLIP towers; a decoder's step compiled on abstract inputs is the memory plan: "
+      "python -m adarank_jax.main --config configs/qwen2_glue.py --dry_run --config.model.pretrained=SHAPE_DIR"
+    )
+  args.forward = args.forward or Inputs.forwards[0]
   vision = openclip_config.load_config(args.arch).vision
   graphdef, params = functional.split(
     nnx.eval_shape(lambda: clip.VisionTransformer(vision, dtype=DTYPES[args.compute_dtype], rngs=nnx.Rngs(0)))
   )
-  rank = window_rank(vision, args.window)
+  rank = window_rank(vision.width, args.window)
   select = tree_util.flatten(tree_util.select(params, SVD_PATTERNS))
   factor_dtype = DTYPES[args.factor_dtype]
 
@@ -449,7 +700,7 @@ def compile_only(args: argparse.Namespace) -> dict[str, object]:
 
   factors = tree_util.unflatten({p: abstract_factor(p, x) for p, x in tree_util.flatten(params).items()})
   origin = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  candidate = _layouts(args, factors)[0]  # the fixed layout, else auto's first candidate
+  candidate = _layouts(args, factors, tower=args.forward == "one")[0]  # fixed, else auto's first
   optimizer = train.make_optimizer(1e-3)
   state = jax.eval_shape(
     lambda f: train.init_state(
@@ -510,6 +761,9 @@ _TORCH_ARGS = (
   "--tasks",
   "--steps",
   "--batch",
+  "--seq-len",
+  "--layers",
+  "--vocab",
   "--classes",
   "--origin",
   "--initial-rank-ratio",
@@ -525,6 +779,8 @@ def _torch_argv(argv: Sequence[str]) -> list[str]:
   for arg in it:
     if arg in _TORCH_ARGS:
       out += [arg, next(it)]
+    elif arg == "--torch-device":
+      out += ["--device", next(it)]
   return out
 
 
@@ -533,10 +789,18 @@ def _ratio(torch_value: Any, jax_value: Any) -> str:
 
 
 def side_by_side(label: str, argv: Sequence[str]) -> dict[str, object]:
-  """Both sides of one configuration, each in its own process; prints and returns the comparison."""
+  """Both sides of one configuration, each in its own process; prints and returns the comparison.
+
+  A PyTorch side that fails (e.g. the official step's full-rank factors do not fit the device) leaves
+  the row with adarank_jax's column and the error in PyTorch's (`torch` = {"error": ...}).
+  """
   ours = _subprocess("adarank_jax.benchmarks.step", argv)
   print("adarank_jax result:", json.dumps(ours), flush=True)
-  theirs = _subprocess("adarank_jax.benchmarks.torch_step", _torch_argv(argv))
+  try:
+    theirs = _subprocess("adarank_jax.benchmarks.torch_step", _torch_argv(argv))
+  except RuntimeError as error:
+    print(f"{label}: the PyTorch side FAILED\n{error}", flush=True)
+    return {"label": label, "jax": ours, "torch": {"error": _error_line(error)}}
   print("pytorch result:", json.dumps(theirs), flush=True)
   row = {
     "label": label,
@@ -556,6 +820,12 @@ def side_by_side(label: str, argv: Sequence[str]) -> dict[str, object]:
   return row
 
 
+def _error_line(error: Exception) -> str:
+  """The last line of a failed side's output that names an error (e.g. out of memory)."""
+  lines = [l.strip() for l in str(error).splitlines() if "Error" in l or "error" in l]
+  return (lines[-1] if lines else str(error).splitlines()[0])[:200]
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
   """The comparison table of `side_by_side` rows, under the machine it was measured on."""
   machine = rows[0]["jax"]["machine"] if rows else {}
@@ -568,6 +838,17 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
   ]
   for row in rows:
     t, j = row["torch"], row["jax"]
+    if "error" in t:
+      lines += [
+        f"| {row['label']} | layout | | {j['layout']} | |",
+        f"| | step (median) | failed: {t['error']} | {j['step_s_median']:.2f} s | |",
+        f"| | first step (compile) | | {j['first_step_s']:.1f} s ({j['compile_s']:.1f} s compile) | |",
+        f"| | decomposition | | {j['decompose_s']:.1f} s | |",
+        f"| | peak host memory | | {j['host_peak_rss_gb']:.1f} GB | |",
+      ]
+      if j.get("device_peak_gb") is not None:
+        lines.append(f"| | peak device memory | | {j['device_peak_gb']} GB | |")
+      continue
     lines += [
       f"| {row['label']} | layout | | {j['layout']} | |",
       f"| | step (median) | {t['step_s_median']:.2f} s | "
@@ -587,8 +868,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def suite(name: str, extra: Sequence[str] = ()) -> list[dict[str, object]]:
-  """Every configuration of SUITES[name] side by side, then the compile times for T = 8, 14, 20."""
-  print("machine:", json.dumps(_machine()), flush=True)
+  """Every configuration of SUITES[name] side by side, then the compile times for T = 8, 14, 20.
+
+  This process starts no JAX backend (on an accelerator it would hold memory its children need): the
+  machine is each child's."""
   rows = []
   for label, argv in SUITES[name]:
     try:
@@ -623,9 +906,7 @@ def main(argv: list[str] | None = None) -> dict[str, object] | list[dict[str, ob
   if args.compile_only:
     return compile_only(args)
   if args.baseline:
-    row = side_by_side(
-      f"{args.arch} x {args.tasks}, batch {args.batch}", [a for a in argv if a != "--baseline"]
-    )
+    row = side_by_side(config_label(args), [a for a in argv if a != "--baseline"])
     print(markdown([row]))
     return row
   return run_jax(args)

@@ -34,6 +34,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,18 +82,27 @@ def decoder_config(config) -> decoder.DecoderConfig:
     raw = json.loads(path.read_text())
   except (OSError, ValueError) as error:
     raise ValueError(f"{path}: cannot read the model's config.json to plan the run: {error}") from error
+  fields = classifier_fields(raw, num_labels=2, source=str(path))  # labels replaced per task by `_problem`
+  return hf_config.decoder_config(fields, dtype=config.model.dtype)
+
+
+def classifier_fields(raw: dict[str, Any], *, num_labels: int, source: str) -> dict[str, Any]:
+  """The complete config.json fields (`hf_config.complete`) of the sequence classifier of a decoder's
+  config.json dict `raw`: its XForSequenceClassification with `num_labels` labels; the pad id is raw's,
+  else its eos id, else 0."""
   raw = hf_config.complete(raw)
   if raw.get("model_type") not in decoder.MODEL_TYPES:
     raise ValueError(
-      f"{path}: model_type {raw.get('model_type')!r}; the planner covers the decoders "
+      f"{source}: model_type {raw.get('model_type')!r}; the planner covers the decoders "
       f"{sorted(decoder.MODEL_TYPES)}"
     )
   prefix = decoder.MODEL_TYPES[raw["model_type"]]
   raw["architectures"] = [f"{prefix}ForSequenceClassification"]
-  raw["id2label"] = {0: "0", 1: "1"}  # replaced per task by `_problem`
+  raw["id2label"] = {i: str(i) for i in range(num_labels)}
+  raw["label2id"] = {str(i): i for i in range(num_labels)}
   if raw.get("pad_token_id") is None:
     raw["pad_token_id"] = raw.get("eos_token_id") if isinstance(raw.get("eos_token_id"), int) else 0
-  return hf_config.decoder_config(raw, dtype=config.model.dtype)
+  return raw
 
 
 def plan(config, *, devices: int, device_memory: float, compile: bool = True) -> list[Row]:  # noqa: A002

@@ -17,6 +17,9 @@ ARCH = os.path.join(os.path.dirname(benchmark_torch.__file__), "..", "digits", "
 TASKS, BATCH, CLASSES = 3, 2, 5
 PRIOR, TEMPERATURE, LR, ADAM_EPS = 0.3, 10.0, 1e-3, 1e-8
 GRAD_RTOL, GRAD_SCALED_ATOL = 1e-3, 1e-4  # float32 rounding; atol relative to the leaf's max |grad|
+# The loss: float32 entropies of logits scaled by 100, summed in another order on each side (an AVX2-only
+# EPYC differs by 1.1e-5 at rho 0.5).
+LOSS_RTOL = 2e-5
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -156,7 +159,7 @@ def test_torch_step_equals_jax_step(inputs, jax_side, rho, cache_deltas, forward
     (state.mask_logits, state.coefficients), jax_side.frozen, jax_side.batches, state.deltas
   )
   torch_loss, torch_mask_grads, torch_coef_grads = benchmark_torch.loss_and_grads(official, images)
-  np.testing.assert_allclose(torch_loss, float(loss), rtol=1e-5)
+  np.testing.assert_allclose(torch_loss, float(loss), rtol=LOSS_RTOL)
   mask_grads, coef_grads = tree_util.flatten(mask_grads), tree_util.flatten(coef_grads)
   _assert_close_per_leaf(
     torch_mask_grads, mask_grads, rtol=GRAD_RTOL, scale_atol=GRAD_SCALED_ATOL, what="mask-logit gradient"
@@ -174,7 +177,7 @@ def test_torch_step_equals_jax_step(inputs, jax_side, rho, cache_deltas, forward
   # One Adam step on both sides.
   new_state, metrics = jax_side.steps[forward](jax_side.frozen, state, jax_side.batches)
   step_loss = official.step(images)
-  np.testing.assert_allclose(step_loss, float(metrics["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(step_loss, float(metrics["loss"]), rtol=LOSS_RTOL)
   masks1, coefs1 = official.values()
   _assert_adam_step_close(
     masks1, tree_util.flatten(new_state.mask_logits), mask_grads, what="mask logits after one step"
