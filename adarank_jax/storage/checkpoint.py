@@ -12,10 +12,11 @@ Trees written before checksums existed (no checksum.json) restore unverified.
 
 When Orbax gives up on a step (a truncated or damaged data file), the reads it had started go on in
 TensorStore's threads and each one, finishing, hands its result to Orbax's event loop, closed by then:
-Python reports every such `RuntimeError: Event loop is closed` as an unraisable exception, and asyncio
-logs the abandoned read tasks. Once a read has failed, `_late_reads` counts these reports instead and
-logs them at DEBUG on this module's logger (with the full reader error), so the user sees the one
-warning line per corrupt step and `--verbose` (which enables DEBUG for adarank_jax's loggers) the detail. A `Manager` step also
+Python reports every such `RuntimeError: Event loop is closed` as an unraisable exception or, from
+TensorStore's own threads, through `sys.excepthook`, and asyncio logs the abandoned read tasks. Once a
+read has failed, `_late_reads` counts these reports instead and logs them at DEBUG on this module's
+logger (with the full reader error), so the user sees the one warning line per corrupt step and
+`--verbose` (which enables DEBUG for adarank_jax's loggers) the detail. A `Manager` step also
 holds a small JSON dict beside the tree (`Manager.save(..., data=...)`): the input pipeline's iterator
 state, so a resumed run reads exactly the batches the uninterrupted one would.
 """
@@ -53,8 +54,9 @@ _log = logging.getLogger(__name__)
 class _LateReads:
   """Counts and logs at DEBUG the reports of reads a failed restore left in flight (module docstring).
 
-  `install` (at the first failed read, once per process) chains itself before `sys.unraisablehook`
-  and filters the `asyncio` logger; every other report passes on unchanged.
+  `install` (at the first failed read, once per process) chains itself before `sys.unraisablehook` and
+  `sys.excepthook` (TensorStore's threads print a callback's error through the latter) and filters the
+  `asyncio` logger; every other report passes on unchanged.
   """
 
   CLOSED = "Event loop is closed"
@@ -62,30 +64,35 @@ class _LateReads:
 
   def __init__(self) -> None:
     self.count = 0
-    self._previous: Any = None
+    self._unraisable: Any = None
+    self._except: Any = None
 
   def install(self) -> None:
-    if self._previous is None:
-      self._previous = sys.unraisablehook
-      sys.unraisablehook = self._hook
+    if self._unraisable is None:
+      self._unraisable, self._except = sys.unraisablehook, sys.excepthook
+      sys.unraisablehook, sys.excepthook = self._unraisable_hook, self._except_hook
       logging.getLogger("asyncio").addFilter(self._keep)
 
-  def _hook(self, unraisable: Any) -> None:
-    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == self.CLOSED:
-      self.count += 1
-      first = self.count == 1  # the same traceback every time: shown once, then counted
-      _log.debug(
-        "late read %d of a failed restore hit the closed event loop%s",
-        self.count,
-        ":\n"
-        + "".join(
-          traceback.format_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
-        )
-        if first
-        else "",
-      )
-      return
-    self._previous(unraisable)
+  def _unraisable_hook(self, unraisable: Any) -> None:
+    if not self._counted(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+      self._unraisable(unraisable)
+
+  def _except_hook(self, exc_type: Any, exc_value: Any, exc_traceback: Any) -> None:
+    if not self._counted(exc_type, exc_value, exc_traceback):
+      self._except(exc_type, exc_value, exc_traceback)
+
+  def _counted(self, exc_type: Any, exc_value: Any, exc_traceback: Any) -> bool:
+    """True for a late read's `RuntimeError: Event loop is closed`, logged (its traceback the first time)."""
+    if exc_type is not RuntimeError or str(exc_value) != self.CLOSED:
+      return False
+    self.count += 1
+    first = self.count == 1  # the same traceback every time: shown once, then counted
+    _log.debug(
+      "late read %d of a failed restore hit the closed event loop%s",
+      self.count,
+      ":\n" + "".join(traceback.format_exception(exc_type, exc_value, exc_traceback)) if first else "",
+    )
+    return True
 
   def _keep(self, record: logging.LogRecord) -> bool:
     if not record.getMessage().startswith(self.ABANDONED):

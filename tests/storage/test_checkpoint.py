@@ -63,8 +63,9 @@ def test_late_reads_of_a_failed_restore_are_counted_and_every_other_report_passe
   import sys
   import types
 
-  passed = []
+  passed, excepted = [], []
   monkeypatch.setattr(sys, "unraisablehook", passed.append)
+  monkeypatch.setattr(sys, "excepthook", lambda *exc: excepted.append(exc[1]))
   late = checkpoint._LateReads()
   late.install()
   late.install()  # once per process: the second call chains nothing more
@@ -80,13 +81,17 @@ def test_late_reads_of_a_failed_restore_are_counted_and_every_other_report_passe
         sys.unraisablehook(report(RuntimeError("Event loop is closed")))
       other = report(RuntimeError("something else"))
       sys.unraisablehook(other)
+      # A TensorStore thread's late read prints through sys.excepthook, not as unraisable.
+      closed, uncaught = RuntimeError("Event loop is closed"), ValueError("a real error")
+      sys.excepthook(RuntimeError, closed, None)
+      sys.excepthook(ValueError, uncaught, None)
       abandoned = logging.LogRecord(
         "asyncio", logging.ERROR, "", 0, "Task exception was never retrieved", (), None
       )
       kept = logging.LogRecord("asyncio", logging.ERROR, "", 0, "Executing <Task> took 1 s", (), None)
       assert not late._keep(abandoned) and late._keep(kept)
-    assert late.count == 3 and passed == [other]
-    assert sum("hit the closed event loop" in r.getMessage() for r in caplog.records) == 3
+    assert late.count == 4 and passed == [other] and excepted == [uncaught]
+    assert sum("hit the closed event loop" in r.getMessage() for r in caplog.records) == 4
     assert any("abandoned checkpoint read" in r.getMessage() for r in caplog.records)
   finally:
     logging.getLogger("asyncio").removeFilter(late._keep)
