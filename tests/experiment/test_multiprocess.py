@@ -95,10 +95,10 @@ def cache(tmp_path_factory):
   return tmp_path_factory.mktemp("testbed")
 
 
-def _single(workdir, cache, placement, *extra):
+def _single(workdir, cache, placement, *extra, methods=METHODS):
   """The reference: one process of 8 devices."""
   single = subprocess.run(
-    _args(workdir, *extra, placement=placement),
+    _args(workdir, *extra, placement=placement, methods=methods),
     cwd=ROOT,
     env=_env(cache, 8),
     capture_output=True,
@@ -171,7 +171,7 @@ def test_each_process_reads_its_part_of_every_batch(tmp_path, cache):
   process 0 for both (AdaMerging's step, trained in the test above, is left out: its timing across
   processes is the same code and a minute of this machine)."""
   replicated = ("task_arithmetic", "adarank_ta")
-  single = _single(tmp_path / "single", cache, "replicated", f"--config.methods={replicated!r}")
+  single = _single(tmp_path / "single", cache, "replicated", methods=replicated)
   assert "mesh: {'data': 8} over 8 cpu device(s)" in single
   workdir = tmp_path / "two"
   outputs = _wait(_launch_two(workdir, cache, placement="replicated", methods=replicated))
