@@ -373,6 +373,17 @@ def config_label(args: argparse.Namespace) -> str:
   return f"{args.arch}{shrunk} x {args.tasks}, batch {args.batch} x {args.seq_len} tokens"
 
 
+def table_label(args: argparse.Namespace) -> str:
+  """A --baseline row's name: `config_label` and what only the adarank_jax side varies (the window,
+  the factors' dtype), so a windowed row is not mistaken for a full-rank one."""
+  label = config_label(args)
+  if args.window is not None:
+    label += f", window {args.window:.0%}"
+  if args.factor_dtype != "float32":
+    label += f", {args.factor_dtype} factors"
+  return label
+
+
 def build_inputs(args: argparse.Namespace, *, compute_dtype: str) -> Inputs | DecoderInputs:
   """The benchmark problem of the command line, CLIP or decoder as `--arch` says."""
   if decoder_shape(args.arch) is not None:
@@ -906,7 +917,7 @@ def main(argv: list[str] | None = None) -> dict[str, object] | list[dict[str, ob
   if args.compile_only:
     return compile_only(args)
   if args.baseline:
-    row = side_by_side(config_label(args), [a for a in argv if a != "--baseline"])
+    row = side_by_side(table_label(args), [a for a in argv if a != "--baseline"])
     print(markdown([row]))
     return row
   return run_jax(args)

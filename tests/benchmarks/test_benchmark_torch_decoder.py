@@ -177,3 +177,12 @@ def test_every_suite_row_parses_and_names_a_shape():
   gpu = [benchmark._parse_args(argv) for _, argv in benchmark.SUITES["gpu"]]
   assert all(args.torch_device == "cuda" for args in gpu)
   assert {args.arch for args in gpu} >= {shape for _, shape in benchmark.LARGE_DECODERS}
+
+
+def test_a_baseline_row_names_the_window_and_the_factor_dtype():
+  plain = benchmark._parse_args(["--arch", "ViT-B-32", "--tasks", "8", "--batch", "4"])
+  assert benchmark.table_label(plain) == "ViT-B-32 x 8, batch 4"
+  windowed = benchmark._parse_args(
+    ["--arch", "ViT-B-32", "--tasks", "8", "--batch", "4", "--window", "0.16", "--factor-dtype", "bfloat16"]
+  )
+  assert benchmark.table_label(windowed) == "ViT-B-32 x 8, batch 4, window 16%, bfloat16 factors"
