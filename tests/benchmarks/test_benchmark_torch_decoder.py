@@ -167,6 +167,8 @@ def test_benchmark_command_runs_both_sides_and_prints_the_table(shape, monkeypat
   assert "x 2, batch 2 x 8 tokens" in out and "| | step (median) |" in out
   np.testing.assert_allclose(row["torch"]["loss"], row["jax"]["loss"], rtol=1e-5)
   assert row["jax"]["args"]["forward"] == "per_task"
+  # The initial state is waited for and reported on its own row, not counted in the compile.
+  assert row["jax"]["init_s"] > 0 and "| | state init (the delta cache) | |" in out
 
 
 def test_every_suite_row_parses_and_names_a_shape():
