@@ -20,6 +20,9 @@ is fixed by default (`config.adarank.layout = 'auto'`):
   few steps, and `fastest` picks the quickest. A candidate whose compiled step would allocate more
   than STEP_SHARE of the free memory (`step_bytes`, XLA's memory analysis, known before it runs) is
   skipped. The caller logs the timings and stores the choice, so a resumed run uses the same layout.
+  Candidates that keep the cache are checked so even when there is one: the cost rule above weighs
+  the cache alone, and the step's own buffers come on top of it. Where every candidate with the cache
+  is skipped, the same candidates without it (`without_cache`) are chosen among instead.
 """
 
 from __future__ import annotations
@@ -105,6 +108,11 @@ def candidates(*, num_tasks: int, cache_deltas: bool, tower: bool) -> tuple[Layo
   if not tower:
     return (Layout(cache_deltas=cache_deltas),)
   return tuple(Layout(k, remat, cache_deltas) for k, remat in TOWER_LAYOUTS if k == 0 or num_tasks % k == 0)
+
+
+def without_cache(options: Sequence[Layout]) -> tuple[Layout, ...]:
+  """`options` with cache_deltas off, in their order, each once."""
+  return tuple(dict.fromkeys(dataclasses.replace(c, cache_deltas=False) for c in options))
 
 
 def step_bytes(compiled: Any) -> int | None:

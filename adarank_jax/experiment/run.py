@@ -767,20 +767,33 @@ def _step_layout(
 def _time_candidates(
   options, batches: pipeline.TaskBatches, mesh, timed
 ) -> tuple[layout_lib.Layout, list[dict[str, Any]]]:
-  """(process 0's fastest candidate, broadcast; each candidate's seconds a step, None where `timed`
-  skipped it for its memory), timed on the stream's first batches, which it gives again after."""
+  """(process 0's fastest candidate, broadcast; each timed candidate's seconds a step, None where
+  `timed` skipped it for its memory), timed on the stream's first batches, which it gives again
+  after. Several candidates are timed, and so is a lone one that keeps the delta cache (its memory
+  is checked); where every candidate with the cache is skipped, the same ones without it are
+  chosen among (`layout.without_cache`)."""
   timings = []
-  if len(options) > 1:
-    start = batches.get_state()
-    step_batches = train.place_batches(next(batches), mesh)
-    batches.set_state(start)
+  step_batches = None
+  while len(options) > 1 or options[0].cache_deltas:
+    if step_batches is None:
+      start = batches.get_state()
+      step_batches = train.place_batches(next(batches), mesh)
+      batches.set_state(start)
+    timed_now = []
     for candidate in options:
       seconds = timed(candidate, step_batches)
-      timings.append((candidate, seconds))
+      timed_now.append((candidate, seconds))
       note = "skipped: its step would not fit in memory" if seconds is None else f"{seconds:.3f} s a step"
       print(f"  step layout {candidate}: {note}")
-    index = options.index(layout_lib.fastest(timings))
+    timings += timed_now
+    none_fit = all(seconds is None for _, seconds in timed_now)
+    if options[0].cache_deltas and bool(multihost_utils.broadcast_one_to_all(np.int32(none_fit))):
+      print("  no step layout fits with the delta cache: choosing among them without it")
+      options = layout_lib.without_cache(options)
+      continue
+    index = options.index(layout_lib.fastest(timed_now))
     options = (options[int(multihost_utils.broadcast_one_to_all(np.int32(index)))],)
+    break
   chosen = options[0]
   print(f"  step layout: {chosen}")
   return chosen, [{**layout_lib.to_json(c), "step_s": seconds} for c, seconds in timings]
