@@ -604,18 +604,34 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
     batches = train.place_batches(batches, mesh)
   # Every candidate layout measured alike; the fastest median is the result (as the run's
   # adarank.layout='auto' picks it, there from fewer steps), the others are listed.
+  # As the run does, a candidate whose compiled step would not fit in memory is skipped, and where none
+  # fits with cached deltas the same ones without them are measured; a fixed layout always runs.
   measured = []
   tower = args.forward == "one"  # CLIP's tower layouts; decoders run per task
-  for candidate in _layouts(args, factors, tower=tower):
-    measured.append(_measure_step(args, inputs, frozen, batches, mesh, candidate))
-    print(
-      f"layout {candidate}: state init {measured[-1]['init_s']:.2f} s; first step "
-      f"{measured[-1]['first_step_s']:.2f} s (compile {measured[-1]['compile_s']:.2f} s); median of {args.steps} steps {measured[-1]['step_s_median'] or 0:.3f} s",
-      flush=True,
-    )
+  options = _layouts(args, factors, tower=tower)
+  auto = all(flag is None for flag in (args.tasks_per_call, args.remat, args.cache_deltas))
+  while options:
+    for candidate in options:
+      measured.append(_measure_step(args, inputs, frozen, batches, mesh, candidate, check_memory=auto))
+      m = measured[-1]
+      if m["step_s_median"] is None and "skipped" in m:
+        print(f"layout {candidate}: skipped, {m['skipped']}", flush=True)
+        continue
+      print(
+        f"layout {candidate}: state init {m['init_s']:.2f} s; first step {m['first_step_s']:.2f} s "
+        f"(compile {m['compile_s']:.2f} s); median of {args.steps} steps {m['step_s_median'] or 0:.3f} s",
+        flush=True,
+      )
+    skipped_all = all("skipped" in m for m in measured)
+    options = layout.without_cache(options) if skipped_all and options[0].cache_deltas else ()
+  if all("skipped" in m for m in measured):
+    raise SystemExit(f"no step layout fits in this machine's memory: {[m['skipped'] for m in measured]}")
   best = min(measured, key=lambda m: m["step_s_median"] or math.inf)
   result.update(best)
-  result["layouts"] = [{"layout": m["layout"], "step_s_median": m["step_s_median"]} for m in measured]
+  result["layouts"] = [
+    {"layout": m["layout"], "step_s_median": m["step_s_median"], "skipped": m.get("skipped")}
+    for m in measured
+  ]
   if result["step_s_median"] and result["step_gflop"] and args.peak_tflops:
     result["mfu"] = result["step_gflop"] / 1e3 / result["step_s_median"] / args.peak_tflops
   result.update(_peak_memory())
@@ -641,6 +657,8 @@ def _measure_step(
   batches: Any,
   mesh: Any,
   candidate: layout.Layout,
+  *,
+  check_memory: bool = False,
 ) -> dict[str, Any]:
   """The state's initialisation, compile time, first step and the median of `args.steps` steps of the
   step laid out as `candidate`. The initial state (with cached deltas: every task's delta rebuilt
@@ -678,6 +696,14 @@ def _measure_step(
   cost = compiled.cost_analysis() or {}
   result["step_gflop"] = round(cost["flops"] / 1e9, 1) if "flops" in cost else None
   result["step_memory_gb"] = _step_memory(compiled)
+  needed, free = layout.step_bytes(compiled), layout.free_bytes(jax.local_devices()[0])
+  if check_memory and needed is not None and free is not None and needed > layout.STEP_SHARE * free:
+    result["skipped"] = (
+      f"its step would allocate {needed / 2**30:.1f} GB, over {layout.STEP_SHARE:.0%} of the "
+      f"{free / 2**30:.1f} GB free"
+    )
+    result["step_s_median"] = None
+    return result
   start = time.perf_counter()
   state, metrics = compiled(frozen, state, batches)
   jax.block_until_ready(metrics)

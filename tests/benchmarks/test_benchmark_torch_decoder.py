@@ -188,3 +188,25 @@ def test_a_baseline_row_names_the_window_and_the_factor_dtype():
     ["--arch", "ViT-B-32", "--tasks", "8", "--batch", "4", "--window", "0.16", "--factor-dtype", "bfloat16"]
   )
   assert benchmark.table_label(windowed) == "ViT-B-32 x 8, batch 4, window 16%, bfloat16 factors"
+
+
+def test_a_cached_layout_that_would_not_fit_is_skipped_for_the_same_one_without_the_cache(shape, monkeypatch):
+  # The first compiled step (the lone decoder layout, with the cache) is made to need 10 TB.
+  real, calls = benchmark.layout.step_bytes, []
+
+  def step_bytes(compiled):
+    calls.append(compiled)
+    return 10**13 if len(calls) == 1 else real(compiled)
+
+  monkeypatch.setattr(benchmark.layout, "step_bytes", step_bytes)
+  argv = ["--arch", shape, "--tasks", "2", "--batch", "2", "--seq-len", "8", "--classes", "3", "--steps", "1"]
+  result = benchmark.main(argv)
+  first, second = result["layouts"]
+  assert "cached deltas on" in first["layout"] and "over 80% of the" in first["skipped"]
+  assert first["step_s_median"] is None
+  assert "cached deltas off" in second["layout"] and second["skipped"] is None
+  assert result["layout_fields"]["cache_deltas"] is False and np.isfinite(result["loss"])
+  # A layout the flags fix is run as given.
+  calls.clear()
+  fixed = benchmark.main([*argv, "--cache-deltas"])
+  assert len(fixed["layouts"]) == 1 and fixed["layout_fields"]["cache_deltas"] is True
