@@ -614,7 +614,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
     for candidate in options:
       measured.append(_measure_step(args, inputs, frozen, batches, mesh, candidate, check_memory=auto))
       m = measured[-1]
-      if m["step_s_median"] is None and "skipped" in m:
+      if "skipped" in m:
         print(f"layout {candidate}: skipped, {m['skipped']}", flush=True)
         continue
       print(
@@ -622,8 +622,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, object]:
         f"(compile {m['compile_s']:.2f} s); median of {args.steps} steps {m['step_s_median'] or 0:.3f} s",
         flush=True,
       )
-    skipped_all = all("skipped" in m for m in measured)
-    options = layout.without_cache(options) if skipped_all and options[0].cache_deltas else ()
+    options = layout.fallback(options, none_fit=all("skipped" in m for m in measured[-len(options) :]))
   if all("skipped" in m for m in measured):
     raise SystemExit(f"no step layout fits in this machine's memory: {[m['skipped'] for m in measured]}")
   best = min(measured, key=lambda m: m["step_s_median"] or math.inf)
@@ -696,11 +695,11 @@ def _measure_step(
   cost = compiled.cost_analysis() or {}
   result["step_gflop"] = round(cost["flops"] / 1e9, 1) if "flops" in cost else None
   result["step_memory_gb"] = _step_memory(compiled)
-  needed, free = layout.step_bytes(compiled), layout.free_bytes(jax.local_devices()[0])
-  if check_memory and needed is not None and free is not None and needed > layout.STEP_SHARE * free:
+  needed, limit = layout.step_bytes(compiled), layout.memory_limit(jax.local_devices()[0])
+  if check_memory and not layout.fits(needed, limit):
     result["skipped"] = (
       f"its step would allocate {needed / 2**30:.1f} GB, over {layout.STEP_SHARE:.0%} of the "
-      f"{free / 2**30:.1f} GB free"
+      f"{limit / layout.STEP_SHARE / 2**30:.1f} GB free"
     )
     result["step_s_median"] = None
     return result

@@ -115,6 +115,23 @@ def without_cache(options: Sequence[Layout]) -> tuple[Layout, ...]:
   return tuple(dict.fromkeys(dataclasses.replace(c, cache_deltas=False) for c in options))
 
 
+def fallback(options: Sequence[Layout], *, none_fit: bool) -> tuple[Layout, ...]:
+  """The layouts to try after `options`: the same without the delta cache where they keep it and
+  none of them fit (`none_fit`), else none."""
+  return without_cache(options) if none_fit and options[0].cache_deltas else ()
+
+
+def memory_limit(device: jax.Device) -> int | None:
+  """The bytes a step may allocate on `device`: STEP_SHARE of its free memory (None: unknown)."""
+  free = free_bytes(device)
+  return None if free is None else int(STEP_SHARE * free)
+
+
+def fits(needed: int | None, limit: int | None) -> bool:
+  """Whether a step of `needed` bytes (`step_bytes`) fits in `limit`; an unknown side always fits."""
+  return needed is None or limit is None or needed <= limit
+
+
 def step_bytes(compiled: Any) -> int | None:
   """Bytes a compiled step allocates beyond its arguments, from XLA's memory analysis: outputs not
   aliased to a donated argument plus temporaries (None where the backend gives no analysis)."""
@@ -131,8 +148,7 @@ def time_step(
   of `repeats` steps after a first one. With `memory_limit`, a step whose `step_bytes` exceed it is
   not run and gives None. `state` is consumed; the caller passes a fresh one and discards it."""
   compiled = step.lower(frozen, state, batches).compile()
-  needed = step_bytes(compiled)
-  if memory_limit is not None and needed is not None and needed > memory_limit:
+  if not fits(step_bytes(compiled), memory_limit):
     return None
   state, metrics = compiled(frozen, state, batches)
   jax.block_until_ready(metrics)

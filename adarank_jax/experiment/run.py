@@ -651,7 +651,7 @@ def _choose_layout(
       frozen,
       init_state(candidate),
       step_batches,
-      memory_limit=_memory_limit(),
+      memory_limit=layout_lib.memory_limit(jax.local_devices()[0]),
     ),
   )
 
@@ -701,13 +701,6 @@ def _cache_fits(factors, mesh) -> bool:
   build the same programs."""
   fits = layout_lib.cache_fits(factors, jax.local_devices()[0], shards=mesh.shape.get("task", 1))
   return bool(multihost_utils.broadcast_one_to_all(np.int32(fits)))
-
-
-def _memory_limit() -> int | None:
-  """The bytes a timed layout's step may allocate: layout.STEP_SHARE of what is free on this
-  process's first device (None: unknown, no limit)."""
-  free = layout_lib.free_bytes(jax.local_devices()[0])
-  return None if free is None else int(layout_lib.STEP_SHARE * free)
 
 
 LAYOUT_FILE = "layout.json"  # in a trained method's workdir folder: the step layout it runs with
@@ -787,9 +780,12 @@ def _time_candidates(
       print(f"  step layout {candidate}: {note}")
     timings += timed_now
     none_fit = all(seconds is None for _, seconds in timed_now)
-    if options[0].cache_deltas and bool(multihost_utils.broadcast_one_to_all(np.int32(none_fit))):
+    retry = layout_lib.fallback(
+      options, none_fit=bool(multihost_utils.broadcast_one_to_all(np.int32(none_fit)))
+    )
+    if retry:
       print("  no step layout fits with the delta cache: choosing among them without it")
-      options = layout_lib.without_cache(options)
+      options = retry
       continue
     index = options.index(layout_lib.fastest(timed_now))
     options = (options[int(multihost_utils.broadcast_one_to_all(np.int32(index)))],)
