@@ -66,12 +66,13 @@ class Layout:
 
 
 def cache_bytes(factors: Mapping[Any, Any], *, shards: int = 1) -> int:
-  """Bytes of the delta cache (one float32 (m, n) matrix per task and SVD leaf), per shard."""
+  """Bytes of the delta cache, per shard: per task and SVD leaf one float32 (m, n) delta and U^T
+  (`merging.Cached`)."""
   total = 0
   for leaf in jax.tree.leaves(factors, is_leaf=is_svd):
     if is_svd(leaf):
       tasks, m, _ = leaf.u.shape
-      total += 4 * tasks * m * leaf.vt.shape[-1]
+      total += 4 * tasks * m * leaf.vt.shape[-1] + leaf.u.size * leaf.u.dtype.itemsize
   return -(-total // shards)
 
 

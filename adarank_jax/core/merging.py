@@ -10,8 +10,12 @@ D_{t,k} = U_{t,k} diag(b_{t,k} * s_{t,k}) V_{t,k}^T between steps, rebuilt from 
 its hard mask changes (`refresh_deltas`). The forward pass is then origin_k + sum_t lambda_{t,k} D_{t,k}
 (T*m*n flops instead of 2*m*n*T*r) and the backward pass computes only g_{t,i} = (U_t^T G V_t)_{ii}
 (2*m*n*r per task, the same product the one-matmul rebuild needs; G times the factor on its longer
-side, so the intermediate is (T, min(m, n), r)), from which
+side, so the intermediate is (T, r, min(m, n))), from which
   dL/dlambda_t = sum_i b_{t,i} s_{t,i} g_{t,i},   dL/dmask_{t,i} = lambda_t s_{t,i} g_{t,i}.
+The cache also holds U_t^T, (T, r, m) (`Cached.ut`): with both factors stored one singular vector per
+row, each product's output lies in the layout of the factor it is multiplied with, so the step
+transposes no factor and no intermediate (U is stored (T, m, r): without the copy XLA transposed U, or
+the (T, r, m) product, at every step).
 The values are those of the one-matmul rebuild up to float32 summation order.
 
 Only the leaves present in `factors` are merged. Everything else in `origin` (heads, embeddings,
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +39,19 @@ from adarank_jax.core import masking, tree_util
 from adarank_jax.core.decomposition import SVD, is_svd
 
 COEFFICIENTS = ("tensor", "task")
+
+
+class Cached(NamedTuple):
+  """The delta cache of one SVD leaf (`init_deltas`): what the step reads instead of the factors.
+
+  Attributes:
+    deltas: (T, m, n) float32, D_t = U_t diag(b_t * s_t) V_t^T for the current hard masks b_t.
+    ut: (T, r, m), U_t^T in the factors' dtype: the masks' gradient reads U one component per row,
+      as it reads V^T (see the module doc).
+  """
+
+  deltas: jax.Array
+  ut: jax.Array
 
 
 def init_coefficients(
@@ -95,45 +112,54 @@ def masked_deltas(svd: SVD, mask: jax.Array, *, precision: Any = None) -> jax.Ar
 
 
 def cached_svd_delta(
-  deltas: jax.Array, svd: SVD, coefficients: jax.Array, mask: jax.Array, *, precision: Any = None
+  cached: Cached,
+  s: jax.Array,
+  vt: jax.Array,
+  coefficients: jax.Array,
+  mask: jax.Array,
+  *,
+  precision: Any = None,
 ) -> jax.Array:
   """sum_t coefficients_t deltas_t, differentiable in `coefficients` and `mask` as `svd_delta` is.
 
-  `deltas` must equal `masked_deltas(svd, hard(mask))`: the forward value is read from them, and the
-  gradients are those of sum_t U_t diag(coefficients_t * mask_t * s_t) V_t^T (see the module doc).
-  The factors and the deltas are constants (no gradient).
+  `cached` must hold `masked_deltas(svd, hard(mask))` and svd.u^T (`init_deltas`), `s` and `vt` the
+  same factors' other two: the forward value is read from the deltas, and the gradients are those
+  of sum_t U_t diag(coefficients_t * mask_t * s_t) V_t^T (see the module doc). The cache and the
+  factors are constants (no gradient).
   """
-  return _cached_svd_delta(precision, deltas, svd, coefficients, mask)
+  return _cached_svd_delta(precision, cached, s, vt, coefficients, mask)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cached_svd_delta(precision, deltas, svd, coefficients, mask):
-  dtype = _compute_dtype(coefficients, deltas)
-  return jnp.tensordot(coefficients.astype(dtype), deltas.astype(dtype), axes=1)
+def _cached_svd_delta(precision, cached, s, vt, coefficients, mask):
+  dtype = _compute_dtype(coefficients, cached.deltas)
+  return jnp.tensordot(coefficients.astype(dtype), cached.deltas.astype(dtype), axes=1)
 
 
-def _cached_svd_delta_fwd(precision, deltas, svd, coefficients, mask):
-  return (_cached_svd_delta(precision, deltas, svd, coefficients, mask), (deltas, svd, coefficients, mask))
+def _cached_svd_delta_fwd(precision, cached, s, vt, coefficients, mask):
+  value = _cached_svd_delta(precision, cached, s, vt, coefficients, mask)
+  return value, (cached, s, vt, coefficients, mask)
 
 
 def _cached_svd_delta_bwd(precision, residuals, grad):
-  deltas, svd, coefficients, mask = residuals
-  dtype = _compute_dtype(grad, *svd)
-  u, s, vt = (x.astype(dtype) for x in svd)
+  cached, s, vt, coefficients, mask = residuals
+  dtype = _compute_dtype(grad, cached.ut, s, vt)
+  ut, s32, vt32, g32 = cached.ut.astype(dtype), s.astype(dtype), vt.astype(dtype), grad.astype(dtype)
   # g_{t,i} = (U_t^T G V_t)_{ii}: one product of G with the factor on its longer side, then a
-  # column-wise dot with the other factor; the (T, min(m, n), r) intermediate is the smaller one.
+  # row-wise dot with the other factor, both (T, r, .); the (T, r, min(m, n)) intermediate is the smaller one.
   m, n = grad.shape
-  if m <= n:  # (G V_t): (m, n) @ (n, r) per task, then sum_m U_t[m, i] (G V_t)[m, i]
-    right = jnp.einsum("mn,trn->tmr", grad.astype(dtype), vt, precision=precision)
-    g = jnp.sum(right * u, axis=1) * s  # (T, r): s_i g_i
-  else:  # (U_t^T G): (r, m) @ (m, n) per task, then sum_n (U_t^T G)[i, n] V_t^T[i, n]
-    left = jnp.einsum("tmr,mn->trn", u, grad.astype(dtype), precision=precision)
-    g = jnp.sum(left * vt, axis=-1) * s
+  if m <= n:  # V_t^T G^T: (r, n) @ (n, m) per task, then sum_m (V_t^T G^T)[i, m] U_t^T[i, m]
+    product = jnp.einsum("trn,mn->trm", vt32, g32, precision=precision)
+    g = jnp.sum(product * ut, axis=-1) * s32  # (T, r): s_i g_i
+  else:  # U_t^T G: (r, m) @ (m, n) per task, then sum_n (U_t^T G)[i, n] V_t^T[i, n]
+    product = jnp.einsum("trm,mn->trn", ut, g32, precision=precision)
+    g = jnp.sum(product * vt32, axis=-1) * s32
   grad_coefficients = jnp.sum(g * mask.astype(dtype), axis=-1)
   grad_mask = coefficients.astype(dtype)[:, None] * g
   return (
-    jnp.zeros_like(deltas),
-    jax.tree.map(jnp.zeros_like, svd),
+    jax.tree.map(jnp.zeros_like, cached),
+    jnp.zeros_like(s),
+    jnp.zeros_like(vt),
     grad_coefficients.astype(coefficients.dtype),
     grad_mask.astype(mask.dtype),
   )
@@ -148,10 +174,11 @@ def dense_delta(tau: jax.Array, coefficients: jax.Array) -> jax.Array:
   return jnp.tensordot(coefficients.astype(dtype), tau.astype(dtype), axes=1)
 
 
-def _lookup(flat: Mapping[str, Any], path: str, what: str, shape: tuple[int, ...]) -> Any:
+def _lookup(flat: Mapping[str, Any], path: str, what: str, shape: tuple[int, ...] | None) -> Any:
+  """flat[path], checked to have `shape` (None: any value)."""
   if path not in flat:
     raise ValueError(f"merge: {what} has no entry for key {path!r}")
-  if tuple(np.shape(flat[path])) != shape:
+  if shape is not None and tuple(np.shape(flat[path])) != shape:
     raise ValueError(f"merge: {what}[{path!r}] has shape {tuple(np.shape(flat[path]))}; expected {shape}")
   return flat[path]
 
@@ -181,7 +208,7 @@ def merge(
     mask_mode: 'ste' (training: hard forward, sigmoid gradient), 'hard' (evaluation and export)
       or 'soft' (the sigmoid itself: a smooth surrogate).
     precision: matmul precision of the SVD rebuild (see `svd_delta`).
-    deltas: optional cached per-task deltas, (T, m, n) for every SVD path, equal to
+    deltas: optional delta cache, a `Cached` for every SVD path whose deltas (T, m, n) equal
       `masked_deltas(factor, hard_mask(logits))` (`init_deltas` / `refresh_deltas`); the SVD leaves
       are then summed from them (`cached_svd_delta`). Only with the hard-forward modes 'ste'/'hard'.
     coefficient_range: (low, high): every lambda is used as `clamp(lambda, low, high)` (AdaMerging's
@@ -218,8 +245,10 @@ def merge(
       lam = _lookup(coef_flat, path, "coefficients", (tasks,))
       mask = mask_fn(_lookup(logit_flat, path, "mask_logits", (tasks, rank)), temperature)
       if deltas is not None:
-        cached = _lookup(delta_cache, path, "deltas", (tasks, *shape))
-        return cached_svd_delta(cached, factor, lam, mask, precision=precision)
+        cached = _lookup(delta_cache, path, "deltas", None)
+        _lookup({path: cached.deltas}, path, "deltas (the cached deltas)", (tasks, *shape))
+        _lookup({path: cached.ut}, path, "deltas (the cached U^T)", (tasks, rank, m))
+        return cached_svd_delta(cached, factor.s, factor.vt, lam, mask, precision=precision)
       return svd_delta(factor, lam[:, None] * mask, precision=precision)
     tasks = np.shape(factor)[0]
     if tuple(np.shape(factor)[1:]) != shape:
@@ -232,11 +261,15 @@ def merge(
 def init_deltas(
   factors: Mapping[Any, Any], mask_logits: Mapping[Any, Any], *, precision: Any = None
 ) -> dict[Any, Any]:
-  """The cache of per-task deltas: `masked_deltas(factor, hard_mask(logits))` for every SVD path."""
+  """The delta cache: for every SVD path a `Cached` of `masked_deltas(factor, hard_mask(logits))` and
+  the factor's U^T."""
   logit_flat = tree_util.flatten(mask_logits)
   return tree_util.unflatten(
     {
-      path: masked_deltas(factor, masking.hard_mask(logit_flat[path]), precision=precision)
+      path: Cached(
+        masked_deltas(factor, masking.hard_mask(logit_flat[path]), precision=precision),
+        jnp.swapaxes(factor.u, -1, -2),
+      )
       for path, factor in tree_util.flatten(factors).items()
       if is_svd(factor)
     }
@@ -255,12 +288,13 @@ def refresh_deltas(
   mask of matrix k changed between `old_logits` and `new_logits`, and kept as it is elsewhere.
 
   Jittable: one `lax.cond` per (task, matrix), so a step in which no mask flips rebuilds nothing.
-  The rebuilt delta is computed exactly as `init_deltas` computes it, so a cache never drifts.
+  The rebuilt delta is computed exactly as `init_deltas` computes it, so a cache never drifts; the
+  cache's U^T is kept as it is.
   """
   factor_flat = tree_util.flatten(factors)
   old_flat, new_flat = tree_util.flatten(old_logits), tree_util.flatten(new_logits)
   out = {}
-  for path, cached in tree_util.flatten(deltas).items():
+  for path, entry in tree_util.flatten(deltas).items():
     factor, mask = factor_flat[path], masking.hard_mask(new_flat[path])
     changed = jnp.any(masking.hard_mask(old_flat[path]) != mask, axis=-1)  # (T,)
 
@@ -272,7 +306,7 @@ def refresh_deltas(
 
       return jax.lax.cond(changed[t], fresh, lambda cached: cached, cached)
 
-    out[path] = jax.lax.fori_loop(0, cached.shape[0], rebuild, cached)
+    out[path] = entry._replace(deltas=jax.lax.fori_loop(0, entry.deltas.shape[0], rebuild, entry.deltas))
   return tree_util.unflatten(out)
 
 

@@ -68,8 +68,9 @@ class TrainState(NamedTuple):
     mask_logits: {path: (T, r)} float32 per SVD leaf.
     coefficients: {path: (T,)} float32 per merged leaf.
     opt_state: Adam state over (mask_logits, coefficients).
-    deltas: None, or the cache of per-task deltas U_t diag(b_t s_t) V_t^T, (T, m, n) per SVD leaf
-      (`merging.init_deltas`): derived from the factors and the logits, so never checkpointed.
+    deltas: None, or the delta cache: per SVD leaf a `merging.Cached` of the per-task deltas
+      U_t diag(b_t s_t) V_t^T, (T, m, n), and U_t^T (`merging.init_deltas`): derived from the factors
+      and the logits, so never checkpointed.
   """
 
   step: jax.Array
@@ -105,10 +106,11 @@ def init_state(
   every tensor: task-wise AdaMerging); see `merging.init_coefficients`. Factors without SVD leaves
   (AdaMerging's dense task vectors) give no mask logits.
 
-  With `cache_deltas` the state also holds every task's masked delta of every SVD leaf (one more
-  float32 matrix per task and decomposed matrix, e.g. 2.7 GB for ViT-B/32 x 8 tasks), computed
-  where the factors live (place the factors first); the step then does about half the rebuild
-  work (see `merging`). The math is the same either way.
+  With `cache_deltas` the state also holds every task's masked delta of every SVD leaf and its U^T
+  (`merging.Cached`: one more float32 matrix per task and decomposed matrix, plus a copy of U; 4.3 GB
+  for ViT-B/32 x 8 tasks at full rank, `layout.cache_bytes`), computed where the factors live
+  (place the factors first); the step then does about half the rebuild work (see `merging`). The
+  math is the same either way.
   """
   mask_logits = masking.init_logits(factors, initial_rank_ratio=initial_rank_ratio, num_tasks=num_tasks)
   coefficients = merging.init_coefficients(factors, num_tasks=num_tasks, prior=prior, per=coefficients_per)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adarank_jax.core import layout, train
+from adarank_jax.core import layout, merging, train
 from adarank_jax.core.decomposition import SVD
 
 
@@ -29,9 +29,13 @@ class _Device:
     return self.stats
 
 
-def test_cache_bytes_count_one_float32_matrix_per_task_and_svd_leaf():
-  assert layout.cache_bytes(_factors()) == 4 * 3 * 6 * 5
-  assert layout.cache_bytes(_factors(), shards=2) == 4 * 3 * 6 * 5 // 2
+def test_cache_bytes_count_one_float32_matrix_and_u_transposed_per_task_and_svd_leaf():
+  expected = 4 * 3 * 6 * 5 + 4 * 3 * 4 * 6
+  assert layout.cache_bytes(_factors()) == expected
+  assert layout.cache_bytes(_factors(), shards=2) == expected // 2
+  logits = {"enc": {"a": {"kernel": jnp.zeros((3, 4))}}}
+  cache = merging.init_deltas(_factors(), logits)
+  assert sum(x.nbytes for x in jax.tree.leaves(cache)) == expected  # what init_deltas allocates
   assert layout.cache_bytes({"dense": jnp.zeros((3, 6, 5))}) == 0  # AdaMerging: nothing to cache
 
 

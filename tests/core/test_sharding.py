@@ -70,9 +70,9 @@ SCRIPT = textwrap.dedent("""
         assert data[0].addressable_shards[0].data.shape[0] == rows
       if placement.endswith('cached'):  # the cache is computed where the (split) factors are
         state = state._replace(deltas=jax.jit(merging.init_deltas)(frozen[1], state.mask_logits))
-        d = state.deltas['enc']['a']['kernel']
-        if kind == 'task':
-          assert d.addressable_shards[0].data.shape[0] == T // 2, d.sharding
+        for d in state.deltas['enc']['a']['kernel']:  # the deltas and U^T
+          if kind == 'task':
+            assert d.addressable_shards[0].data.shape[0] == T // 2, d.sharding
       trainable = (state.mask_logits, state.coefficients)
       loss, grads = jax.jit(jax.value_and_grad(
           lambda tr: loss_fn(tr, frozen, data, state.deltas)[0]))(trainable)
