@@ -174,13 +174,17 @@ def dense_delta(tau: jax.Array, coefficients: jax.Array) -> jax.Array:
   return jnp.tensordot(coefficients.astype(dtype), tau.astype(dtype), axes=1)
 
 
-def _lookup(flat: Mapping[str, Any], path: str, what: str, shape: tuple[int, ...] | None) -> Any:
+def _check_shape(value: Any, path: str, what: str, shape: tuple[int, ...]) -> Any:
+  if tuple(np.shape(value)) != shape:
+    raise ValueError(f"merge: {what}[{path!r}] has shape {tuple(np.shape(value))}; expected {shape}")
+  return value
+
+
+def _lookup(flat: Mapping[str, Any], path: str, what: str, shape: tuple[int, ...] | None = None) -> Any:
   """flat[path], checked to have `shape` (None: any value)."""
   if path not in flat:
     raise ValueError(f"merge: {what} has no entry for key {path!r}")
-  if shape is not None and tuple(np.shape(flat[path])) != shape:
-    raise ValueError(f"merge: {what}[{path!r}] has shape {tuple(np.shape(flat[path]))}; expected {shape}")
-  return flat[path]
+  return flat[path] if shape is None else _check_shape(flat[path], path, what, shape)
 
 
 def merge(
@@ -245,9 +249,13 @@ def merge(
       lam = _lookup(coef_flat, path, "coefficients", (tasks,))
       mask = mask_fn(_lookup(logit_flat, path, "mask_logits", (tasks, rank)), temperature)
       if deltas is not None:
-        cached = _lookup(delta_cache, path, "deltas", None)
-        _lookup({path: cached.deltas}, path, "deltas (the cached deltas)", (tasks, *shape))
-        _lookup({path: cached.ut}, path, "deltas (the cached U^T)", (tasks, rank, m))
+        cached = _lookup(delta_cache, path, "deltas")
+        if not isinstance(cached, Cached):
+          raise ValueError(
+            f"merge: deltas[{path!r}] is a {type(cached).__name__}; expected a merging.Cached (init_deltas)"
+          )
+        _check_shape(cached.deltas, path, "deltas.deltas", (tasks, *shape))
+        _check_shape(cached.ut, path, "deltas.ut", (tasks, rank, m))
         return cached_svd_delta(cached, factor.s, factor.vt, lam, mask, precision=precision)
       return svd_delta(factor, lam[:, None] * mask, precision=precision)
     tasks = np.shape(factor)[0]

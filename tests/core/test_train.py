@@ -300,3 +300,20 @@ def test_every_layout_the_autotune_can_pick_follows_the_plain_adam_trajectory(ca
       np.testing.assert_allclose(c, p, rtol=1e-5, atol=1e-5)
     flips += _flips(before, states["plain"].mask_logits)
   assert flips >= 10
+
+
+def test_a_cache_of_the_wrong_form_is_refused_by_key():
+  frozen, _ = problem()
+  state = train.init_state(
+    frozen[1], optimizer=train.make_optimizer(1e-3), num_tasks=T, initial_rank_ratio=1.0, prior=0.3
+  )
+  args = (frozen[0], frozen[1], state.mask_logits, state.coefficients)
+  cache = merging.init_deltas(frozen[1], state.mask_logits)
+  bare = jax.tree.map(lambda c: c.deltas, cache, is_leaf=lambda x: isinstance(x, merging.Cached))
+  with pytest.raises(ValueError, match=r"deltas\['enc/a/kernel'\] is a .*Array.*expected a merging.Cached"):
+    merging.merge(*args, temperature=TEMP, deltas=bare)
+  cache["enc"]["a"]["kernel"] = cache["enc"]["a"]["kernel"]._replace(ut=jnp.zeros((T, 4, 4)))
+  with pytest.raises(
+    ValueError, match=r"deltas.ut\['enc/a/kernel'\] has shape \(3, 4, 4\); expected \(3, 4, 6\)"
+  ):
+    merging.merge(*args, temperature=TEMP, deltas=cache)
