@@ -374,6 +374,7 @@ class Problem:
   """What the official step needs of a benchmark problem, as torch: the one place CLIP and decoders differ.
 
   Attributes:
+    model: the torch module `task_logits` calls (its own parameters are replaced by the merged ones).
     paths: torch key -> flat Flax path, for every tensor of the merged model.
     state_dict: a Flax tree of the merged model -> its float32 torch state dict.
     decomposed: the keys the official rule decomposes.
@@ -382,6 +383,7 @@ class Problem:
     batches: T task batches (CLIP: (T, B, 3, H, W) NCHW images; decoders: T dicts of int64 tensors).
   """
 
+  model: torch.nn.Module
   paths: dict[str, str]
   state_dict: Callable[[Mapping[Any, Any]], dict[str, torch.Tensor]]
   decomposed: Callable[[str], bool]
@@ -397,6 +399,7 @@ def problem(inputs: Inputs | DecoderInputs, device: str | torch.device = "cpu") 
     config, head = inputs.config, inputs.heads[0]
     as_long = lambda x: torch.from_numpy(x.astype(np.int64)).to(device)
     return Problem(
+      model=model,
       paths={key: path for path, key in decoder_keys(inputs).items()},
       state_dict=lambda tree: decoder_state_dict(config, head, tree, device),
       decomposed=decoder_is_decomposed,
@@ -407,16 +410,26 @@ def problem(inputs: Inputs | DecoderInputs, device: str | torch.device = "cpu") 
         for ids, mask in zip(inputs.input_ids, inputs.attention_mask)
       ],
     )
+  visual = openclip_visual(inputs.arch).to(device)
   return Problem(
+    model=visual,
     paths={key: path for path, key in openclip_keys(inputs.pretrained).items()},
     state_dict=lambda tree: to_state_dict(tree, device),
     decomposed=is_decomposed,
     unmerged=lambda key: False,
-    task_logits=clip_logits(
-      openclip_visual(inputs.arch).to(device), torch.from_numpy(inputs.heads).to(device)
-    ),
+    task_logits=clip_logits(visual, torch.from_numpy(inputs.heads).to(device)),
     batches=torch_images(inputs.images, device),
   )
+
+
+def share_origin(model: torch.nn.Module, origin: Mapping[str, torch.Tensor]) -> None:
+  """Makes `model`'s parameters the `origin` tensors, without a copy, so that its random init does not stay
+  in memory beside them: `functional_call` replaces every one of them with the merged tensor anyway.
+  The decoders' `score.weight` (not in `origin`) keeps its own."""
+  model.requires_grad_(False)
+  result = model.load_state_dict(origin, strict=False, assign=True)
+  if result.unexpected_keys:
+    raise AssertionError(f"share_origin: keys the model does not have: {result.unexpected_keys[:5]}")
 
 
 def build(
@@ -434,6 +447,7 @@ def build(
   pretrained = torch_side.state_dict(inputs.pretrained)
   finetuned = [torch_side.state_dict(inputs.finetuned(t)) for t in range(inputs.num_tasks)]
   base, tau = task_vectors(pretrained, finetuned, origin=origin, unmerged=torch_side.unmerged)
+  share_origin(torch_side.model, base)
   svd, dense = svd_vanilla(tau, torch_side.decomposed)
   step = OfficialStep(
     torch_side.task_logits,
@@ -531,6 +545,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
   base, tau = task_vectors(pretrained, finetuned, origin=args.origin, unmerged=torch_side.unmerged)
   _sync(device)
   result["task_vectors_s"] = time.perf_counter() - start
+  share_origin(torch_side.model, base)
   del finetuned, pretrained
   start = time.perf_counter()
   svd, dense = svd_vanilla(tau, torch_side.decomposed)

@@ -113,6 +113,20 @@ def test_torch_keys_follow_the_cli_rules(inputs):
   assert sum(unmerged.values()) == 1
 
 
+def test_the_torch_model_holds_the_origin_not_a_copy(inputs):
+  # Its own random init would stay in memory beside the origin (2 GB at Qwen2-0.5B) for nothing.
+  torch_side = benchmark_torch.problem(inputs)
+  origin = torch_side.state_dict(inputs.pretrained)
+  benchmark_torch.share_origin(torch_side.model, origin)
+  params = dict(torch_side.model.named_parameters())
+  assert sorted(params) == sorted([*origin, "score.weight"])
+  for key, tensor in origin.items():
+    assert params[key].data_ptr() == tensor.data_ptr(), key
+    assert not params[key].requires_grad, key
+  with pytest.raises(AssertionError, match="keys the model does not have"):
+    benchmark_torch.share_origin(torch_side.model, {"model.no_such.weight": torch.zeros(1)})
+
+
 def test_torch_step_equals_jax_step(inputs, jax_side):
   # rho 0.5: half the components start masked off; cached deltas: the step's fastest CPU layout here.
   rho = 0.5
