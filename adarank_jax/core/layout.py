@@ -105,9 +105,10 @@ def cache_fits(factors: Mapping[Any, Any], device: jax.Device, *, shards: int = 
 
 def candidates(*, num_tasks: int, cache_deltas: bool, tower: bool) -> tuple[Layout, ...]:
   """The layouts `auto` times: TOWER_LAYOUTS whose call size divides `num_tasks` when the model's
-  logits use the tower layouts (`tower`), else the one layout; all with the given cache choice."""
+  logits use the tower layouts (`tower`), else the one layout those logits run (one forward per task,
+  nothing recomputed: `train.per_task`); all with the given cache choice."""
   if not tower:
-    return (Layout(cache_deltas=cache_deltas),)
+    return (Layout(tasks_per_forward=1, remat=False, cache_deltas=cache_deltas),)
   return tuple(Layout(k, remat, cache_deltas) for k, remat in TOWER_LAYOUTS if k == 0 or num_tasks % k == 0)
 
 

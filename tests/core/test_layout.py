@@ -53,9 +53,10 @@ def test_candidates_are_the_tower_layouts_whose_call_size_divides_the_tasks():
   four = layout.candidates(num_tasks=4, cache_deltas=True, tower=True)
   assert [(c.tasks_per_forward, c.remat) for c in four] == list(layout.TOWER_LAYOUTS)
   assert all(c.cache_deltas for c in four)
-  assert layout.candidates(num_tasks=3, cache_deltas=False, tower=False) == (
-    layout.Layout(cache_deltas=False),
-  )
+  # Without the tower layouts the one candidate is what per_task logits run, and says so.
+  (plain,) = layout.candidates(num_tasks=3, cache_deltas=False, tower=False)
+  assert plain == layout.Layout(tasks_per_forward=1, remat=False, cache_deltas=False)
+  assert str(plain) == "1 task(s) per forward call, remat off, cached deltas off"
   # A call size that does not divide the tasks is not a candidate (one_forward would refuse it).
   assert all(
     c.tasks_per_forward in (0, 1) for c in layout.candidates(num_tasks=3, cache_deltas=False, tower=True)
