@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from adarank_jax.models import pooling
 from adarank_jax.models.activations import ACTIVATIONS
-from adarank_jax.models.pooling import last_non_pad_index
 
 MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type -> class prefix
 HEADS = ("ForCausalLM", "ForSequenceClassification", "Model")
@@ -351,8 +351,7 @@ class DecoderForSequenceClassification(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """(B, C) logits at the rightmost non-pad token (`pooling.last_non_pad_index`)."""
     hidden = self.encode(input_ids, attention_mask)
-    index = last_non_pad_index(input_ids, self.pad_token_id)
-    return self.score(hidden[jnp.arange(hidden.shape[0]), index])
+    return self.score(pooling.at_last_non_pad(hidden, input_ids, self.pad_token_id))
 
 
 _CLASSES = {

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adarank_jax.models import pooling
 from adarank_jax.models.activations import ACTIVATIONS
-from adarank_jax.models.pooling import last_non_pad_index
 
 ARCHITECTURES = ("GPT2ForSequenceClassification", "GPT2LMHeadModel", "GPT2Model")
 
@@ -178,10 +178,9 @@ class GPT2ForSequenceClassification(nnx.Module):
     return self.transformer(input_ids, attention_mask)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """(B, C) logits at the rightmost non-pad token (`last_non_pad_index`)."""
+    """(B, C) logits at the rightmost non-pad token (`pooling.last_non_pad_index`)."""
     hidden = self.encode(input_ids, attention_mask)
-    index = last_non_pad_index(input_ids, self.pad_token_id)
-    return self.score(hidden[jnp.arange(hidden.shape[0]), index])
+    return self.score(pooling.at_last_non_pad(hidden, input_ids, self.pad_token_id))
 
 
 class GPT2LMHeadModel(nnx.Module):

@@ -25,3 +25,9 @@ def last_non_pad_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Ar
     return jnp.full((b,), length - 1)
   indices = jnp.arange(length, dtype=jnp.int32)
   return jnp.argmax(indices * (input_ids != pad_token_id).astype(jnp.int32), axis=-1)
+
+
+def at_last_non_pad(hidden: jax.Array, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+  """(B, D) of the (B, L, D) `hidden` at each row's `last_non_pad_index`."""
+  index = last_non_pad_index(input_ids, pad_token_id)
+  return hidden[jnp.arange(hidden.shape[0]), index]
