@@ -13,10 +13,11 @@ Trees written before checksums existed (no checksum.json) restore unverified.
 When Orbax gives up on a step (a truncated or damaged data file), the reads it had started go on in
 TensorStore's threads and each one, finishing, hands its result to Orbax's event loop, closed by then:
 Python reports every such `RuntimeError: Event loop is closed` as an unraisable exception or, from
-TensorStore's own threads, through `sys.excepthook`, and asyncio logs the abandoned read tasks. Once a
-read has failed, `_late_reads` counts these reports instead and logs them at DEBUG on this module's
-logger (with the full reader error), so the user sees the one warning line per corrupt step and
-`--verbose` (which enables DEBUG for adarank_jax's loggers) the detail. A `Manager` step also
+TensorStore's own threads, through `sys.excepthook`, and asyncio logs the abandoned read tasks. From the
+first restore on (a late read can report before Orbax's own error reaches the caller), `_late_reads`
+counts these reports instead and logs them at DEBUG on this module's logger (with the full reader
+error), so the user sees the one warning line per corrupt step and `--verbose` (which enables DEBUG
+for adarank_jax's loggers) the detail. A `Manager` step also
 holds a small JSON dict beside the tree (`Manager.save(..., data=...)`): the input pipeline's iterator
 state, so a resumed run reads exactly the batches the uninterrupted one would.
 """
@@ -54,7 +55,7 @@ _log = logging.getLogger(__name__)
 class _LateReads:
   """Counts and logs at DEBUG the reports of reads a failed restore left in flight (module docstring).
 
-  `install` (at the first failed read, once per process) chains itself before `sys.unraisablehook` and
+  `install` (before the first restore, once per process) chains itself before `sys.unraisablehook` and
   `sys.excepthook` (TensorStore's threads print a callback's error through the latter) and filters the
   `asyncio` logger; every other report passes on unchanged.
   """
@@ -303,12 +304,12 @@ class Manager:
   def _restore_verified(self, step: int, target: Any) -> Any:
     self._check_layout(step)
     abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    _late_reads.install()  # before the read: its late reports may come before its error
     try:
       tree = self._manager.restore(
         step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
       )[_STATE]
     except (ValueError, OSError, KeyError) as error:  # e.g. a truncated _METADATA or a missing file
-      _late_reads.install()
       _log.debug("reading %s failed:", self.step_directory(step), exc_info=error)
       first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
       raise CorruptCheckpointError(
