@@ -17,9 +17,9 @@ TensorStore's own threads, through `sys.excepthook`, and asyncio logs the abando
 first restore on (a late read can report before Orbax's own error reaches the caller), `_late_reads`
 counts these reports instead and logs them at DEBUG on this module's logger (with the full reader
 error), so the user sees the one warning line per corrupt step and `--verbose` (which enables DEBUG
-for adarank_jax's loggers) the detail. A `Manager` step also
-holds a small JSON dict beside the tree (`Manager.save(..., data=...)`): the input pipeline's iterator
-state, so a resumed run reads exactly the batches the uninterrupted one would.
+for adarank_jax's loggers) the detail. A `Manager` step also holds a small JSON dict beside the tree
+(`Manager.save(..., data=...)`): the input pipeline's iterator state, so a resumed run reads exactly the
+batches the uninterrupted one would.
 """
 
 from __future__ import annotations
